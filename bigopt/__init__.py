@@ -1,0 +1,12 @@
+"""bigopt: raw data to a trained, compressed, deployable model on Ray + DeepSpeed."""
+
+from bigopt.spec import JobSpec, SpecError, load_spec
+
+__all__ = ["JobSpec", "SpecError", "load_spec", "run"]
+
+
+def run(spec: JobSpec, **kwargs):  # noqa: ANN201 - re-exported; see bigopt.pipeline.run
+    """Run every stage the spec holds (``bigopt run``). See :func:`bigopt.pipeline.run`."""
+    from bigopt.pipeline import run as _run
+
+    return _run(spec, **kwargs)

@@ -1,0 +1,99 @@
+"""Text corpora as Ray Data transforms: list files, read + validate, tokenize into windows.
+
+The tokenizer is UTF-8 bytes (vocab 256): it needs nothing from a hub, loses nothing, and is
+what small code models are often trained on. A file becomes ``ceil((n_bytes) / context)``
+windows of ``context`` inputs and labels; the last window of a file is padded with byte 0
+(NUL, which never appears in source text) and its padded labels are ``IGNORE_INDEX`` so no
+token is dropped and padding is never learned.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+IGNORE_INDEX = -100
+PAD_TOKEN = 0
+
+
+def resolve_root(path: str) -> Path:
+    """``stdlib`` means this interpreter's standard library sources, a corpus every Python has."""
+    return Path(sysconfig.get_paths()["stdlib"]) if path == "stdlib" else Path(path).expanduser()
+
+
+def list_files(
+    root: Path, include: list[str], exclude: list[str], max_files: int | None = None
+) -> list[str]:
+    """Relative paths under ``root`` matching ``include`` and not ``exclude``, sorted."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.source.path: {root} is not a directory")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in filenames:
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            if any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(rel, p) for p in include) and not any(
+                fnmatch.fnmatch(rel, p) or rel.startswith(p.rstrip("*")) for p in exclude
+            ):
+                found.append(rel)
+    found.sort()
+    return found[:max_files] if max_files else found
+
+
+def read_and_check(batch: dict[str, np.ndarray], root: str, max_bytes: int) -> dict[str, Any]:
+    """Read each file; a row is kept or rejected with a reason, never dropped."""
+    texts, reasons = [], []
+    for rel in batch["path"]:
+        reason, data = "", b""
+        try:
+            data = (Path(root) / rel).read_bytes()
+        except OSError as exc:
+            reason = f"unreadable: {exc.__class__.__name__}"
+        if not reason:
+            if len(data) > max_bytes:
+                reason = f"too_large: {len(data)} bytes > {max_bytes}"
+            elif not data.strip():
+                reason = "empty"
+            elif b"\x00" in data:
+                reason = "binary: contains NUL bytes"
+            else:
+                try:
+                    data.decode("utf-8")
+                except UnicodeDecodeError:
+                    reason = "not_utf8"
+        texts.append(b"" if reason else data)
+        reasons.append(reason)
+    return {"path": batch["path"], "text": np.array(texts, dtype=object), "reject_reason": reasons}
+
+
+def to_windows(batch: dict[str, np.ndarray], context: int) -> dict[str, np.ndarray]:
+    """Files -> fixed windows: ``input_ids``/``labels`` of shape [context], one row each."""
+    inputs, labels, paths, splits, n_tokens = [], [], [], [], []
+    for rel, text, split in zip(batch["path"], batch["text"], batch["split"], strict=True):
+        tokens = np.frombuffer(text, dtype=np.uint8).astype(np.int32)
+        # Stride `context`; the window's labels are the next token, so window k reads
+        # tokens[k*context : k*context + context + 1]. Every label is predicted exactly once.
+        for start in range(0, max(len(tokens) - 1, 1), context):
+            chunk = tokens[start : start + context + 1]
+            x = np.full(context, PAD_TOKEN, dtype=np.int32)
+            y = np.full(context, IGNORE_INDEX, dtype=np.int32)
+            x[: min(len(chunk), context)] = chunk[:context]
+            y[: len(chunk) - 1] = chunk[1:]
+            inputs.append(x)
+            labels.append(y)
+            paths.append(rel)
+            splits.append(split)
+            n_tokens.append(len(chunk) - 1)
+    return {
+        "input_ids": np.stack(inputs) if inputs else np.zeros((0, context), np.int32),
+        "labels": np.stack(labels) if labels else np.zeros((0, context), np.int32),
+        "path": np.array(paths, dtype=object),
+        "n_tokens": np.array(n_tokens, dtype=np.int32),
+        "split": np.array(splits, dtype=object),
+    }
+

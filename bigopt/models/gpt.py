@@ -1,0 +1,260 @@
+"""nanoGPT-style decoder-only transformer, written as a flat list of pipeline-splittable layers.
+
+Layers: ``Embedding`` (token + learned position), ``n_layer`` pre-LN ``Block``s, and ``Head``
+(final LayerNorm + Linear to the vocabulary). Each takes and returns one tensor, so DeepSpeed's
+PipelineModule can cut between any two (``partition_method="type:Block"`` balances blocks).
+
+The output projection is NOT tied to the token embedding, unlike nanoGPT/GPT-2: a tied weight
+would live on both the first and the last pipeline stage, which PipelineModule only supports
+through its TiedLayerSpec machinery. The cost is one extra ``vocab_size x d_model`` matrix, so
+"gpt2-124m" holds ~163M parameters in total (~124M without the two embedding tables).
+"""
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from bigopt.models.base import (
+    Device,
+    LayeredModel,
+    check_config_keys,
+    require_dropout,
+    require_positive_int,
+)
+
+#: Named sizes. "gpt-1m" equals the constructor defaults (a byte-level model for smoke tests);
+#: "gpt-10m" is nanoGPT's shakespeare-char "baby GPT"; the gpt2-* entries are GPT-2 small and
+#: medium with the vocabulary padded to 50304 (a multiple of 128, faster matmuls as in nanoGPT).
+GPT_PRESETS: dict[str, dict[str, int]] = {
+    "gpt-1m": dict(vocab_size=256, context=256, n_layer=4, n_head=4, d_model=128),
+    "gpt-10m": dict(vocab_size=256, context=256, n_layer=6, n_head=6, d_model=384),
+    "gpt2-124m": dict(vocab_size=50304, context=1024, n_layer=12, n_head=12, d_model=768),
+    "gpt2-350m": dict(vocab_size=50304, context=1024, n_layer=24, n_head=16, d_model=1024),
+}
+
+
+class Embedding(nn.Module):
+    """Token + learned position embedding: LongTensor ``[B, T]`` -> float ``[B, T, C]``."""
+
+    def __init__(self, vocab_size: int, context: int, d_model: int, dropout: float) -> None:
+        super().__init__()
+        self.context = context
+        self.tok = nn.Embedding(vocab_size, d_model)
+        self.pos = nn.Embedding(context, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        t = idx.size(1)
+        if t > self.context:
+            raise ValueError(f"sequence length {t} exceeds the model's context {self.context}")
+        pos = torch.arange(t, device=idx.device)
+        return self.drop(self.tok(idx) + self.pos(pos))
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention using the fused SDPA kernel (flash where available)."""
+
+    def __init__(self, d_model: int, n_head: int, dropout: float) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.dropout = dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=2)
+        # [B, T, C] -> [B, n_head, T, head_dim]
+        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )
+        y = y.transpose(1, 2).contiguous().view(b, t, c)
+        return self.resid_drop(self.proj(y))
+
+
+class FeedForward(nn.Module):
+    """The 4x GELU MLP of a transformer block."""
+
+    def __init__(self, d_model: int, dropout: float) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d_model, 4 * d_model)
+        self.act = nn.GELU()
+        self.proj = nn.Linear(4 * d_model, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.proj(self.act(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: ``x + attn(ln(x))`` then ``x + mlp(ln(x))``.
+
+    With ``checkpointing`` the block's activations are recomputed in backward instead of
+    stored, trading ~1/3 more compute for memory that no longer grows with depth. Non-reentrant
+    checkpointing is used because it works with inputs that do not require grad and with
+    DeepSpeed's pipeline engine.
+    """
+
+    def __init__(
+        self, d_model: int, n_head: int, dropout: float, *, checkpointing: bool = False
+    ) -> None:
+        super().__init__()
+        self.checkpointing = checkpointing
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, n_head, dropout)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = FeedForward(d_model, dropout)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+
+class Head(nn.Module):
+    """Final LayerNorm + projection to vocabulary logits ``[B, T, vocab_size]``."""
+
+    def __init__(self, d_model: int, vocab_size: int) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(d_model)
+        self.out = nn.Linear(d_model, vocab_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.ln(x))
+
+
+class GPT(LayeredModel):
+    """Decoder-only language model: ``Embedding``, ``n_layer`` x ``Block``, ``Head``.
+
+    Input is a LongTensor of token ids ``[B, T]`` with ``T <= context``; output is logits
+    ``[B, T, vocab_size]``; the target for ``loss`` is the next-token ids ``[B, T]``.
+    """
+
+    kind = "gpt"
+
+    def __init__(
+        self,
+        vocab_size: int = 256,
+        context: int = 256,
+        n_layer: int = 4,
+        n_head: int = 4,
+        d_model: int = 128,
+        dropout: float = 0.0,
+        activation_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        for name, value in [
+            ("vocab_size", vocab_size),
+            ("context", context),
+            ("n_layer", n_layer),
+            ("n_head", n_head),
+            ("d_model", d_model),
+        ]:
+            require_positive_int(name, value)
+        if d_model % n_head:
+            raise ValueError(
+                f"d_model ({d_model}) must be divisible by n_head ({n_head}) so each head gets "
+                f"d_model // n_head channels; pick e.g. n_head={_divisor_near(d_model, n_head)}"
+            )
+        self.vocab_size = vocab_size
+        self.context = context
+        self.n_layer = n_layer
+        self.n_head = n_head
+        self.d_model = d_model
+        self.dropout = require_dropout(dropout)
+        self.activation_checkpointing = bool(activation_checkpointing)
+
+        self.embedding = Embedding(vocab_size, context, d_model, self.dropout)
+        self.blocks = nn.ModuleList(
+            Block(d_model, n_head, self.dropout, checkpointing=self.activation_checkpointing)
+            for _ in range(n_layer)
+        )
+        self.head = Head(d_model, vocab_size)
+        self._init_weights()
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "GPT":
+        """Build a preset from ``GPT_PRESETS``, e.g. ``GPT.from_name("gpt2-124m", dropout=0.1)``."""
+        if name not in GPT_PRESETS:
+            raise ValueError(
+                f"unknown GPT preset {name!r}; known presets are: {', '.join(GPT_PRESETS)}"
+            )
+        config = {**GPT_PRESETS[name], **overrides}
+        check_config_keys(cls, config, what=f"GPT preset {name!r}")
+        return cls(**config)
+
+    def _init_weights(self) -> None:
+        # nanoGPT / GPT-2 init: N(0, 0.02) everywhere, and the projections that write into the
+        # residual stream scaled by 1/sqrt(2 * n_layer) so the residual variance stays ~constant
+        # with depth (two residual adds per block).
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        resid_std = 0.02 / math.sqrt(2 * self.n_layer)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=resid_std)
+            nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=resid_std)
+
+    def layers(self) -> list[nn.Module]:
+        return [self.embedding, *self.blocks, self.head]
+
+    def num_params(self, *, non_embedding: bool = False) -> int:
+        """Parameter count; ``non_embedding=True`` leaves out the token and position tables.
+
+        The untied output projection is kept in the non-embedding count because, unlike an
+        embedding lookup, it is a real matmul whose FLOPs ``flops_per_sample`` must include.
+        """
+        n = super().num_params()
+        if non_embedding:
+            n -= self.embedding.tok.weight.numel() + self.embedding.pos.weight.numel()
+        return n
+
+    def flops_per_sample(self) -> float:
+        """PaLM / nanoGPT estimate: per token ``6 N + 12 L d T`` (N non-embedding params).
+
+        ``6 N`` is forward (2) + backward (4) of every weight matmul; ``12 L d T`` is the
+        attention score and value matmuls over a full context T (the causal mask is not
+        credited, as in the PaLM MFU convention). A sample is ``context`` tokens.
+        """
+        per_token = 6 * self.num_params(non_embedding=True) + 12 * (
+            self.n_layer * self.d_model * self.context
+        )
+        return float(per_token * self.context)
+
+    def example_input(self, batch_size: int, *, device: Device = None) -> tuple[Tensor, Tensor]:
+        # input and target are one random stream shifted by a token, as in LM training
+        seq = torch.randint(0, self.vocab_size, (batch_size, self.context + 1), device=device)
+        return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
+
+    def arch(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "vocab_size": self.vocab_size,
+            "context": self.context,
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "d_model": self.d_model,
+            "dropout": self.dropout,
+            "activation_checkpointing": self.activation_checkpointing,
+        }
+
+
+def _divisor_near(d_model: int, n_head: int) -> int:
+    """The divisor of d_model closest to the requested head count, for the error message."""
+    return min(
+        (h for h in range(1, d_model + 1) if d_model % h == 0), key=lambda h: abs(h - n_head)
+    )

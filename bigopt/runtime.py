@@ -1,0 +1,159 @@
+"""Where a run executes (Ray) and where it writes (local disk or S3).
+
+This is the one module that reads ``RAY_ADDRESS``, the AWS endpoint variables and Ray's
+loopback switch, so nothing deeper in the code depends on the environment.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+
+log = logging.getLogger("bigopt")
+
+
+# --------------------------------------------------------------------------- Ray
+def embedded_cpus(train_cpus: float, requested: int | None = None) -> int:
+    """CPU slots for an embedded Ray: this machine's cores, and at least one more than training.
+
+    Ray CPUs are scheduling slots. If the training workers take every slot, Ray Data cannot
+    schedule the read tasks that feed them and the job deadlocks (seen on a 2-core machine
+    with 2 workers); one spare slot keeps the input pipeline running beside training.
+    """
+    if requested:
+        return requested
+    return max(os.cpu_count() or 1, math.ceil(train_cpus) + 1)
+
+
+def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> str:
+    """Join a cluster (``address``, ``RAY_ADDRESS`` or one running here), else start Ray locally.
+
+    An embedded Ray binds to 127.0.0.1: Ray advertises eth0 by default, and
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (read when ``ray`` is first imported) keeps it on
+    loopback. We only set it when no cluster address is known, so joining a real multi-node
+    cluster (e.g. under ``ray job submit``, which sets RAY_ADDRESS) keeps the node's real IP.
+    Returns "cluster" or "embedded".
+    """
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address is None:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return "cluster" if address else "embedded"
+    if address is not None:
+        ray.init(address=address, log_to_driver=True)
+        log.info("joined Ray cluster at %s", address)
+        return "cluster"
+    try:  # a cluster started on this machine with `ray start`
+        ray.init(address="auto", log_to_driver=True)
+        log.info("joined the Ray cluster running on this machine")
+        return "cluster"
+    except (ConnectionError, RuntimeError):
+        pass
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    log.info("started an embedded local Ray on 127.0.0.1 with %s CPU slots",
+             ray.cluster_resources().get("CPU"))
+    return "embedded"
+
+
+# --------------------------------------------------------------------------- storage
+def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) for a local path or an ``s3://`` URI.
+
+    For S3-compatible servers (MinIO, moto) set ``AWS_ENDPOINT_URL``; credentials come from the
+    usual AWS variables / profile / instance role.
+    """
+    if uri.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        kwargs: dict[str, Any] = {}
+        if endpoint:
+            scheme, _, host = endpoint.partition("://")
+            kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            kwargs["region"] = region
+        return pafs.S3FileSystem(**kwargs), uri[len("s3://") :].rstrip("/")
+    if "://" in uri:
+        raise ValueError(f"storage: unsupported URI scheme in {uri!r}; use a path or s3://")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """``<storage>/<name>/<run-id>/`` on local disk or S3, addressed by relative paths."""
+
+    uri: str  # as the user would type it: /abs/path/... or s3://bucket/...
+
+    @classmethod
+    def create(cls, storage: str, name: str, run_id: str | None = None) -> RunDir:
+        run_id = run_id or (
+            _dt.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+        )
+        fs, base = filesystem_for(storage)
+        prefix = "s3://" if storage.startswith("s3://") else ""
+        run = cls(f"{prefix}{base}/{name}/{run_id}")
+        fs.create_dir(run.path, recursive=True)
+        return run
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        return filesystem_for(self.uri)[0]
+
+    @property
+    def path(self) -> str:
+        """Path inside ``fs`` (what pyarrow and Ray's ``storage_filesystem`` expect)."""
+        return filesystem_for(self.uri)[1]
+
+    @property
+    def is_local(self) -> bool:
+        return not self.uri.startswith("s3://")
+
+    def sub(self, rel: str) -> str:
+        """Path of ``rel`` inside ``fs``."""
+        return f"{self.path}/{rel}".rstrip("/")
+
+    def uri_of(self, rel: str) -> str:
+        return f"{self.uri}/{rel}".rstrip("/")
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.get_file_info(self.sub(rel)).type != pafs.FileType.NotFound
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        fs = self.fs
+        parent = self.sub(rel).rsplit("/", 1)[0]
+        fs.create_dir(parent, recursive=True)
+        with fs.open_output_stream(self.sub(rel)) as out:
+            out.write(data)
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode())
+
+    def read_text(self, rel: str) -> str:
+        with self.fs.open_input_stream(self.sub(rel)) as src:
+            return src.read().decode()
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_text(rel, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_text(rel))
+
+    def read_jsonl(self, rel: str) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.read_text(rel).splitlines() if line.strip()]
+
+    def list(self, rel: str) -> list[str]:
+        """Relative paths of files under ``rel`` (recursive), sorted."""
+        sel = pafs.FileSelector(self.sub(rel), recursive=True, allow_not_found=True)
+        base = self.path + "/"
+        return sorted(
+            i.path[len(base):] for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File
+        )

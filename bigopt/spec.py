@@ -1,0 +1,330 @@
+"""The typed job spec: the single source of configuration for a bigopt run.
+
+One pydantic model per YAML section. Precedence is ``--set`` > YAML > defaults. Unknown keys
+are errors (``extra="forbid"``) because a misspelt key that is silently ignored trains the
+wrong model for hours. ``load_spec`` collects *every* problem and raises one ``SpecError`` whose
+lines read ``field.path: message``, so ``bigopt validate`` can print them without starting Ray.
+
+This module imports nothing from bigopt: every other module depends on it, not the reverse.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class SpecError(ValueError):
+    """A spec that cannot run. ``problems`` holds ``(field_path, message)`` pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("\n".join(f"{path}: {msg}" for path, msg in problems))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- cluster
+class ClusterSpec(Section):
+    address: str | None = Field(
+        None,
+        description="Ray address. null: RAY_ADDRESS or a running cluster, else an embedded "
+        "local Ray bound to 127.0.0.1.",
+    )
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (data x pipeline ranks).")
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Placement-group strategy for the training workers."
+    )
+    num_cpus: int | None = Field(
+        None, ge=1, description="CPUs of an embedded local Ray (null: all of this machine's)."
+    )
+
+
+# --------------------------------------------------------------------------- data
+class TextTreeSource(Section):
+    """A directory of text files, e.g. Python's own standard library as a code corpus."""
+
+    kind: Literal["text_tree"] = "text_tree"
+    path: str = Field("stdlib", description="A directory, or 'stdlib' for Python's stdlib.")
+    include: list[str] = Field(default_factory=lambda: ["*.py"])
+    exclude: list[str] = Field(
+        default_factory=lambda: ["site-packages/*", "dist-packages/*", "test/*", "tests/*"]
+    )
+    max_files: int | None = Field(None, ge=1, description="Cap, taken in sorted path order.")
+    max_file_bytes: int = Field(
+        1_000_000, ge=1, description="Larger files are quarantined (generated/vendored code)."
+    )
+
+
+class SplitSpec(Section):
+    val: float = Field(0.05, ge=0, lt=1)
+    test: float = Field(0.0, ge=0, lt=1)
+    key: str = Field(
+        "path",
+        description="Column hashed to choose the split, so all windows of one file land in "
+        "the same split (no leakage) and the split does not depend on row order.",
+    )
+    seed: int = 0
+
+
+class DataSpec(Section):
+    source: TextTreeSource = Field(default_factory=TextTreeSource)
+    split: SplitSpec = Field(default_factory=SplitSpec)
+    tokenizer: Literal["bytes"] = Field(
+        "bytes", description="UTF-8 bytes as tokens (vocab 256): needs nothing from a hub."
+    )
+    context: int | None = Field(
+        None, ge=8, description="Tokens per training window; null: model.context."
+    )
+    rows_per_shard: int = Field(4096, ge=1)
+
+
+# --------------------------------------------------------------------------- model
+class GPTModelSpec(Section):
+    kind: Literal["gpt"]
+    preset: str | None = Field(None, description="gpt-1m, gpt-10m, gpt2-124m, gpt2-350m.")
+    vocab_size: int = Field(256, ge=2)
+    context: int = Field(256, ge=8)
+    n_layer: int = Field(4, ge=1)
+    n_head: int = Field(4, ge=1)
+    d_model: int = Field(128, ge=8)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class CNNModelSpec(Section):
+    kind: Literal["cnn"]
+    in_channels: int = Field(1, ge=1)
+    num_classes: int = Field(10, ge=2)
+    image_size: int = Field(28, ge=4)
+    stem_channels: int = Field(32, ge=1)
+    blocks: list[dict[str, Any]] | None = None
+
+
+class MLPModelSpec(Section):
+    kind: Literal["mlp"]
+    in_features: int = Field(64, ge=1)
+    hidden: list[int] = Field(default_factory=lambda: [128, 128])
+    num_classes: int = Field(10, ge=2)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+ModelSpec = Annotated[GPTModelSpec | CNNModelSpec | MLPModelSpec, Field(discriminator="kind")]
+
+
+# --------------------------------------------------------------------------- train
+class ZeroSpec(Section):
+    stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = Field(False, description="Optimizer state in CPU RAM (ZeRO>=1).")
+    offload_params: bool = Field(False, description="Parameters in CPU RAM (ZeRO-3 only).")
+
+
+class PipelineSpec(Section):
+    stages: int = Field(1, ge=1, description="Pipeline stages; workers / stages = data ranks.")
+    micro_batches: int = Field(4, ge=1, description="Micro-batches per step in the pipeline.")
+    partition: str = Field(
+        "parameters", description="DeepSpeed partition_method: parameters | uniform | type:REGEX"
+    )
+
+
+class FP16Spec(Section):
+    """DeepSpeed's dynamic loss scaler (fp16 only)."""
+
+    loss_scale: float = Field(0, ge=0, description="0: dynamic; >0: a fixed scale.")
+    initial_scale_power: int = Field(16, ge=0, le=32)
+    loss_scale_window: int = Field(1000, ge=1)
+    hysteresis: int = Field(2, ge=1)
+    min_loss_scale: float = Field(1, gt=0)
+
+
+class ScheduleSpec(Section):
+    kind: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(20, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of lr.")
+
+
+class TrainSpec(Section):
+    strategy: Literal["deepspeed", "ddp"] = "deepspeed"
+    zero: ZeroSpec = Field(default_factory=ZeroSpec)
+    pipeline: PipelineSpec = Field(default_factory=PipelineSpec)
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
+        "auto", description="auto: fp16 on GPUs, bf16 on CPUs (DeepSpeed refuses fp16 there)."
+    )
+    fp16: FP16Spec = Field(default_factory=FP16Spec)
+    activation_checkpointing: bool = False
+    batch_size: int = Field(16, ge=1, description="Micro-batch per data-parallel worker.")
+    data_order: Literal["auto", "streaming", "deterministic"] = Field(
+        "auto",
+        description="streaming: Ray's streaming_split (fastest). deterministic: one fixed order, "
+        "batches dealt by data-parallel rank (exact resume; required by pipelines). "
+        "auto: deterministic with pipeline stages, else streaming.",
+    )
+    shuffle_buffer: int = Field(1024, ge=0, description="Rows in the per-epoch local shuffle.")
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int = Field(300, ge=1)
+    lr: float = Field(3.0e-4, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    clip_grad: float = Field(1.0, ge=0, description="0 disables clipping.")
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(50, ge=0, description="0: evaluate only at the start and the end.")
+    eval_batches: int = Field(8, ge=1, description="Validation batches per worker per eval.")
+    checkpoint_every: int = Field(100, ge=0, description="0: checkpoint only at the end.")
+    keep_last: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=0, description="Worker-group restarts Ray Train may do.")
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- job
+class JobSpec(Section):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    storage: str = Field("./runs", description="Local path or s3://bucket/prefix.")
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    data: DataSpec | None = None
+    model: ModelSpec | None = None
+    train: TrainSpec | None = None
+
+    def stages(self) -> list[str]:
+        """The stages this spec runs, in order (each consumes the previous one's artifacts)."""
+        return [s for s in ("data", "train") if getattr(self, s) is not None]
+
+    @property
+    def context(self) -> int | None:
+        if self.data is not None and self.data.context is not None:
+            return self.data.context
+        return getattr(self.model, "context", None)
+
+
+# --------------------------------------------------------------------------- checks
+def cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """Rules that involve more than one field; each names the field to change."""
+    problems: list[tuple[str, str]] = []
+    train, model, cluster = spec.train, spec.model, spec.cluster
+    if isinstance(model, GPTModelSpec) and model.d_model % model.n_head:
+        problems.append(("model.n_head", f"{model.n_head} must divide d_model={model.d_model}"))
+    if spec.data is not None:
+        if model is not None and not isinstance(model, GPTModelSpec):
+            problems.append(("model.kind", "a text_tree data source feeds a 'gpt' model only"))
+        if spec.context is None:
+            problems.append(("data.context", "set it, or add a gpt model section with context"))
+        if spec.data.split.val + spec.data.split.test >= 1:
+            problems.append(("data.split.val", "val + test must leave rows for training (< 1)"))
+    if isinstance(model, GPTModelSpec) and spec.data is not None and spec.data.context:
+        if spec.data.context > model.context:
+            problems.append(("data.context", f"{spec.data.context} > model.context"))
+    if train is None:
+        return problems
+    if model is None:
+        problems.append(("model", "the train stage needs a model section"))
+    pp = train.pipeline.stages
+    if train.strategy == "ddp":
+        if pp > 1:
+            problems.append(("train.pipeline.stages", "pipeline needs strategy: deepspeed"))
+        if train.zero.offload_optimizer or train.zero.offload_params:
+            problems.append(("train.zero", "offload needs strategy: deepspeed"))
+        if train.precision == "fp16":
+            problems.append(("train.precision", "fp16 loss scaling needs strategy: deepspeed"))
+    if cluster.num_workers % pp:
+        problems.append(
+            ("train.pipeline.stages", f"{pp} must divide cluster.num_workers={cluster.num_workers}")
+        )
+    if pp > 1 and train.zero.stage > 1:
+        problems.append(
+            ("train.zero.stage", f"{train.zero.stage} cannot combine with pipeline stages>1 "
+             "(DeepSpeed's pipeline engine supports ZeRO 0 and 1); use 0 or 1")
+        )
+    if train.strategy == "deepspeed":
+        if train.zero.offload_optimizer and train.zero.stage == 0:
+            problems.append(("train.zero.offload_optimizer", "needs zero.stage >= 1"))
+        if train.zero.offload_params and train.zero.stage != 3:
+            problems.append(("train.zero.offload_params", "needs zero.stage: 3"))
+    if train.precision == "fp16" and cluster.gpus_per_worker == 0:
+        problems.append(
+            ("train.precision", "fp16 needs GPUs (DeepSpeed refuses it on CPU); use auto or bf16")
+        )
+    if train.schedule.warmup_steps >= train.max_steps and train.max_steps > 1:
+        problems.append(("train.schedule.warmup_steps", "must be < train.max_steps"))
+    if pp > 1 and train.data_order == "streaming":
+        problems.append(("train.data_order", "pipeline stages need identical batches: use "
+                         "deterministic or auto"))
+    if pp > 1 and train.activation_checkpointing:
+        problems.append(("train.activation_checkpointing", "not supported with pipeline yet"))
+    return problems
+
+
+# --------------------------------------------------------------------------- loading
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=c`` -> (["a", "b"], c), with c parsed as YAML (ints, bools, null, lists)."""
+    if "=" not in item:
+        raise SpecError([(item, "override must look like section.field=value")])
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise SpecError([(".".join(path), f"{part!r} is not a section")])
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    # Drop the discriminator tag pydantic inserts for tagged unions ("model.gpt.n_head").
+    parts = [str(p) for p in loc]
+    if len(parts) >= 2 and parts[0] == "model" and parts[1] in ("gpt", "cnn", "mlp"):
+        parts.pop(1)
+    return ".".join(parts) or "<spec>"
+
+
+def parse_spec(raw: dict[str, Any]) -> JobSpec:
+    """Validate a dict into a JobSpec, raising SpecError with every problem found."""
+    if not isinstance(raw, dict):
+        raise SpecError([("<spec>", "the spec must be a YAML mapping of sections")])
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling; see jobs/README.md)"
+            problems.append((_format_loc(err["loc"]), msg))
+        raise SpecError(problems) from None
+    problems = cross_field_problems(spec)
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
+def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> JobSpec:
+    """Read a YAML spec, apply ``--set`` overrides, validate."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise SpecError([("<spec>", f"file not found: {path}")]) from None
+    except yaml.YAMLError as exc:
+        raise SpecError([("<spec>", f"not valid YAML: {exc}")]) from None
+    return parse_spec(apply_overrides(raw, overrides))
+
+
+def dump_spec(spec: JobSpec) -> str:
+    """The resolved spec as YAML, written next to the run's artifacts."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,137 @@
+"""Parallelism as small transforms chosen by the spec.
+
+``Layout`` says how the world is cut (pipeline stages x data-parallel ranks, ZeRO stage) and
+checks itself. ``build_deepspeed_config`` is the only place a DeepSpeed config dict is made: it
+applies one small transform per spec section, in a commented order.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from bigopt.spec import FP16Spec, JobSpec, PipelineSpec, TrainSpec, ZeroSpec
+
+log = logging.getLogger("bigopt")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How ``world_size`` ranks are arranged: ``pp_stages`` pipeline stages x ``dp`` replicas."""
+
+    world_size: int
+    pp_stages: int = 1
+    zero_stage: int = 0
+
+    def __post_init__(self) -> None:
+        if self.world_size % self.pp_stages:
+            raise ValueError(
+                f"train.pipeline.stages={self.pp_stages} must divide the world size "
+                f"{self.world_size} (cluster.num_workers); change either"
+            )
+        if self.pp_enabled and self.zero_stage > 1:
+            raise ValueError(
+                f"train.zero.stage={self.zero_stage} with pipeline stages>1: DeepSpeed's "
+                "pipeline engine supports ZeRO 0/1 only"
+            )
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // self.pp_stages
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp_stages > 1
+
+    def dp_rank(self, world_rank: int) -> int:
+        """Data-parallel rank of a world rank.
+
+        DeepSpeed's PipelineModule lays ranks out with the pipe axis outermost (its
+        ProcessTopology(axes=['pipe', 'data'])), so rank = stage * dp + dp_rank.
+        """
+        return world_rank % self.dp
+
+
+def resolve_precision(train: TrainSpec, *, has_gpu: bool) -> str:
+    """``auto`` -> fp16 on GPUs, bf16 elsewhere (DeepSpeed's CPU accelerator refuses fp16)."""
+    if train.precision != "auto":
+        return train.precision
+    choice = "fp16" if has_gpu else "bf16"
+    log.info("train.precision: auto -> %s (%s)", choice, "GPU" if has_gpu else "CPU workers")
+    return choice
+
+
+def apply_zero(ds: dict[str, Any], zero: ZeroSpec) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"stage": zero.stage}
+    if zero.offload_optimizer:
+        cfg["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if zero.offload_params:
+        cfg["offload_param"] = {"device": "cpu", "pin_memory": False}
+    if zero.stage == 3:
+        # Gather small parameters eagerly: at this scale the prefetch bookkeeping costs
+        # more than it saves. Large models use DeepSpeed's defaults.
+        cfg["stage3_param_persistence_threshold"] = 0
+    return {**ds, "zero_optimization": cfg}
+
+
+def apply_precision(ds: dict[str, Any], precision: str, fp16: FP16Spec) -> dict[str, Any]:
+    if precision == "bf16":
+        return {**ds, "bf16": {"enabled": True}}
+    if precision == "fp16":
+        return {
+            **ds,
+            "fp16": {
+                "enabled": True,
+                "loss_scale": fp16.loss_scale,
+                "initial_scale_power": fp16.initial_scale_power,
+                "loss_scale_window": fp16.loss_scale_window,
+                "hysteresis": fp16.hysteresis,
+                "min_loss_scale": fp16.min_loss_scale,
+            },
+        }
+    if precision != "fp32":
+        raise ValueError(f"train.precision: {precision!r} must be resolved before this point")
+    return ds
+
+
+def apply_pipeline(ds: dict[str, Any], pipeline: PipelineSpec, layout: Layout) -> dict[str, Any]:
+    if not layout.pp_enabled:
+        return ds
+    # The pipeline engine consumes `gradient_accumulation_steps` micro-batches per
+    # train_batch(); they are what fills the pipeline, so they are multiplied in.
+    gas = ds["gradient_accumulation_steps"] * pipeline.micro_batches
+    return {**ds, "gradient_accumulation_steps": gas, "pipeline": {"activation_checkpoint_interval": 0}}
+
+
+def micro_batches_per_step(train: TrainSpec, layout: Layout) -> int:
+    """Micro-batches each data-parallel rank consumes per optimizer step."""
+    return train.grad_accum * (train.pipeline.micro_batches if layout.pp_enabled else 1)
+
+
+def build_deepspeed_config(spec: JobSpec, layout: Layout, precision: str) -> dict[str, Any]:
+    """The DeepSpeed config for this spec and layout (the only place one is built)."""
+    train = spec.train
+    assert train is not None
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "gradient_clipping": train.clip_grad,
+        "optimizer": {
+            "type": "AdamW",
+            # torch_adam: the pure-PyTorch AdamW, so CPU runs need no compiled op and all
+            # strategies (DDP included) share one optimizer implementation.
+            "params": {"lr": train.lr, "betas": list(train.betas), "eps": 1e-8,
+                       "weight_decay": train.weight_decay,
+                       "torch_adam": not train.zero.offload_optimizer},
+        },
+        "steps_per_print": 10**9,  # bigopt logs; DeepSpeed's own prints would duplicate it
+        "wall_clock_breakdown": False,
+    }
+    # Order: pipeline first (it changes gradient_accumulation_steps, which DeepSpeed checks
+    # against train_batch_size), then ZeRO, then precision (independent of both).
+    ds = apply_pipeline(ds, train.pipeline, layout)
+    ds = apply_zero(ds, train.zero)
+    ds = apply_precision(ds, precision, train.fp16)
+    ds["train_batch_size"] = train.batch_size * ds["gradient_accumulation_steps"] * layout.dp
+    return ds

@@ -1,0 +1,104 @@
+"""The train stage, driver side: Ray's own config objects built from the spec, then fit."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from bigopt.runtime import RunDir
+from bigopt.spec import JobSpec, dump_spec
+from bigopt.train.parallel import resolve_precision
+
+log = logging.getLogger("bigopt")
+
+
+@dataclass(frozen=True)
+class TrainStageResult:
+    result: dict[str, Any]
+    checkpoint_uri: str | None
+
+
+def ray_configs(spec: JobSpec, run: RunDir) -> dict[str, Any]:
+    """ScalingConfig, RunConfig (+ checkpoint/failure) and DataConfig for TorchTrainer."""
+    import ray.data
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+
+    cluster, train = spec.cluster, spec.train
+    assert train is not None
+    use_gpu = cluster.gpus_per_worker > 0
+    resources = {"CPU": cluster.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cluster.gpus_per_worker
+    deterministic = train.data_order == "deterministic" or (
+        train.data_order == "auto" and train.pipeline.stages > 1)
+    execution = ray.data.ExecutionOptions(preserve_order=deterministic)
+    return {
+        "scaling_config": ScalingConfig(
+            num_workers=cluster.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+            placement_strategy=cluster.placement),
+        "run_config": RunConfig(
+            # Ray puts each checkpoint in <storage_path>/<name>/step_NNNNNN: the run dir's
+            # train/checkpoints/, on local disk or S3 alike.
+            name="checkpoints", storage_path=run.sub("train"), storage_filesystem=run.fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_last),
+            failure_config=FailureConfig(max_failures=train.max_failures)),
+        # Deterministic mode deals batches by rank inside the worker, so nothing is split.
+        "dataset_config": DataConfig(
+            datasets_to_split=[] if deterministic else ["train"], execution_options=execution),
+    }
+
+
+def run_train(spec: JobSpec, run: RunDir, *, resume_from: str | None = None) -> TrainStageResult:
+    """Train on ``run``/data with Ray Train; ``resume_from`` is a checkpoint dir/URI."""
+    import ray.data
+    from ray.train import Checkpoint
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    assert spec.train is not None
+    precision = resolve_precision(spec.train, has_gpu=spec.cluster.gpus_per_worker > 0)
+    if spec.train.precision == "auto":  # record the choice in the resolved spec
+        spec = spec.model_copy(update={"train": spec.train.model_copy(update={"precision": precision})})
+        run.write_text("spec.yaml", dump_spec(spec))
+    # Training workers log their own progress lines; Ray Data's per-worker bars would
+    # interleave on the console (the data context is captured here, in the driver).
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    datasets = {
+        split: ray.data.read_parquet(run.sub(f"data/{split}"), filesystem=run.fs,
+                                     columns=["input_ids", "labels"])
+        for split in ("train", "val") if run.exists(f"data/{split}")
+    }
+    if "train" not in datasets or "val" not in datasets:
+        raise FileNotFoundError(f"{run.uri}/data needs train/ and val/ shards: run the data stage")
+    trainer = TorchTrainer(
+        _entry,
+        train_loop_config={"spec": spec.model_dump(mode="json"), "run_uri": run.uri,
+                           "precision": precision},
+        torch_config=TorchConfig(backend="nccl" if spec.cluster.gpus_per_worker > 0 else "gloo"),
+        datasets=datasets,
+        resume_from_checkpoint=Checkpoint(resume_from, filesystem=run.fs) if resume_from else None,
+        **ray_configs(spec, run),
+    )
+    result = trainer.fit()
+    checkpoint = result.checkpoint
+    return TrainStageResult(
+        result=run.read_json("train/result.json"),
+        checkpoint_uri=(("s3://" if not run.is_local else "") + checkpoint.path) if checkpoint else None,
+    )
+
+
+def _entry(config: dict[str, Any]) -> None:
+    # Imported on the worker, so DeepSpeed is never imported in the driver.
+    from bigopt.train.loop import train_loop_per_worker
+
+    train_loop_per_worker(config)
+
+
+def latest_checkpoint(run: RunDir) -> str | None:
+    """Path (inside run.fs) of the newest ``train/checkpoints/step_*`` directory, if any."""
+    import pyarrow.fs as pafs
+
+    sel = pafs.FileSelector(run.sub("train/checkpoints"), allow_not_found=True)
+    steps = sorted(i.path for i in run.fs.get_file_info(sel)
+                   if i.type == pafs.FileType.Directory and i.base_name.startswith("step_"))
+    return steps[-1] if steps else None
