@@ -149,7 +149,7 @@ class Trainer:
             last = self.step == train.max_steps
             loss, step_time = self.train_step()
             self.samples_seen += self.metrics.samples_per_step
-            extra = self.precision_stats()
+            extra = {**self.precision_stats(), **self.memory_stats()}
             if (train.eval_every and self.step % train.eval_every == 0) or last:
                 extra["val_loss"] = self.evaluate()
             self.metrics.record(self.step, loss=loss, step_time=step_time,
@@ -218,6 +218,15 @@ class Trainer:
         scale = getattr(optimizer, "cur_scale", None) or getattr(optimizer, "loss_scale", None)
         return {"loss_scale": float(scale) if scale is not None else None,
                 "skipped_steps": int(getattr(self.engine, "skipped_steps", 0))}
+
+    def memory_stats(self) -> dict[str, float]:
+        """Peak memory of this rank's process (rank 0 logs; ranks are symmetric under ZeRO)."""
+        import resource
+
+        stats = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if torch.cuda.is_available():
+            stats["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        return stats
 
     def all_reduce_mean(self, value: float) -> float:
         t = torch.tensor([value], dtype=torch.float64)
