@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--run-dir", help="existing run directory (e.g. with prepared data)")
         if stage == "train":
             s.add_argument("--resume", help="checkpoint path/URI, or 'latest' in --run-dir")
+            s.add_argument("--data-from", help="train on the data/ of this earlier run dir")
     rep = sub.add_parser("report", help="(re)write report.md for a run directory")
     rep.add_argument("run_dir")
     return p
@@ -56,9 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     import bigopt
 
     stages = None if args.command == "run" else [args.command]
-    if args.command == "train" and not args.run_dir:
-        stages = ["data", "train"] if spec.data else stages
-    bigopt.run(spec, stages=stages, run_dir=args.run_dir, resume=getattr(args, "resume", None))
+    if args.command == "train" and not (args.run_dir or args.data_from) and spec.data:
+        stages = ["data", "train"]  # a fresh run dir has no data yet
+    bigopt.run(spec, stages=stages, run_dir=args.run_dir, resume=getattr(args, "resume", None),
+               data_from=getattr(args, "data_from", None))
     return 0
 
 

@@ -21,11 +21,12 @@ class RunResult:
 
 
 def run(spec: JobSpec, *, stages: list[str] | None = None, run_dir: str | None = None,
-        resume: str | None = None) -> RunResult:
+        resume: str | None = None, data_from: str | None = None) -> RunResult:
     """Run ``stages`` (default: every stage the spec holds) into a new or existing run dir.
 
     ``run_dir`` reuses an existing run directory (e.g. to train on data prepared earlier);
-    ``resume`` is a checkpoint URI, or ``latest`` for the run dir's newest checkpoint.
+    ``resume`` is a checkpoint URI, or ``latest`` for the run dir's newest checkpoint;
+    ``data_from`` trains on the ``data/`` of another run dir (prepared once, trained many times).
     """
     started = time.time()
     stages = stages or spec.stages()
@@ -44,8 +45,9 @@ def run(spec: JobSpec, *, stages: list[str] | None = None, run_dir: str | None =
 
         checkpoint = latest_checkpoint(run) if resume == "latest" else resume
         if resume == "latest" and checkpoint is None:
-            raise FileNotFoundError(f"--resume latest: no checkpoint under {run.uri}/train/checkpoints")
-        result.stages["train"] = run_train(spec, run, resume_from=checkpoint).result
+            raise FileNotFoundError(f"--resume latest: no checkpoint in {run.uri}/train/checkpoints")
+        result.stages["train"] = run_train(spec, run, resume_from=checkpoint,
+                                            data=RunDir(data_from) if data_from else run).result
     from bigopt.report import write_report
 
     write_report(run)

@@ -251,8 +251,6 @@ def cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
         problems.append(
             ("train.precision", "fp16 needs GPUs (DeepSpeed refuses it on CPU); use auto or bf16")
         )
-    if train.schedule.warmup_steps >= train.max_steps and train.max_steps > 1:
-        problems.append(("train.schedule.warmup_steps", "must be < train.max_steps"))
     if pp > 1 and train.data_order == "streaming":
         problems.append(("train.data_order", "pipeline stages need identical batches: use "
                          "deterministic or auto"))

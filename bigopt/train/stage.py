@@ -49,8 +49,13 @@ def ray_configs(spec: JobSpec, run: RunDir) -> dict[str, Any]:
     }
 
 
-def run_train(spec: JobSpec, run: RunDir, *, resume_from: str | None = None) -> TrainStageResult:
-    """Train on ``run``/data with Ray Train; ``resume_from`` is a checkpoint dir/URI."""
+def run_train(spec: JobSpec, run: RunDir, *, resume_from: str | None = None,
+              data: RunDir | None = None) -> TrainStageResult:
+    """Train on ``data``/data (default: the run's own) with Ray Train.
+
+    ``resume_from`` is a checkpoint directory (a path inside ``run.fs``).
+    """
+    data = data or run
     import ray.data
     from ray.train import Checkpoint
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -64,12 +69,12 @@ def run_train(spec: JobSpec, run: RunDir, *, resume_from: str | None = None) -> 
     # interleave on the console (the data context is captured here, in the driver).
     ray.data.DataContext.get_current().enable_progress_bars = False
     datasets = {
-        split: ray.data.read_parquet(run.sub(f"data/{split}"), filesystem=run.fs,
+        split: ray.data.read_parquet(data.sub(f"data/{split}"), filesystem=data.fs,
                                      columns=["input_ids", "labels"])
-        for split in ("train", "val") if run.exists(f"data/{split}")
+        for split in ("train", "val") if data.exists(f"data/{split}")
     }
     if "train" not in datasets or "val" not in datasets:
-        raise FileNotFoundError(f"{run.uri}/data needs train/ and val/ shards: run the data stage")
+        raise FileNotFoundError(f"{data.uri}/data needs train/ and val/ shards: run the data stage")
     trainer = TorchTrainer(
         _entry,
         train_loop_config={"spec": spec.model_dump(mode="json"), "run_uri": run.uri,

@@ -1,0 +1,61 @@
+"""The DeepSpeed config each spec produces: the only place a DeepSpeed dict is built."""
+
+from __future__ import annotations
+
+import pytest
+
+from bigopt.spec import parse_spec
+from bigopt.train.parallel import Layout, build_deepspeed_config, resolve_precision
+
+
+def spec_with(**train):
+    return parse_spec({"name": "t", "cluster": {"num_workers": 4}, "model": {"kind": "gpt"},
+                       "train": train})
+
+
+def test_layout_validates_itself():
+    assert Layout(4, 2).dp == 2
+    assert [Layout(4, 2).dp_rank(r) for r in range(4)] == [0, 1, 0, 1]
+    with pytest.raises(ValueError, match="must divide"):
+        Layout(3, 2)
+    with pytest.raises(ValueError, match="ZeRO 0/1"):
+        Layout(4, 2, zero_stage=2)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_stage_reaches_deepspeed(stage):
+    ds = build_deepspeed_config(spec_with(zero={"stage": stage}), Layout(4, 1, stage), "fp32")
+    assert ds["zero_optimization"]["stage"] == stage
+    assert ds["train_batch_size"] == 16 * 1 * 4
+    assert "bf16" not in ds and "fp16" not in ds
+
+
+def test_offload_and_optimizer_choice():
+    spec = spec_with(zero={"stage": 3, "offload_optimizer": True, "offload_params": True})
+    ds = build_deepspeed_config(spec, Layout(4, 1, 3), "bf16")
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["optimizer"]["params"]["torch_adam"] is False  # DeepSpeedCPUAdam when offloading
+    assert ds["bf16"] == {"enabled": True}
+
+
+def test_fp16_dynamic_loss_scaling_fields_reach_deepspeed():
+    spec = spec_with(precision="auto", fp16={"initial_scale_power": 12, "loss_scale_window": 50,
+                                             "hysteresis": 3, "min_loss_scale": 0.5})
+    ds = build_deepspeed_config(spec, Layout(4, 1, 2), "fp16")
+    assert ds["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 12,
+                          "loss_scale_window": 50, "hysteresis": 3, "min_loss_scale": 0.5}
+
+
+def test_pipeline_multiplies_micro_batches_into_accumulation():
+    spec = spec_with(zero={"stage": 1}, pipeline={"stages": 2, "micro_batches": 4}, grad_accum=2)
+    ds = build_deepspeed_config(spec, Layout(4, 2, 1), "fp32")
+    assert ds["gradient_accumulation_steps"] == 8
+    assert ds["train_batch_size"] == 16 * 8 * 2  # micro x gas x dp
+
+
+def test_auto_precision_is_fp16_on_gpu_and_bf16_on_cpu():
+    train = spec_with().train
+    assert resolve_precision(train, has_gpu=True) == "fp16"
+    assert resolve_precision(train, has_gpu=False) == "bf16"
+    assert resolve_precision(spec_with(precision="fp32").train, has_gpu=True) == "fp32"
