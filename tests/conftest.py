@@ -19,8 +19,55 @@ import pytest  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
-def ray_session():
+def s3_server():
+    """A real S3-protocol server process (moto_server) on 127.0.0.1, plus a bucket.
+
+    Set BIGOPT_TEST_S3_ENDPOINT (and AWS credentials) to run the same tests against MinIO or
+    real S3 instead. Started before Ray so Ray's workers inherit the endpoint variables.
+    """
+    import subprocess
+    import time
+
+    import boto3
+
+    endpoint = os.environ.get("BIGOPT_TEST_S3_ENDPOINT")
+    proc = None
+    if not endpoint:
+        port = _free_port()
+        proc = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        endpoint = f"http://127.0.0.1:{port}"
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    os.environ.setdefault("AWS_REGION", "us-east-1")
+    client = boto3.client("s3", endpoint_url=endpoint)
+    for _ in range(100):
+        try:
+            client.list_buckets()
+            break
+        except Exception:  # server still starting
+            time.sleep(0.1)
+    bucket = os.environ.get("BIGOPT_TEST_S3_BUCKET", "bigopt-test")
+    if bucket not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
+        client.create_bucket(Bucket=bucket)
+    yield f"s3://{bucket}"
+    if proc is not None:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
     """The session's embedded Ray: 3 CPU slots (2 training workers + 1 for Ray Data)."""
     import ray
 

@@ -30,7 +30,12 @@ from bigopt.train.metrics import (
     MetricsSink,
     peak_flops,
 )
-from bigopt.train.parallel import Layout, build_deepspeed_config, micro_batches_per_step
+from bigopt.train.parallel import (
+    Layout,
+    build_deepspeed_config,
+    check_precision_supported,
+    micro_batches_per_step,
+)
 
 log = logging.getLogger("bigopt")
 
@@ -92,11 +97,9 @@ class Trainer:
             import deepspeed
             from deepspeed.accelerator import get_accelerator
 
-            if precision == "fp16" and not get_accelerator().is_fp16_supported():
-                raise ValueError(
-                    f"train.precision: fp16 is not supported on this device "
-                    f"({get_accelerator().device_name()}); use precision: auto or bf16"
-                )
+            check_precision_supported(precision,
+                                      fp16_supported=get_accelerator().is_fp16_supported(),
+                                      device=get_accelerator().device_name())
             deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
             self.ds_config = build_deepspeed_config(spec, self.layout, precision)
             self.engine = build_deepspeed_engine(

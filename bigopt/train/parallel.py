@@ -62,6 +62,15 @@ def resolve_precision(train: TrainSpec, *, has_gpu: bool) -> str:
     return choice
 
 
+def check_precision_supported(precision: str, *, fp16_supported: bool, device: str) -> None:
+    """fp16 where the accelerator refuses it is an error naming the fix, never a fallback."""
+    if precision == "fp16" and not fp16_supported:
+        raise ValueError(
+            f"train.precision: fp16 is not supported on this device ({device}); "
+            "use precision: auto (fp16 on GPUs, bf16 elsewhere) or bf16"
+        )
+
+
 def apply_zero(ds: dict[str, Any], zero: ZeroSpec) -> dict[str, Any]:
     cfg: dict[str, Any] = {"stage": zero.stage}
     if zero.offload_optimizer:

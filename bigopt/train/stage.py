@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bigopt.runtime import RunDir
-from bigopt.spec import JobSpec, dump_spec
+from bigopt.spec import JobSpec, TrainSpec, dump_spec
 from bigopt.train.parallel import resolve_precision
 
 log = logging.getLogger("bigopt")
@@ -30,8 +30,7 @@ def ray_configs(spec: JobSpec, run: RunDir) -> dict[str, Any]:
     resources = {"CPU": cluster.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = cluster.gpus_per_worker
-    deterministic = train.data_order == "deterministic" or (
-        train.data_order == "auto" and train.pipeline.stages > 1)
+    deterministic = _deterministic(train)
     execution = ray.data.ExecutionOptions(preserve_order=deterministic)
     return {
         "scaling_config": ScalingConfig(
@@ -47,6 +46,11 @@ def ray_configs(spec: JobSpec, run: RunDir) -> dict[str, Any]:
         "dataset_config": DataConfig(
             datasets_to_split=[] if deterministic else ["train"], execution_options=execution),
     }
+
+
+def _deterministic(train: TrainSpec) -> bool:
+    return train.data_order == "deterministic" or (
+        train.data_order == "auto" and train.pipeline.stages > 1)
 
 
 def run_train(spec: JobSpec, run: RunDir, *, resume_from: str | None = None,
@@ -68,13 +72,21 @@ def run_train(spec: JobSpec, run: RunDir, *, resume_from: str | None = None,
     # Training workers log their own progress lines; Ray Data's per-worker bars would
     # interleave on the console (the data context is captured here, in the driver).
     ray.data.DataContext.get_current().enable_progress_bars = False
+    if not (data.exists("data/train") and data.exists("data/val")):
+        raise FileNotFoundError(f"{data.uri}/data needs train/ and val/ shards: run the data stage")
     datasets = {
         split: ray.data.read_parquet(data.sub(f"data/{split}"), filesystem=data.fs,
                                      columns=["input_ids", "labels"])
-        for split in ("train", "val") if data.exists(f"data/{split}")
+        for split in ("train", "val")
     }
-    if "train" not in datasets or "val" not in datasets:
-        raise FileNotFoundError(f"{data.uri}/data needs train/ and val/ shards: run the data stage")
+    # Every worker iterates the whole validation set (and, in deterministic mode, the whole
+    # training set) with its own Ray Data execution. Executions that each need a read task
+    # can deadlock on a busy cluster: one worker's backpressured reader holds the CPU the
+    # other's needs while both wait in an all-reduce (seen with 2 workers on 2 cores).
+    # Materialized, those datasets are read from the object store with no tasks at all.
+    datasets["val"] = datasets["val"].materialize()
+    if _deterministic(spec.train):
+        datasets["train"] = datasets["train"].materialize()
     trainer = TorchTrainer(
         _entry,
         train_loop_config={"spec": spec.model_dump(mode="json"), "run_uri": run.uri,

@@ -78,9 +78,9 @@ class RayHead:
     """``ray start --head --block`` on 127.0.0.1 with free ports, in its own process group."""
 
     def __init__(self, *, num_cpus: int, extra_args: list[str] = (), env: dict | None = None,
-                 prefix: str = "bo"):
+                 prefix: str = "bo", gcs_port: int | None = None):
         self.tmp = short_tmpdir(prefix)
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.gcs_port, self.dashboard_port = gcs_port or free_port(), free_port()
         self.gcs_address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
         self.env = ray_env(self.tmp, **(env or {}))
@@ -123,7 +123,7 @@ class RayHead:
             time.sleep(1)
         raise TimeoutError(f"Ray head not ready after {timeout:.0f} s ({last}):\n{self.log_tail()}")
 
-    def stop(self, timeout: float = 60) -> list[int]:
+    def stop(self, timeout: float = 20) -> list[int]:
         """Terminate our process group; kill stragglers by pid. Returns pids still alive."""
         if self.proc.poll() is None:
             try:

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from bigopt.spec import parse_spec
-from bigopt.train.parallel import Layout, build_deepspeed_config, resolve_precision
+from bigopt.train.parallel import (
+    Layout,
+    build_deepspeed_config,
+    check_precision_supported,
+    resolve_precision,
+)
 
 
 def spec_with(**train):
@@ -59,3 +64,48 @@ def test_auto_precision_is_fp16_on_gpu_and_bf16_on_cpu():
     assert resolve_precision(train, has_gpu=True) == "fp16"
     assert resolve_precision(train, has_gpu=False) == "bf16"
     assert resolve_precision(spec_with(precision="fp32").train, has_gpu=True) == "fp32"
+
+
+def test_fp16_where_refused_names_the_fix():
+    with pytest.raises(ValueError, match="auto .* or bf16"):
+        check_precision_supported("fp16", fp16_supported=False, device="cpu")
+    check_precision_supported("fp16", fp16_supported=True, device="cuda")
+    check_precision_supported("bf16", fp16_supported=False, device="cpu")
+
+
+def test_dynamic_loss_scaler_follows_our_fp16_fields():
+    """DeepSpeed's own dynamic loss scaler, built from the fields bigopt hands it: halves on
+    overflow only after `hysteresis` overflows, doubles after `loss_scale_window` clean steps,
+    never drops below `min_loss_scale`. (fp16 itself only runs on GPUs.)"""
+    import socket
+
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    with socket.socket() as sock:  # a 1-process group: the scaler logs through deepspeed.comm
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, rank=0,
+                               world_size=1, init_method=f"tcp://127.0.0.1:{port}")
+    ds = build_deepspeed_config(spec_with(fp16={"initial_scale_power": 4, "loss_scale_window": 3,
+                                                "hysteresis": 2, "min_loss_scale": 2}),
+                                Layout(4, 1, 2), "fp16")["fp16"]
+    scaler = DynamicLossScaler(init_scale=2 ** ds["initial_scale_power"],
+                               scale_window=ds["loss_scale_window"],
+                               min_scale=ds["min_loss_scale"], delayed_shift=ds["hysteresis"],
+                               consecutive_hysteresis=False, raise_error_at_min_scale=False)
+    assert scaler.cur_scale == 16
+    scaler.update_scale(overflow=True)   # first overflow: absorbed by hysteresis
+    assert scaler.cur_scale == 16
+    scaler.update_scale(overflow=True)   # second: halve
+    assert scaler.cur_scale == 8
+    for _ in range(3):                   # DeepSpeed counts the window from the step after
+        scaler.update_scale(overflow=False)  # the overflow: not yet
+    assert scaler.cur_scale == 8
+    scaler.update_scale(overflow=False)  # a full clean window: double
+    assert scaler.cur_scale == 16
+    for _ in range(20):
+        scaler.update_scale(overflow=True)
+    assert scaler.cur_scale == 2         # floor
+    dist.destroy_process_group()

@@ -1,0 +1,553 @@
+"""Training benchmarks: bigopt against plain PyTorch, and ZeRO stages / pipeline on memory.
+
+Part a: step time of bigopt with 1 Ray Train worker (strategy ddp, and deepspeed ZeRO-0)
+against a plain PyTorch loop on the same GPT, batch, AdamW settings and thread count, in fp32
+and bf16. bigopt's step time comes from its own ``train/metrics.jsonl`` (``step_time_s``); the
+plain loop is timed the same way (windows of ``log_every`` steps, warm-up windows dropped).
+
+Part b: 2 workers, a ~38M-parameter GPT in bf16, ZeRO 0/1/2/3 (+ CPU offload) and a 2-stage
+pipeline, on throughput (samples/s) and on memory per worker: peak RSS from metrics.jsonl,
+and the model-state tensors a rank holds, counted in the worker by a probe (see ``_probe``).
+
+Every ratio is against a baseline measured in the same run: the plain loop (a), ZeRO-0 (b).
+
+    python benchmarks/train.py                 # full: about 15 minutes on 2 cores
+    python benchmarks/train.py --quick         # a short version (fewer steps and configs)
+    python benchmarks/train.py --part b --configs z0,z3   # a subset
+
+Runs go to ``--storage`` (default ``runs/benchmarks``); checkpoints are deleted after each
+run, metrics are kept, and every number printed is also written to ``results-*.json`` there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Read when `ray` is first imported: keep this benchmark's Ray on 127.0.0.1.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parent.parent
+QUICKSTART = REPO / "jobs" / "quickstart.yaml"
+
+# ----------------------------------------------------------------------------- settings
+# Part a: the quickstart model (4 layers, d_model 128, context 128, batch 16) on 1 worker.
+A_COMMON = ["cluster.num_workers=1", "cluster.cpus_per_worker=1", "train.zero.stage=0",
+            "train.eval_every=0", "train.eval_batches=2", "train.checkpoint_every=0",
+            "train.schedule.warmup_steps=5"]
+A_RUNS = {  # name -> (plain-loop baseline it is compared with, overrides)
+    "bigopt ddp fp32": ("plain fp32", ["train.strategy=ddp", "train.precision=fp32"]),
+    "bigopt deepspeed z0 fp32": ("plain fp32",
+                                 ["train.strategy=deepspeed", "train.precision=fp32"]),
+    "bigopt ddp bf16": ("plain autocast-bf16", ["train.strategy=ddp", "train.precision=bf16"]),
+    "bigopt deepspeed z0 bf16": ("plain bf16+fp32-master",
+                                 ["train.strategy=deepspeed", "train.precision=bf16"]),
+}
+PLAIN_MODES = {  # what each plain loop does, mirroring the bigopt run it is compared with
+    "plain fp32": "fp32",
+    "plain autocast-bf16": "autocast",  # = bigopt ddp bf16 (DDPEngine uses torch.autocast)
+    "plain bf16+fp32-master": "master",  # = DeepSpeed bf16: bf16 weights/grads, fp32 master+Adam
+}
+
+# Part b: ~38M parameters (12 x 12 d^2 + embeddings), so model states (16 bytes/param in mixed
+# precision, ~600 MB) dominate the activations (short context, batch 8).
+B_MODEL = ["model.n_layer=12", "model.n_head=8", "model.d_model=512", "model.context=128"]
+B_QUICK_MODEL = ["model.n_layer=4", "model.n_head=8", "model.d_model=512", "model.context=128"]
+B_COMMON = ["cluster.num_workers=2", "cluster.cpus_per_worker=1", "train.strategy=deepspeed",
+            "train.precision=bf16", "train.eval_every=0", "train.eval_batches=2",
+            "train.checkpoint_every=0", "train.schedule.warmup_steps=2"]
+B_RUNS = {  # name -> overrides; global batch 16 samples/step everywhere
+    "z0": ["train.zero.stage=0", "train.batch_size=8"],
+    "z1": ["train.zero.stage=1", "train.batch_size=8"],
+    "z2": ["train.zero.stage=2", "train.batch_size=8"],
+    "z3": ["train.zero.stage=3", "train.batch_size=8"],
+    "z2+offload-opt": ["train.zero.stage=2", "train.zero.offload_optimizer=true",
+                       "train.batch_size=8"],
+    "z3+offload-opt+params": ["train.zero.stage=3", "train.zero.offload_optimizer=true",
+                              "train.zero.offload_params=true", "train.batch_size=8"],
+    # dp = 1: 4 micro-batches of 4 per step = 16 samples, as above.
+    "pp2 (z0)": ["train.zero.stage=0", "train.pipeline.stages=2",
+                 "train.pipeline.micro_batches=4", "train.batch_size=4"],
+}
+B_QUICK_RUNS = ["z0", "z3", "pp2 (z0)"]
+
+
+def paper_bytes_per_param(name: str, n: int) -> float | None:
+    """ZeRO paper (Rajbhandari et al. 2020, Fig. 1), mixed precision, K = 12, N ranks.
+
+    Baseline DP (2 + 2 + K) Psi; P_os 2 Psi + 2 Psi + K Psi / N; P_os+g 2 Psi + (2 + K) Psi / N;
+    P_os+g+p (2 + 2 + K) Psi / N. Offload moves states to host RAM: on a CPU-only machine that
+    is the same memory, so the prediction for RSS is the stage's own figure.
+    """
+    k = 12
+    stage = {"z0": 0, "z1": 1, "z2": 2, "z3": 3, "z2+offload-opt": 2,
+             "z3+offload-opt+params": 3}.get(name)
+    if name.startswith("pp"):
+        return 2 + 2 + k  # every stage keeps all states of its own layers (Psi = local params)
+    if stage is None:
+        return None
+    return [2 + 2 + k, 4 + k / n, 2 + (2 + k) / n, (2 + 2 + k) / n][stage]
+
+
+# ----------------------------------------------------------------------------- probe
+def _probe_model_states(engine: Any) -> dict[str, float]:
+    """Bytes of the tensors this rank holds, by role, de-duplicated by storage (MB).
+
+    master/optimizer state: the innermost torch optimizer's params and state (DeepSpeed's ZeRO
+    and bf16 wrappers keep fp32 master partitions there); params: the module's parameters
+    (ZeRO-3's ``ds_tensor`` partitions included); grads: ``.grad`` of either; other: every other
+    live tensor the garbage collector can see (flat gradient partitions, communication
+    buffers, cached batches). Activations are freed by then (this runs after the step).
+    """
+    import gc
+
+    import torch
+
+    seen: set[tuple[str, int]] = set()
+
+    def size(t: Any) -> int:
+        if not isinstance(t, torch.Tensor) or t.is_meta:
+            return 0
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return 0
+        key = (str(t.device), storage.data_ptr())
+        if storage.nbytes() == 0 or key in seen:
+            return 0
+        seen.add(key)
+        return storage.nbytes()
+
+    inner = getattr(engine, "optimizer", None)
+    while inner is not None and not isinstance(inner, torch.optim.Optimizer):
+        inner = getattr(inner, "optimizer", None)
+    master = [p for g in (inner.param_groups if inner else []) for p in g["params"]]
+    module_params = list(engine.module.parameters())
+    out = {
+        "master": sum(size(p) for p in master),
+        "opt_state": sum(size(v) for s in (inner.state.values() if inner else [])
+                         for v in s.values()),
+        "params": sum(size(p) + size(getattr(p, "ds_tensor", None)) for p in module_params),
+        "grads": sum(size(p.grad) for p in module_params + master),
+    }
+    out["other"] = sum(size(o) for o in gc.get_objects() if isinstance(o, torch.Tensor))
+    out = {f"ms_{k}_mb": v / 2**20 for k, v in out.items()}
+    out["ms_total_mb"] = sum(out.values())
+    out["psi_local"] = float(sum(getattr(p, "ds_numel", p.numel()) for p in module_params))
+    return out
+
+
+def _proc_status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _patch_loop(loop: Any) -> None:
+    """Wrap two functions of bigopt.train.loop in this worker (the module itself is unchanged).
+
+    * ``build_model_from_spec``: record the process RSS just before the model is built (with
+      DeepSpeed already imported), the runtime's own footprint: Python, torch, Ray, gloo.
+    * ``Trainer.memory_stats``: at step 1 (after the first optimizer step, so Adam's states
+      exist, and outside the timed ``train_step``) add the model-state bytes and RSS.
+    """
+    build, memory_stats = loop.build_model_from_spec, loop.Trainer.memory_stats
+    before: dict[str, float] = {}
+
+    def build_model_from_spec(spec: Any) -> Any:
+        if spec.train is not None and spec.train.strategy == "deepspeed":
+            import deepspeed  # noqa: F401  (the loop imports it right after; count it as runtime)
+        before["rss_before_model_mb"] = _proc_status_mb("VmRSS")
+        return build(spec)
+
+    def probed_memory_stats(self: Any) -> dict[str, float]:
+        stats = memory_stats(self)
+        if self.step == 1:
+            stats.update(before)
+            stats.update(_probe_model_states(self.engine))
+            stats["rss_after_step1_mb"] = _proc_status_mb("VmRSS")
+        return stats
+
+    loop.build_model_from_spec = build_model_from_spec
+    loop.Trainer.memory_stats = probed_memory_stats
+
+
+def _install_probe() -> None:
+    """Ray ``worker_process_setup_hook``: patch bigopt.train.loop when a worker imports it.
+
+    A meta-path finder wraps only that module's loading, so Ray Data's workers do not pay for
+    importing torch. This is the hook bigopt lacks; see BENCHMARKS.md.
+    """
+    import importlib.abc
+    import importlib.util
+
+    class Finder(importlib.abc.MetaPathFinder):
+        busy = False
+
+        def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+            if name != "bigopt.train.loop" or self.busy:
+                return None
+            self.busy = True
+            try:
+                spec = importlib.util.find_spec(name)
+            finally:
+                self.busy = False
+            exec_module = spec.loader.exec_module
+
+            def exec_and_patch(module: Any) -> None:
+                exec_module(module)
+                _patch_loop(module)
+
+            spec.loader.exec_module = exec_and_patch
+            return spec
+
+    sys.meta_path.insert(0, Finder())
+
+
+# ----------------------------------------------------------------------------- helpers
+def load1() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def machine() -> dict[str, Any]:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    info = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+    import torch
+
+    return {"cpu": info.get("Model name", "?").strip(), "cores": os.cpu_count(),
+            "avx512_bf16": "avx512_bf16" in info.get("Flags", ""),
+            "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
+
+
+def steady_windows(rows: list[dict[str, Any]], warmup: int) -> list[tuple[int, float]]:
+    """(steps, mean step time) of each logged window that starts after ``warmup`` steps."""
+    out, prev = [], 0
+    for r in sorted(rows, key=lambda r: r["step"]):
+        if prev >= warmup:
+            out.append((r["step"] - prev, r["step_time_s"]))
+        prev = r["step"]
+    if not out:
+        raise ValueError(f"no log point after {warmup} warm-up steps: raise train.max_steps")
+    return out
+
+
+def summarize(windows: list[tuple[int, float]]) -> dict[str, float]:
+    times = [t for _, t in windows]
+    steps = sum(n for n, _ in windows)
+    return {"median_s": statistics.median(times), "min_s": min(times),
+            "mean_s": sum(n * t for n, t in windows) / steps, "steps": steps}
+
+
+def prepare_data(storage: Path) -> str:
+    """Quickstart data (stdlib .py files, context 128), prepared once and reused afterwards."""
+    import bigopt
+
+    run_dir = storage / "data"
+    if (run_dir / "data" / "manifest.json").exists():
+        print(f"data: reusing {run_dir}/data", flush=True)
+        return str(run_dir)
+    spec = bigopt.load_spec(QUICKSTART)
+    started = time.time()
+    bigopt.run(spec, stages=["data"], run_dir=str(run_dir))
+    print(f"data: prepared in {time.time() - started:.0f} s -> {run_dir}/data", flush=True)
+    return str(run_dir)
+
+
+def run_bigopt(name: str, overrides: list[str], data_dir: str, storage: Path) -> dict[str, Any]:
+    """One ``bigopt.run(spec, stages=["train"])`` in a fresh run dir holding a copy of the data."""
+    import bigopt
+    from bigopt.runtime import RunDir
+
+    spec = bigopt.load_spec(QUICKSTART, overrides=overrides)
+    run = RunDir.create(str(storage), "train")
+    shutil.copytree(Path(data_dir) / "data", Path(run.path) / "data")
+    load_before, started = load1(), time.time()
+    print(f"[{name}] bigopt.run in {run.uri} ...", flush=True)
+    bigopt.run(spec, stages=["train"], run_dir=run.uri)
+    wall = time.time() - started
+    rows = run.read_jsonl("train/metrics.jsonl")
+    shutil.rmtree(Path(run.path) / "train" / "checkpoints", ignore_errors=True)
+    print(f"[{name}] done in {wall:.0f} s (load {load_before} -> {load1()})", flush=True)
+    return {"name": name, "overrides": overrides, "run_dir": run.uri, "rows": rows,
+            "wall_s": wall, "load": [load_before, load1()]}
+
+
+# ----------------------------------------------------------------------------- part a
+def worker_threads() -> dict[str, Any]:
+    """Threads a 1-CPU Ray actor gets (Ray sets OMP_NUM_THREADS from its CPU count)."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    class Probe:
+        def threads(self) -> dict[str, Any]:
+            import torch
+
+            return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+                    "torch_threads": torch.get_num_threads()}
+
+    actor = Probe.remote()
+    try:
+        return ray.get(actor.threads.remote())
+    finally:
+        ray.kill(actor)
+
+
+def load_batches(data_dir: str, batch_size: int, n: int) -> list[tuple[Any, Any]]:
+    """The first ``n`` training batches of the prepared shards, held in memory."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+
+    files = sorted((Path(data_dir) / "data" / "train").glob("*.parquet"))
+    table = pq.read_table(files[0], columns=["input_ids", "labels"]).slice(0, n * batch_size)
+
+    def column(name: str) -> Any:
+        arr = table.column(name).combine_chunks()
+        arr = getattr(arr, "storage", arr)  # Ray's tensor extension type wraps a list array
+        return np.asarray(arr.flatten()).reshape(len(arr), -1).astype(np.int64)
+
+    x, y = torch.from_numpy(column("input_ids")), torch.from_numpy(column("labels"))
+    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+
+
+def plain_loop(mode: str, overrides: list[str], data_dir: str, steps: int,
+               threads: int) -> list[float]:
+    """Seconds per step of a plain PyTorch loop: the bigopt GPT and AdamW, no Ray, no DeepSpeed.
+
+    mode fp32: fp32 weights and compute. autocast: fp32 weights, forward under
+    ``torch.autocast("cpu", bfloat16)`` (what bigopt's DDPEngine does). master: bf16 weights,
+    activations and gradients; fp32 master weights and AdamW states, gradients copied up and
+    weights copied down every step (what DeepSpeed's bf16 optimizer does).
+    """
+    import torch
+
+    import bigopt
+    from bigopt.models import GPT
+    from bigopt.train.engine import lr_lambda, param_groups
+    from bigopt.train.loop import build_model_from_spec
+
+    torch.set_num_threads(threads)
+    spec = bigopt.load_spec(QUICKSTART, overrides=overrides)
+    train = spec.train
+    torch.manual_seed(train.seed)
+    model = build_model_from_spec(spec)
+    if mode == "master":
+        model = model.to(torch.bfloat16)
+        master = [p.detach().float().requires_grad_() for p in model.parameters()]
+        index = {id(p): m for p, m in zip(model.parameters(), master, strict=True)}
+        groups = [{**g, "params": [index[id(p)] for p in g["params"]]}
+                  for g in param_groups(model, train.weight_decay)]
+    else:
+        master, groups = [], param_groups(model, train.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=train.lr, betas=train.betas, eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train.schedule, train.max_steps))
+    batches = load_batches(data_dir, train.batch_size, steps)
+    model.train()
+    times = []
+    for step in range(steps):
+        start = time.perf_counter()
+        x, y = batches[step % len(batches)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+            logits = model(x)
+        loss = GPT.loss(logits.float(), y)
+        loss.backward()
+        if mode == "master":
+            for p, m in zip(model.parameters(), master, strict=True):
+                m.grad, p.grad = p.grad.float(), None
+        torch.nn.utils.clip_grad_norm_(master or model.parameters(), train.clip_grad)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if mode == "master":
+            with torch.no_grad():
+                for p, m in zip(model.parameters(), master, strict=True):
+                    p.copy_(m)
+        loss.item()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def part_a(args: argparse.Namespace, data_dir: str, storage: Path) -> dict[str, Any]:
+    steps, log_every, warmup = (30, 10, 10) if args.quick else (60, 10, 10)
+    common = A_COMMON + [f"train.max_steps={steps}", f"train.log_every={log_every}"]
+    threads = worker_threads()
+    n_threads = int(threads["torch_threads"])
+    print(f"part a: Ray worker threads {threads}; plain loop uses torch.set_num_threads"
+          f"({n_threads})", flush=True)
+    results: dict[str, Any] = {"threads": threads, "steps": steps, "warmup": warmup, "plain": {},
+                               "bigopt": {}}
+
+    def plain(name: str) -> None:
+        load_before = load1()
+        times = plain_loop(PLAIN_MODES[name], common, data_dir, steps, n_threads)
+        windows = [(log_every, statistics.fmean(times[i:i + log_every]))
+                   for i in range(warmup, steps, log_every)]
+        results["plain"].setdefault(name, []).append(
+            {**summarize(windows), "load": [load_before, load1()]})
+        print(f"[{name}] median step {1e3 * summarize(windows)['median_s']:.1f} ms", flush=True)
+
+    # Baselines before and after the bigopt runs of each precision: the machine is shared, so
+    # a drift in background load shows up as a before/after gap instead of a bias.
+    for precision in ("fp32", "bf16"):
+        names = [n for n in A_RUNS if n.endswith(precision)]
+        bases = sorted({A_RUNS[n][0] for n in names})
+        for b in bases:
+            plain(b)
+        for n in names:
+            r = run_bigopt(n, common + A_RUNS[n][1], data_dir, storage)
+            r["summary"] = summarize(steady_windows(r["rows"], warmup))
+            r["data_wait_frac"] = statistics.fmean(
+                row["data_wait_frac"] for row in r["rows"] if row["step"] > warmup)
+            results["bigopt"][n] = r
+        for b in bases:
+            plain(b)
+    return results
+
+
+def table_a(res: dict[str, Any]) -> str:
+    lines = ["| run | compared with | step ms (median) | baseline ms | ratio (median) "
+             "| ratio (min window) | data wait | load 1m |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in res["bigopt"].items():
+        base_name = A_RUNS[name][0]
+        bases = res["plain"][base_name]
+        base_med = statistics.fmean(b["median_s"] for b in bases)
+        base_min = min(b["min_s"] for b in bases)
+        s = r["summary"]
+        lines.append(
+            f"| {name} | {base_name} | {1e3 * s['median_s']:.1f} | {1e3 * base_med:.1f} "
+            f"| **{s['median_s'] / base_med:.3f}** | {s['min_s'] / base_min:.3f} "
+            f"| {100 * r['data_wait_frac']:.1f} % | {r['load'][0]}-{r['load'][1]} |")
+    lines += ["", "| plain loop | step ms (median), each measurement | load 1m |", "|---|---|---|"]
+    for name, bases in res["plain"].items():
+        times = ", ".join(f"{1e3 * b['median_s']:.1f}" for b in bases)
+        loads = ", ".join(f"{b['load'][0]}-{b['load'][1]}" for b in bases)
+        lines.append(f"| {name} | {times} | {loads} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- part b
+def part_b(args: argparse.Namespace, data_dir: str, storage: Path) -> dict[str, Any]:
+    steps, log_every, warmup = (8, 2, 4) if args.quick else (20, 5, 5)
+    model = B_QUICK_MODEL if args.quick else B_MODEL
+    names = args.configs or (B_QUICK_RUNS if args.quick else list(B_RUNS))
+    if "z0" not in names:
+        names = ["z0", *names]  # the baseline every ratio is taken against
+    common = B_COMMON + model + [f"train.max_steps={steps}", f"train.log_every={log_every}"]
+    results: dict[str, Any] = {"model": model, "steps": steps, "warmup": warmup, "runs": {}}
+    for name in names:
+        r = run_bigopt(name, common + B_RUNS[name], data_dir, storage)
+        rows = r["rows"]
+        windows = steady_windows(rows, warmup)
+        per_step = rows[0]["samples_per_s"] * rows[0]["step_time_s"]  # samples per step
+        r["samples_per_s"] = per_step / summarize(windows)["mean_s"]
+        r["peak_rss_mb"] = max(row["peak_rss_mb"] for row in rows)
+        r["probe"] = {k: v for k, v in rows[0].items()
+                      if k.startswith(("ms_", "psi_", "rss_"))}
+        results["runs"][name] = r
+    return results
+
+
+def table_b(res: dict[str, Any]) -> str:
+    runs = res["runs"]
+    base = runs["z0"]
+    psi = base["probe"].get("psi_local")
+    lines = [
+        f"Psi = {psi / 1e6:.1f}M parameters; N = 2 data-parallel ranks (pipeline: 1). "
+        "Memory is rank 0's.", "",
+        "| config | samples/s | x z0 | peak RSS MB | x z0 | RSS before model MB "
+        "| peak - before MB | model states MB (measured) | x z0 | paper MB | x z0 "
+        "| params / master / opt / grads / other MB | load 1m |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    paper0 = paper_bytes_per_param("z0", 2) * psi / 2**20
+    for name, r in runs.items():
+        p = r["probe"]
+        local = p.get("psi_local", psi)
+        paper = paper_bytes_per_param(name, 2)
+        paper_mb = paper * local / 2**20 if paper else float("nan")
+        before = p.get("rss_before_model_mb", float("nan"))
+        ms = p.get("ms_total_mb", float("nan"))
+        parts = " / ".join(f"{p.get(f'ms_{k}_mb', float('nan')):.0f}"
+                           for k in ("params", "master", "opt_state", "grads", "other"))
+        speed = r["samples_per_s"]
+        lines.append(
+            f"| {name} | {speed:.2f} | {speed / base['samples_per_s']:.2f} "
+            f"| {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f} "
+            f"| {before:.0f} | {r['peak_rss_mb'] - before:.0f} "
+            f"| {ms:.0f} | {ms / base['probe']['ms_total_mb']:.2f} "
+            f"| {paper_mb:.0f} | {paper_mb / paper0:.2f} | {parts} "
+            f"| {r['load'][0]}-{r['load'][1]} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps and configs")
+    parser.add_argument("--part", choices=["a", "b", "all"], default="all")
+    parser.add_argument("--configs", type=lambda s: s.split(","), default=None,
+                        help=f"part b configs, comma-separated, from: {', '.join(B_RUNS)}")
+    parser.add_argument("--storage", default=str(REPO / "runs" / "benchmarks"))
+    parser.add_argument("--verbose", action="store_true", help="stream worker logs")
+    args = parser.parse_args()
+    for name in args.configs or []:
+        if name not in B_RUNS:
+            parser.error(f"--configs: unknown {name!r}; choose from {', '.join(B_RUNS)}")
+    os.chdir(REPO)  # the quickstart spec's relative storage and our paths
+    storage = Path(args.storage).resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+
+    import ray
+
+    # address="local": always a Ray of our own, never another engineer's `ray start` cluster.
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=args.verbose,
+             runtime_env={"worker_process_setup_hook": _install_probe})
+    started = time.time()
+    out: dict[str, Any] = {"command": " ".join(["python", *sys.argv]),
+                           "date": dt.datetime.now().isoformat(timespec="seconds"),
+                           "machine": machine()}
+    print(f"machine: {out['machine']}", flush=True)
+    try:
+        data_dir = prepare_data(storage)
+        if args.part in ("a", "all"):
+            out["a"] = part_a(args, data_dir, storage)
+        if args.part in ("b", "all"):
+            out["b"] = part_b(args, data_dir, storage)
+    finally:
+        ray.shutdown()
+    out["wall_s"] = time.time() - started
+    out["machine"]["uptime_end"] = subprocess.run(["uptime"], capture_output=True,
+                                                  text=True).stdout.strip()
+    path = storage / f"results-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
+    path.write_text(json.dumps(out, indent=1, default=str))
+    print(f"\n{out['command']}  ({out['date']}, {out['wall_s']:.0f} s)")
+    print(f"{out['machine']['cpu']}, {out['machine']['cores']} cores; "
+          f"start: {out['machine']['uptime']}; end: {out['machine']['uptime_end']}")
+    if "a" in out:
+        print(f"\n## a. bigopt 1 worker vs plain PyTorch (steady windows after "
+              f"{out['a']['warmup']} warm-up steps, {out['a']['steps']} steps)\n")
+        print(table_a(out["a"]))
+    if "b" in out:
+        print(f"\n## b. 2 workers, bf16: ZeRO stages and pipeline ({out['b']['steps']} steps, "
+              f"{' '.join(out['b']['model'])})\n")
+        print(table_b(out["b"]))
+    print(f"\nresults: {path}")
+
+
+if __name__ == "__main__":
+    main()
