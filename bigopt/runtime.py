@@ -59,7 +59,10 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> s
         return "cluster"
     except (ConnectionError, RuntimeError):
         pass
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    # The dashboard (on 127.0.0.1) serves the state API that Ray Train's placement-group
+    # cleaner polls; without it that actor retries in a busy loop.
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             log_to_driver=True)
     log.info("started an embedded local Ray on 127.0.0.1 with %s CPU slots",
              ray.cluster_resources().get("CPU"))
     return "embedded"

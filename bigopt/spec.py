@@ -179,6 +179,11 @@ class TrainSpec(Section):
     eval_every: int = Field(50, ge=0, description="0: evaluate only at the start and the end.")
     eval_batches: int = Field(8, ge=1, description="Validation batches per worker per eval.")
     checkpoint_every: int = Field(100, ge=0, description="0: checkpoint only at the end.")
+    checkpoint_at: list[int] = Field(
+        default_factory=list,
+        description="Extra steps to checkpoint, e.g. [1] to inspect the first update "
+        "(torchtitan's first-step checkpoint).",
+    )
     keep_last: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=0, description="Worker-group restarts Ray Train may do.")
     seed: int = 0

@@ -34,11 +34,13 @@ def checkpoint_dir_name(step: int) -> str:
 
 
 class CheckpointManager:
-    def __init__(self, engine: Checkpointable, *, every: int, world_rank: int):
+    def __init__(self, engine: Checkpointable, *, every: int, world_rank: int,
+                 at: list[int] | None = None):
         self.engine, self.every, self.world_rank = engine, every, world_rank
+        self.at = set(at or ())
 
     def should_save(self, step: int, last: bool) -> bool:
-        return last or (self.every > 0 and step % self.every == 0)
+        return last or step in self.at or (self.every > 0 and step % self.every == 0)
 
     def save(self, step: int, state: dict[str, Any], metrics: dict[str, Any], *,
              last: bool = False) -> bool:

@@ -130,7 +130,7 @@ class Trainer:
             tokens_per_sample=self.tokens_per_sample, flops_per_sample=self.flops_per_sample,
             peak_flops_total=peak * world if peak else None)
         self.checkpointer = CheckpointManager(ckpt_target, every=train.checkpoint_every,
-                                              world_rank=self.rank)
+                                              world_rank=self.rank, at=train.checkpoint_at)
         self.step, self.samples_seen = 0, 0
         self.val_losses: dict[int, float] = {}
         self._val_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
