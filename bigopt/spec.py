@@ -65,19 +65,30 @@ class TextTreeSource(Section):
     )
 
 
+class ImageSource(Section):
+    """Labelled images; ``digits`` is scikit-learn's bundled 8x8 handwritten digits."""
+
+    kind: Literal["digits"] = "digits"
+    max_rows: int | None = Field(None, ge=1)
+
+
+SourceSpec = Annotated[TextTreeSource | ImageSource, Field(discriminator="kind")]
+
+
 class SplitSpec(Section):
     val: float = Field(0.05, ge=0, lt=1)
     test: float = Field(0.0, ge=0, lt=1)
     key: str = Field(
-        "path",
-        description="Column hashed to choose the split, so all windows of one file land in "
-        "the same split (no leakage) and the split does not depend on row order.",
+        "auto",
+        description="Column hashed to choose the split (auto: path for text, id for images), "
+        "so all windows of one file land in the same split (no leakage) and the split does "
+        "not depend on row order.",
     )
     seed: int = 0
 
 
 class DataSpec(Section):
-    source: TextTreeSource = Field(default_factory=TextTreeSource)
+    source: SourceSpec = Field(default_factory=TextTreeSource)
     split: SplitSpec = Field(default_factory=SplitSpec)
     tokenizer: Literal["bytes"] = Field(
         "bytes", description="UTF-8 bytes as tokens (vocab 256): needs nothing from a hub."
@@ -216,13 +227,21 @@ def cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
     train, model, cluster = spec.train, spec.model, spec.cluster
     if isinstance(model, GPTModelSpec) and model.d_model % model.n_head:
         problems.append(("model.n_head", f"{model.n_head} must divide d_model={model.d_model}"))
-    if spec.data is not None:
+    if spec.data is not None and isinstance(spec.data.source, ImageSource):
+        if model is not None and isinstance(model, GPTModelSpec):
+            problems.append(("model.kind", "an image source feeds a 'cnn' or 'mlp' model"))
+        if isinstance(model, MLPModelSpec) and model.in_features != 64:
+            problems.append(("model.in_features", "digits images have 64 pixels (8x8)"))
+        if isinstance(model, CNNModelSpec) and (model.image_size, model.in_channels) != (8, 1):
+            problems.append(("model.image_size", "digits images are 1x8x8: image_size 8, "
+                             "in_channels 1"))
+    elif spec.data is not None:
         if model is not None and not isinstance(model, GPTModelSpec):
             problems.append(("model.kind", "a text_tree data source feeds a 'gpt' model only"))
         if spec.context is None:
             problems.append(("data.context", "set it, or add a gpt model section with context"))
-        if spec.data.split.val + spec.data.split.test >= 1:
-            problems.append(("data.split.val", "val + test must leave rows for training (< 1)"))
+    if spec.data is not None and spec.data.split.val + spec.data.split.test >= 1:
+        problems.append(("data.split.val", "val + test must leave rows for training (< 1)"))
     if isinstance(model, GPTModelSpec) and spec.data is not None and spec.data.context:
         if spec.data.context > model.context:
             problems.append(("data.context", f"{spec.data.context} > model.context"))

@@ -50,3 +50,20 @@ def test_quickstart_end_to_end(ray_session, repo_root, tmp_path):
     report = open(os.path.join(run_dir, "report.md")).read()
     assert "validation loss" in report and "perplexity" in report
     assert os.path.getsize(os.path.join(run_dir, "train", "loss.png")) > 5000
+
+
+@pytest.mark.slow
+def test_digits_mlp_through_the_same_loop(ray_session, repo_root, tmp_path):
+    """Real images (scikit-learn's digits) through the same data stage and training loop."""
+    cmd = [sys.executable, "-m", "bigopt.cli", "run", "jobs/digits_mlp.yaml",
+           "--set", f"storage={tmp_path}", "--set", "train.max_steps=100"]
+    proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run_dir,) = glob.glob(str(tmp_path / "digits-mlp" / "*"))
+    manifest = json.load(open(os.path.join(run_dir, "data", "manifest.json")))
+    assert manifest["rows_in"] == 1797 == manifest["rows_kept"] + manifest["rows_rejected"]
+    assert sum(s["rows"] for s in manifest["splits"].values()) == manifest["rows_kept"]
+    result = json.load(open(os.path.join(run_dir, "train", "result.json")))
+    acc = {int(k): v for k, v in result["val_accuracy"].items()}
+    assert acc[0] < 0.3 and acc[100] > 0.9, acc  # chance is 0.1; an MLP reaches ~0.95+
+    assert "validation accuracy" in open(os.path.join(run_dir, "report.md")).read()

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from bigopt.data.images import check_image_row, load_digits_rows
 from bigopt.data.text import list_files, read_and_check, resolve_root, to_windows
 from bigopt.runtime import RunDir
-from bigopt.spec import JobSpec, SplitSpec
+from bigopt.spec import JobSpec, SplitSpec, TextTreeSource
 
 log = logging.getLogger("bigopt")
 
@@ -43,8 +44,15 @@ class DataResult:
     data_uri: str
 
 
-def _add_split(batch: dict[str, np.ndarray], split: SplitSpec) -> dict[str, np.ndarray]:
-    batch["split"] = np.array([assign_split(str(k), split) for k in batch[split.key]], dtype=object)
+def split_key(spec: JobSpec) -> str:
+    key = spec.data.split.key
+    if key != "auto":
+        return key
+    return "path" if isinstance(spec.data.source, TextTreeSource) else "id"
+
+
+def _add_split(batch: dict[str, np.ndarray], split: SplitSpec, key: str) -> dict[str, np.ndarray]:
+    batch["split"] = np.array([assign_split(str(k), split) for k in batch[key]], dtype=object)
     return batch
 
 
@@ -59,71 +67,101 @@ def _shards(run: RunDir, rel_dir: str) -> list[dict[str, Any]]:
     return shards
 
 
-def run_data(spec: JobSpec, run: RunDir) -> DataResult:
-    """Run the data stage into ``run``/data and return its manifest."""
+@dataclass
+class SourceRows:
+    """What a source hands the shared split/write/manifest code."""
+
+    kept: Any  # ray.data.Dataset of model-ready rows with a "split" column
+    rejected: list[dict[str, str]]  # {"key", "reason"}
+    rows_in: int
+    info: dict[str, Any]
+
+
+def _text_rows(spec: JobSpec) -> SourceRows:
     import ray
 
-    assert spec.data is not None and spec.context is not None
-    src, context, started = spec.data.source, spec.context, time.time()
+    src, context = spec.data.source, spec.context
     root = resolve_root(src.path)
     files = list_files(root, src.include, src.exclude, src.max_files)
     if not files:
         raise FileNotFoundError(f"data.source: no files under {root} match {src.include}")
     log.info("data: %d files under %s", len(files), root)
-
     rows = ray.data.from_items([{"path": f} for f in files], override_num_blocks=min(len(files), 32))
     checked = rows.map_batches(
         read_and_check, fn_kwargs={"root": str(root), "max_bytes": src.max_file_bytes},
         batch_size=32,
     ).materialize()
-    rejected = checked.filter(lambda r: r["reject_reason"] != "").drop_columns(["text"])
+    rejected = [{"key": r["path"], "reason": r["reject_reason"]} for r in
+                checked.filter(lambda r: r["reject_reason"] != "").drop_columns(["text"]).take_all()]
     kept = checked.filter(lambda r: r["reject_reason"] == "").drop_columns(["reject_reason"])
-    kept = kept.map_batches(_add_split, fn_kwargs={"split": spec.data.split}, batch_size=256)
+    kept = kept.map_batches(_add_split, fn_kwargs={"split": spec.data.split, "key": split_key(spec)},
+                            batch_size=256)
     windows = kept.map_batches(to_windows, fn_kwargs={"context": context}, batch_size=8)
-    windows = windows.materialize()
+    return SourceRows(windows, rejected, len(files), {
+        "source": {"kind": src.kind, "root": str(root), "include": src.include},
+        "tokenizer": {"kind": spec.data.tokenizer, "vocab_size": 256}, "context": context})
+
+
+def _image_rows(spec: JobSpec) -> SourceRows:
+    import ray
+
+    src = spec.data.source
+    rows = load_digits_rows(src.max_rows)
+    ds = ray.data.from_items(rows, override_num_blocks=8)
+    reasons = [check_image_row(r) for r in rows]
+    rejected = [{"key": r["id"], "reason": why} for r, why in zip(rows, reasons, strict=True) if why]
+    bad = {r["key"] for r in rejected}
+    kept = ds.filter(lambda r: r["id"] not in bad) if bad else ds
+    kept = kept.map_batches(_add_split, fn_kwargs={"split": spec.data.split, "key": split_key(spec)},
+                            batch_size=256)
+    return SourceRows(kept, rejected, len(rows), {
+        "source": {"kind": src.kind, "root": "sklearn.datasets.load_digits", "include": ["8x8"]},
+        "classes": 10})
+
+
+def run_data(spec: JobSpec, run: RunDir) -> DataResult:
+    """Run the data stage into ``run``/data and return its manifest."""
+    assert spec.data is not None
+    started = time.time()
+    source = _text_rows(spec) if isinstance(spec.data.source, TextTreeSource) else _image_rows(spec)
+    rows = source.kept.materialize()
+    count_column = "n_tokens" if "n_tokens" in rows.schema().names else None
 
     fs = run.fs
     per_split: dict[str, dict[str, Any]] = {}
     for name in SPLITS:
-        part = windows.filter(lambda r, name=name: r["split"] == name).drop_columns(["split"])
+        part = rows.filter(lambda r, name=name: r["split"] == name).drop_columns(["split"])
         n = part.count()
         if n == 0:
             continue
         part.write_parquet(run.sub(f"data/{name}"), filesystem=fs,
                            min_rows_per_file=spec.data.rows_per_shard)
+        key = "path" if count_column else "id"
         per_split[name] = {
             "rows": n,
-            "tokens": int(part.sum("n_tokens")),
-            "files": len(set(part.unique("path"))),
+            "tokens": int(part.sum(count_column)) if count_column else 0,
+            "files": len(set(part.unique(key))),
             "shards": _shards(run, f"data/{name}"),
         }
-    reject_rows = rejected.take_all()
     reasons: dict[str, int] = {}
-    for r in reject_rows:
-        kind = r["reject_reason"].split(":")[0]
+    for r in source.rejected:
+        kind = r["reason"].split(":")[0]
         reasons[kind] = reasons.get(kind, 0) + 1
-    if reject_rows:
-        run.write_text("data/quarantine.jsonl", "".join(
-            json.dumps({"path": r["path"], "reason": r["reject_reason"]}) + "\n"
-            for r in reject_rows
-        ))
-    rows_kept = len(files) - len(reject_rows)
+    if source.rejected:
+        run.write_text("data/quarantine.jsonl", "".join(json.dumps(r) + "\n" for r in source.rejected))
+    rows_kept = source.rows_in - len(source.rejected)
     manifest = {
-        "source": {"kind": src.kind, "root": str(root), "include": src.include},
-        "tokenizer": {"kind": spec.data.tokenizer, "vocab_size": 256},
-        "context": context,
-        "rows_in": len(files),
+        **source.info,
+        "rows_in": source.rows_in,
         "rows_kept": rows_kept,
-        "rows_rejected": len(reject_rows),
+        "rows_rejected": len(source.rejected),
         "rejected_by_reason": reasons,
-        "split": spec.data.split.model_dump(),
+        "split": {**spec.data.split.model_dump(), "key": split_key(spec)},
         "splits": per_split,
         "seconds": round(time.time() - started, 2),
     }
-    assert manifest["rows_in"] == rows_kept + len(reject_rows)
+    assert manifest["rows_in"] == rows_kept + len(source.rejected)
     run.write_json("data/manifest.json", manifest)
-    log.info(
-        "data: %d files kept, %d quarantined; windows %s",
-        rows_kept, len(reject_rows), {k: v["rows"] for k, v in per_split.items()},
-    )
+    log.info("data: %d rows kept, %d quarantined; per split %s", rows_kept, len(source.rejected),
+             {k: v["rows"] for k, v in per_split.items()})
     return DataResult(manifest=manifest, data_uri=run.uri_of("data"))

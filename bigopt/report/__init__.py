@@ -33,7 +33,7 @@ def _loss_plot(rows: list[dict[str, Any]], val: dict[int, float]) -> bytes:
 
 def _data_section(manifest: dict[str, Any]) -> list[str]:
     lines = ["## Data", "",
-             f"- source: `{manifest['source']['root']}` ({', '.join(manifest['source']['include'])})",
+             f"- source: {manifest['source']['kind']} `{manifest['source']['root']}`",
              f"- rows in {manifest['rows_in']} = kept {manifest['rows_kept']} + rejected "
              f"{manifest['rows_rejected']} {manifest['rejected_by_reason'] or ''}",
              "", "| split | windows | tokens | files | shards |", "|---|---|---|---|---|"]
@@ -53,9 +53,13 @@ def _train_section(run: RunDir, rows: list[dict[str, Any]], result: dict[str, An
             f"- **validation loss {first:.4f} -> {last:.4f}** (step {min(val)} -> {max(val)}): "
             f"down {first - last:.4f} nats, {100 * (first - last) / first:.1f} %; perplexity "
             f"{math.exp(first):.2f} -> {math.exp(last):.2f}")
+    acc = {int(k): v for k, v in result.get("val_accuracy", {}).items()}
+    if acc:
+        lines.append(f"- **validation accuracy {100 * acc[min(acc)]:.1f} % -> "
+                     f"{100 * acc[max(acc)]:.1f} %** (step {min(acc)} -> {max(acc)})")
     if rows:
         tail = rows[-min(5, len(rows)):]
-        mean = {k: sum(r.get(k, 0) for r in tail) / len(tail)
+        mean = {k: sum(r.get(k) or 0 for r in tail) / len(tail)
                 for k in ("samples_per_s", "tokens_per_s", "data_wait_frac")}
         lines.append(f"- throughput (last {len(tail)} log points): {mean['samples_per_s']:.1f} "
                      f"samples/s, {mean['tokens_per_s']:.0f} tokens/s, data wait "

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from bigopt.data.ingest import TimedBatches, epoch_batches
+from bigopt.data.ingest import TimedBatches, epoch_batches, input_columns
 from bigopt.models import GPT_PRESETS, build_model
 from bigopt.runtime import RunDir
 from bigopt.spec import GPTModelSpec, JobSpec
@@ -110,6 +110,7 @@ class Trainer:
             self.engine = DDPEngine(model, train, precision, self.device)
             ckpt_target = self.engine
         # 4. Data: Ray Data shards streamed into timed, endless batch iterators.
+        self.columns = input_columns(spec)
         self.micro_batches = micro_batches_per_step(train, self.layout)
         self.deterministic = train.data_order == "deterministic" or (
             train.data_order == "auto" and self.layout.pp_enabled)
@@ -118,7 +119,7 @@ class Trainer:
             ray.train.get_dataset_shard("train"), batch_size=train.batch_size, seed=train.seed,
             dp=self.layout.dp if self.deterministic else 1,
             dp_rank=dp_rank if self.deterministic else 0,
-            shuffle_buffer=train.shuffle_buffer, device=self.device))
+            shuffle_buffer=train.shuffle_buffer, columns=self.columns, device=self.device))
         self.val_shard = ray.train.get_dataset_shard("val")
         # 5. Metrics (rank 0 writes) and checkpoints (every rank saves its shard).
         sinks: list[MetricsSink] = [JsonlSink(run), ConsoleSink(train.max_steps)] if self.rank == 0 else []
@@ -134,6 +135,7 @@ class Trainer:
         self.step, self.samples_seen = 0, 0
         self.val_losses: dict[int, float] = {}
         self._val_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.val_accuracy: dict[int, float] = {}
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> TrainResult:
@@ -155,6 +157,8 @@ class Trainer:
             extra = {**self.precision_stats(), **self.memory_stats()}
             if (train.eval_every and self.step % train.eval_every == 0) or last:
                 extra["val_loss"] = self.evaluate()
+                if self.step in self.val_accuracy:
+                    extra["val_acc"] = self.val_accuracy[self.step]
             self.metrics.record(self.step, loss=loss, step_time=step_time,
                                 data_wait=self.batches.take_wait(), lr=self.lr, last=last,
                                 extra=extra)
@@ -193,7 +197,7 @@ class Trainer:
             # The same first batches every time: evals are comparable across steps, and
             # holding them in memory avoids starting a Ray Data execution per eval.
             val = epoch_batches(self.val_shard, batch_size=train.batch_size, seed=0, dp=dp,
-                                dp_rank=dp_rank, device=self.device)
+                                dp_rank=dp_rank, columns=self.columns, device=self.device)
             self._val_batches = [next(val) for _ in range(train.eval_batches)]
         self.engine.eval()
         losses = []
@@ -202,8 +206,16 @@ class Trainer:
             for _ in range(max(1, train.eval_batches // self.micro_batches)):
                 losses.append(float(self.engine.eval_batch(data_iter=val)))
         else:
+            correct, classifier = 0, False
             for x, y in self._val_batches:
-                losses.append(self.loss_fn(self.engine(x), y).item())
+                out = self.engine(x)
+                losses.append(self.loss_fn(out, y).item())
+                if out.dim() == 2:  # a classifier: accuracy is what its users read first
+                    classifier = True
+                    correct += int((out.argmax(-1) == y).sum())
+            if classifier:
+                rows = sum(len(y) for _, y in self._val_batches)
+                self.val_accuracy[self.step] = self.all_reduce_mean(correct / rows)
         self.engine.train()
         value = self.all_reduce_mean(sum(losses) / len(losses))
         self.val_losses[self.step] = value
@@ -253,6 +265,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         trainer.run.write_json("train/result.json", {
             "steps": result.steps, "final_loss": result.final_loss,
             "val_losses": {str(k): v for k, v in sorted(result.val_losses.items())},
+            "val_accuracy": {str(k): v for k, v in sorted(trainer.val_accuracy.items())},
             "precision": trainer.precision, "layout": vars(trainer.layout) | {"dp": trainer.layout.dp},
             "deepspeed_config": getattr(trainer, "ds_config", None),
         })

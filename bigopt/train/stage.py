@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from bigopt.data.ingest import input_columns
 from bigopt.runtime import RunDir
 from bigopt.spec import JobSpec, TrainSpec, dump_spec
 from bigopt.train.parallel import resolve_precision
@@ -76,7 +77,7 @@ def run_train(spec: JobSpec, run: RunDir, *, resume_from: str | None = None,
         raise FileNotFoundError(f"{data.uri}/data needs train/ and val/ shards: run the data stage")
     datasets = {
         split: ray.data.read_parquet(data.sub(f"data/{split}"), filesystem=data.fs,
-                                     columns=["input_ids", "labels"])
+                                     columns=list(input_columns(spec)))
         for split in ("train", "val")
     }
     # Every worker iterates the whole validation set (and, in deterministic mode, the whole

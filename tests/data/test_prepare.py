@@ -40,7 +40,7 @@ def test_data_stage_on_stdlib_conserves_rows(ray_session, tmp_path):
     assert manifest["rows_rejected"] == 2
     assert manifest["rejected_by_reason"] == {"not_utf8": 1, "empty": 1}
     quarantined = [json.loads(x) for x in run.read_text("data/quarantine.jsonl").splitlines()]
-    assert {q["path"] for q in quarantined} == {"bad.py", "empty.py"}
+    assert {q["key"] for q in quarantined} == {"bad.py", "empty.py"}
     # Every kept file lands in exactly one split; shard row counts add up; tokens all there.
     files = {}
     total_tokens = 0

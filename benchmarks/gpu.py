@@ -1,0 +1,196 @@
+"""GPU benchmark driver (run by benchmarks/gpu.sh): MFU and fp16 vs bf16 through bigopt.
+
+For each model (GPT-2 124M, 350M presets) and precision (bf16, fp16): one ``bigopt.run`` with
+1 worker, 1 GPU, DeepSpeed ZeRO-0, on stdlib data prepared once at the model's context. The
+numbers come from bigopt's own ``train/metrics.jsonl`` (``tokens_per_s``, ``flops_per_s``,
+``mfu``) over the log windows after warm-up. Ratios: fp16 vs bf16 of the same model, measured
+in the same run.
+
+    python benchmarks/gpu.py                # the GPU matrix (what gpu.sh runs)
+    python benchmarks/gpu.py --smoke        # CPU: gpt-1m, bf16, 5 steps (checks the logic)
+    python benchmarks/gpu.py --dry-run      # validate the specs only, no Ray
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before `import ray`: loopback only
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parent.parent
+QUICKSTART = REPO / "jobs" / "quickstart.yaml"
+
+
+def plan(smoke: bool, models: list[str], precisions: list[str], steps: int,
+         batch: int) -> list[tuple[str, str, list[str]]]:
+    """(model, precision, spec overrides) per run.
+
+    Every preset field is also set explicitly: quickstart.yaml's own n_layer/d_model/context
+    count as explicitly set, so ``model.preset`` alone would keep its 4 x 128 model (see
+    BENCHMARKS.md, bigopt issues).
+    """
+    from bigopt.models import GPT_PRESETS
+
+    common = ["cluster.num_workers=1", "train.strategy=deepspeed", "train.zero.stage=0",
+              f"train.max_steps={steps}", f"train.batch_size={batch}", "train.eval_every=0",
+              "train.eval_batches=1", "train.checkpoint_every=0", "train.schedule.warmup_steps=2",
+              f"train.log_every={1 if smoke else 10}"]
+    common += (["cluster.gpus_per_worker=0", "cluster.cpus_per_worker=1"] if smoke else
+               ["cluster.gpus_per_worker=1", "cluster.cpus_per_worker=4"])
+    runs = []
+    for model in models:
+        preset = [f"model.preset={model}"] + [f"model.{k}={v}"
+                                              for k, v in GPT_PRESETS[model].items()]
+        for precision in precisions:
+            runs.append((model, precision, preset + common + [f"train.precision={precision}"]))
+    return runs
+
+
+def steady(rows: list[dict[str, Any]], warmup: int) -> dict[str, float | None]:
+    """Time-weighted means over log windows that start after ``warmup`` steps."""
+    windows, prev = [], 0
+    for r in sorted(rows, key=lambda r: r["step"]):
+        if prev >= warmup:
+            windows.append((r["step"] - prev, r))
+        prev = r["step"]
+    if not windows:
+        raise ValueError(f"no log window after {warmup} warm-up steps: raise the step count")
+    seconds = sum(n * r["step_time_s"] for n, r in windows)
+    out: dict[str, float | None] = {"step_s": seconds / sum(n for n, _ in windows)}
+    for key in ("tokens_per_s", "flops_per_s", "mfu"):
+        have = [(n, r) for n, r in windows if r.get(key) is not None]
+        # rate x time = work; total work / total time is the window-weighted rate
+        out[key] = (sum(n * r["step_time_s"] * r[key] for n, r in have) / seconds
+                    if len(have) == len(windows) else None)
+    last = rows[-1]
+    out["skipped_steps"] = last.get("skipped_steps")
+    out["loss_scale"] = last.get("loss_scale")
+    out["gpu_peak_mb"] = last.get("gpu_peak_mb")
+    return out
+
+
+def device_info() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda,
+                            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available()
+                            else None}
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        q = subprocess.run([smi, "--query-gpu=name,memory.total,driver_version",
+                            "--format=csv,noheader"], capture_output=True, text=True)
+        info["nvidia_smi"] = q.stdout.strip()
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines()
+                        if ln.startswith("Model name")), "?")
+    return info
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="CPU, gpt-1m, bf16, 5 steps")
+    p.add_argument("--dry-run", action="store_true", help="validate the specs, start nothing")
+    p.add_argument("--models", default="gpt2-124m,gpt2-350m")
+    p.add_argument("--precisions", default="bf16,fp16")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--warmup", type=int, default=20, help="steps left out of the averages")
+    p.add_argument("--batch", type=int, default=16, help="micro-batch (sequences per step)")
+    p.add_argument("--storage", default=str(REPO / "runs" / "benchmarks-gpu"))
+    args = p.parse_args()
+    if args.smoke:
+        args.models, args.precisions, args.steps, args.warmup, args.batch = (
+            "gpt-1m", "bf16", 5, 2, 4)
+    os.chdir(REPO)
+
+    import bigopt
+
+    runs = plan(args.smoke, args.models.split(","), args.precisions.split(","), args.steps,
+                args.batch)
+    specs = [(m, prec, bigopt.load_spec(QUICKSTART, overrides=o)) for m, prec, o in runs]
+    for m, prec, spec in specs:
+        print(f"{m} {prec}: {spec.model.model_dump(exclude={'kind'})} "
+              f"batch {spec.train.batch_size} x {spec.context} tokens, {spec.train.max_steps} steps")
+    if args.dry_run:
+        return
+
+    import ray
+
+    storage = Path(args.storage).resolve()
+    info = device_info()
+    print(f"device: {info}", flush=True)
+    if not args.smoke and not info["gpu"]:
+        sys.exit("no CUDA GPU visible to torch: install a CUDA build of torch, or use --smoke")
+    started = time.time()
+    ray.init(address="local", include_dashboard=False, log_to_driver=True,
+             **({"num_cpus": 3} if args.smoke else {}))
+    results: list[dict[str, Any]] = []
+    try:
+        data: dict[int, Path] = {}  # context -> prepared run dir, shared by the runs
+        for model, precision, spec in specs:
+            ctx = spec.context
+            if ctx not in data:
+                data[ctx] = storage / f"data-ctx{ctx}"
+                if not (data[ctx] / "data" / "manifest.json").exists():
+                    bigopt.run(spec, stages=["data"], run_dir=str(data[ctx]))
+            from bigopt.runtime import RunDir
+
+            run = RunDir.create(str(storage), f"{model}-{precision}")
+            shutil.copytree(data[ctx] / "data", Path(run.path) / "data")
+            t0 = time.time()
+            bigopt.run(spec, stages=["train"], run_dir=run.uri)
+            rows = run.read_jsonl("train/metrics.jsonl")
+            shutil.rmtree(Path(run.path) / "train" / "checkpoints", ignore_errors=True)
+            results.append({"model": model, "precision": precision, "run_dir": run.uri,
+                            "wall_s": time.time() - t0, **steady(rows, args.warmup)})
+            print(f"[{model} {precision}] {results[-1]}", flush=True)
+    finally:
+        ray.shutdown()
+    report(results, info, args, time.time() - started, storage)
+
+
+def fmt(v: float | None, scale: float = 1.0, spec: str = ".1f") -> str:
+    return "n/a" if v is None else format(v * scale, spec)
+
+
+def report(results: list[dict[str, Any]], info: dict[str, Any], args: argparse.Namespace,
+           wall: float, storage: Path) -> None:
+    lines = [f"{' '.join(sys.argv)}  ({dt.datetime.now():%Y-%m-%d %H:%M}, {wall:.0f} s)",
+             f"device: {info}", "",
+             "| model | precision | step ms | tokens/s | TFLOP/s | MFU | x bf16 (tokens/s) "
+             "| skipped steps | GPU peak MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    bf16 = {r["model"]: r["tokens_per_s"] for r in results if r["precision"] == "bf16"}
+    for r in results:
+        base = bf16.get(r["model"])
+        ratio = r["tokens_per_s"] / base if base and r["tokens_per_s"] else None
+        lines.append(
+            f"| {r['model']} | {r['precision']} | {fmt(r['step_s'], 1e3)} "
+            f"| {fmt(r['tokens_per_s'], 1, '.0f')} | {fmt(r['flops_per_s'], 1e-12)} "
+            f"| {fmt(r['mfu'], 100)} {'%' if r['mfu'] is not None else ''} "
+            f"| {fmt(ratio, 1, '.2f')} | {r['skipped_steps'] if r['skipped_steps'] is not None else '-'} "
+            f"| {fmt(r['gpu_peak_mb'], 1, '.0f')} |")
+    text = "\n".join(lines)
+    print("\n" + text)
+    stamp = f"{dt.datetime.now():%Y%m%d-%H%M%S}"
+    out = {"command": " ".join(sys.argv), "device": info, "wall_s": wall, "results": results}
+    storage.mkdir(parents=True, exist_ok=True)
+    (storage / f"gpu-results-{stamp}.json").write_text(json.dumps(out, indent=1))
+    (storage / f"gpu-results-{stamp}.md").write_text(text + "\n")
+    if os.environ.get("OUT"):  # a lent device machine's return folder
+        Path(os.environ["OUT"], "gpu-results.md").write_text(text + "\n")
+        Path(os.environ["OUT"], "gpu-results.json").write_text(json.dumps(out, indent=1))
+    print(f"results: {storage}/gpu-results-{stamp}.{{json,md}}")
+
+
+if __name__ == "__main__":
+    main()
