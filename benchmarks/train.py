@@ -64,8 +64,9 @@ PLAIN_MODES = {  # what each plain loop does, mirroring the bigopt run it is com
 # precision, ~600 MB) dominate the activations (short context, batch 8).
 B_MODEL = ["model.n_layer=12", "model.n_head=8", "model.d_model=512", "model.context=128"]
 B_QUICK_MODEL = ["model.n_layer=4", "model.n_head=8", "model.d_model=512", "model.context=128"]
+# eval_batches 4: a pipeline eval needs >= micro_batches batches (bigopt bug, BENCHMARKS.md).
 B_COMMON = ["cluster.num_workers=2", "cluster.cpus_per_worker=1", "train.strategy=deepspeed",
-            "train.precision=bf16", "train.eval_every=0", "train.eval_batches=2",
+            "train.precision=bf16", "train.eval_every=0", "train.eval_batches=4",
             "train.checkpoint_every=0", "train.schedule.warmup_steps=2"]
 B_RUNS = {  # name -> overrides; global batch 16 samples/step everywhere
     "z0": ["train.zero.stage=0", "train.batch_size=8"],
@@ -101,51 +102,97 @@ def paper_bytes_per_param(name: str, n: int) -> float | None:
 
 
 # ----------------------------------------------------------------------------- probe
-def _probe_model_states(engine: Any) -> dict[str, float]:
+def _resident_bytes(ptr: int, nbytes: int) -> int:
+    """Bytes of [ptr, ptr + nbytes) in RAM now (mincore), which is what RSS counts.
+
+    torch.empty() of a large CPU buffer maps pages that only count once written: DeepSpeed's
+    ZeRO reduce buckets (500M elements by default) are mostly never touched on a small model.
+    """
+    import ctypes
+
+    import numpy as np
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = ptr - ptr % page
+    length = ptr + nbytes - start
+    vec = (ctypes.c_ubyte * ((length + page - 1) // page))()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), vec) != 0:
+        return nbytes
+    resident = int((np.frombuffer(vec, dtype=np.uint8) & 1).sum()) * page
+    return min(nbytes, resident)
+
+
+def _probe_model_states(engine: Any, inner: Any) -> dict[str, float]:
     """Bytes of the tensors this rank holds, by role, de-duplicated by storage (MB).
 
-    master/optimizer state: the innermost torch optimizer's params and state (DeepSpeed's ZeRO
-    and bf16 wrappers keep fp32 master partitions there); params: the module's parameters
-    (ZeRO-3's ``ds_tensor`` partitions included); grads: ``.grad`` of either; other: every other
-    live tensor the garbage collector can see (flat gradient partitions, communication
-    buffers, cached batches). Activations are freed by then (this runs after the step).
+    Taken inside the optimizer's step, so gradients are alive. params: the module's
+    parameters (ZeRO-3's ``ds_tensor`` partitions included). master / opt_state: the params
+    and state of ``inner``, the innermost torch optimizer (DeepSpeed's ZeRO and bf16 wrappers
+    keep the fp32 master partitions there). grads: ``.grad`` of either. other: every other live
+    tensor the garbage collector can see: ZeRO's flat gradient partitions and communication
+    buckets, cached batches. Each is counted twice: allocated (storage size) and resident
+    (pages in RAM, what RSS sees; on a GPU the two are the same).
     """
     import gc
+    import warnings
 
     import torch
 
     seen: set[tuple[str, int]] = set()
+    alloc: dict[str, int] = {}
+    resident: dict[str, int] = {}
 
-    def size(t: Any) -> int:
+    def add(role: str, t: Any) -> None:
         if not isinstance(t, torch.Tensor) or t.is_meta:
-            return 0
+            return
         try:
             storage = t.untyped_storage()
         except (RuntimeError, NotImplementedError):
-            return 0
+            return
         key = (str(t.device), storage.data_ptr())
         if storage.nbytes() == 0 or key in seen:
-            return 0
+            return
         seen.add(key)
-        return storage.nbytes()
+        n = storage.nbytes()
+        alloc[role] = alloc.get(role, 0) + n
+        on_cpu = t.device.type == "cpu"
+        resident[role] = resident.get(role, 0) + (
+            _resident_bytes(storage.data_ptr(), n) if on_cpu else n)
+
+    module_params = list(engine.module.parameters())
+    master = list(inner.state.keys()) + [p for g in inner.param_groups for p in g["params"]]
+    for p in module_params:
+        add("params", p)
+        add("params", getattr(p, "ds_tensor", None))
+    for p in master:
+        add("master", p)
+    for state in inner.state.values():
+        for v in state.values():
+            add("opt_state", v)
+    for p in module_params + master:
+        add("grads", p.grad)
+    with warnings.catch_warnings():  # isinstance() on deprecated torch aliases warns
+        warnings.simplefilter("ignore")
+        for o in gc.get_objects():
+            if isinstance(o, torch.Tensor):
+                add("other", o)
+    roles = ("params", "master", "opt_state", "grads", "other")
+    out = {f"ms_{r}_mb": resident.get(r, 0) / 2**20 for r in roles}
+    out["ms_total_mb"] = sum(resident.values()) / 2**20
+    out["ms_allocated_mb"] = sum(alloc.values()) / 2**20
+    out["psi_local"] = float(sum(getattr(p, "ds_numel", p.numel()) for p in module_params))
+    out["rss_at_step2_mb"] = _proc_status_mb("VmRSS")
+    return out
+
+
+def _innermost_optimizer(engine: Any) -> Any:
+    import torch
 
     inner = getattr(engine, "optimizer", None)
     while inner is not None and not isinstance(inner, torch.optim.Optimizer):
         inner = getattr(inner, "optimizer", None)
-    master = [p for g in (inner.param_groups if inner else []) for p in g["params"]]
-    module_params = list(engine.module.parameters())
-    out = {
-        "master": sum(size(p) for p in master),
-        "opt_state": sum(size(v) for s in (inner.state.values() if inner else [])
-                         for v in s.values()),
-        "params": sum(size(p) + size(getattr(p, "ds_tensor", None)) for p in module_params),
-        "grads": sum(size(p.grad) for p in module_params + master),
-    }
-    out["other"] = sum(size(o) for o in gc.get_objects() if isinstance(o, torch.Tensor))
-    out = {f"ms_{k}_mb": v / 2**20 for k, v in out.items()}
-    out["ms_total_mb"] = sum(out.values())
-    out["psi_local"] = float(sum(getattr(p, "ds_numel", p.numel()) for p in module_params))
-    return out
+    return inner
 
 
 def _proc_status_mb(field: str) -> float:
@@ -161,24 +208,38 @@ def _patch_loop(loop: Any) -> None:
 
     * ``build_model_from_spec``: record the process RSS just before the model is built (with
       DeepSpeed already imported), the runtime's own footprint: Python, torch, Ray, gloo.
-    * ``Trainer.memory_stats``: at step 1 (after the first optimizer step, so Adam's states
-      exist, and outside the timed ``train_step``) add the model-state bytes and RSS.
+    * ``Trainer.memory_stats``: after step 1, wrap the innermost optimizer's ``step`` once, so
+      that its first call in step 2 (Adam's states exist, gradients are alive) counts the model
+      states; the counts ride along in every later row (only log points are written).
     """
     build, memory_stats = loop.build_model_from_spec, loop.Trainer.memory_stats
-    before: dict[str, float] = {}
+    probe: dict[str, float] = {}
 
     def build_model_from_spec(spec: Any) -> Any:
         if spec.train is not None and spec.train.strategy == "deepspeed":
             import deepspeed  # noqa: F401  (the loop imports it right after; count it as runtime)
-        before["rss_before_model_mb"] = _proc_status_mb("VmRSS")
+        probe["rss_before_model_mb"] = _proc_status_mb("VmRSS")
         return build(spec)
+
+    def wrap_step(engine: Any) -> None:
+        inner = _innermost_optimizer(engine)
+        if inner is None:
+            return
+        original = inner.step
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            inner.step = original  # once
+            probe.update(_probe_model_states(engine, inner))
+            return original(*args, **kwargs)
+
+        inner.step = step
 
     def probed_memory_stats(self: Any) -> dict[str, float]:
         stats = memory_stats(self)
         if self.step == 1:
-            stats.update(before)
-            stats.update(_probe_model_states(self.engine))
-            stats["rss_after_step1_mb"] = _proc_status_mb("VmRSS")
+            probe["rss_after_step1_mb"] = _proc_status_mb("VmRSS")
+            wrap_step(self.engine)
+        stats.update(probe)
         return stats
 
     loop.build_model_from_spec = build_model_from_spec
@@ -278,13 +339,18 @@ def run_bigopt(name: str, overrides: list[str], data_dir: str, storage: Path) ->
     shutil.copytree(Path(data_dir) / "data", Path(run.path) / "data")
     load_before, started = load1(), time.time()
     print(f"[{name}] bigopt.run in {run.uri} ...", flush=True)
-    bigopt.run(spec, stages=["train"], run_dir=run.uri)
-    wall = time.time() - started
-    rows = run.read_jsonl("train/metrics.jsonl")
+    result = {"name": name, "overrides": overrides, "run_dir": run.uri, "rows": []}
+    try:
+        bigopt.run(spec, stages=["train"], run_dir=run.uri)
+        result["rows"] = run.read_jsonl("train/metrics.jsonl")
+    except Exception as exc:  # one failed config must not lose the others' numbers
+        result["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
+        print(f"[{name}] FAILED: {result['error']}", flush=True)
     shutil.rmtree(Path(run.path) / "train" / "checkpoints", ignore_errors=True)
-    print(f"[{name}] done in {wall:.0f} s (load {load_before} -> {load1()})", flush=True)
-    return {"name": name, "overrides": overrides, "run_dir": run.uri, "rows": rows,
-            "wall_s": wall, "load": [load_before, load1()]}
+    result.update(wall_s=time.time() - started, load=[load_before, load1()])
+    print(f"[{name}] done in {result['wall_s']:.0f} s (load {load_before} -> {load1()})",
+          flush=True)
+    return result
 
 
 # ----------------------------------------------------------------------------- part a
@@ -410,10 +476,12 @@ def part_a(args: argparse.Namespace, data_dir: str, storage: Path) -> dict[str, 
             plain(b)
         for n in names:
             r = run_bigopt(n, common + A_RUNS[n][1], data_dir, storage)
+            results["bigopt"][n] = r
+            if "error" in r:
+                continue
             r["summary"] = summarize(steady_windows(r["rows"], warmup))
             r["data_wait_frac"] = statistics.fmean(
                 row["data_wait_frac"] for row in r["rows"] if row["step"] > warmup)
-            results["bigopt"][n] = r
         for b in bases:
             plain(b)
     return results
@@ -424,6 +492,9 @@ def table_a(res: dict[str, Any]) -> str:
              "| ratio (min window) | data wait | load 1m |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in res["bigopt"].items():
+        if "error" in r:
+            lines.append(f"| {name} | FAILED: {r['error']} |||||||")
+            continue
         base_name = A_RUNS[name][0]
         bases = res["plain"][base_name]
         base_med = statistics.fmean(b["median_s"] for b in bases)
@@ -452,14 +523,17 @@ def part_b(args: argparse.Namespace, data_dir: str, storage: Path) -> dict[str, 
     results: dict[str, Any] = {"model": model, "steps": steps, "warmup": warmup, "runs": {}}
     for name in names:
         r = run_bigopt(name, common + B_RUNS[name], data_dir, storage)
+        results["runs"][name] = r
+        if "error" in r:
+            continue
         rows = r["rows"]
         windows = steady_windows(rows, warmup)
         per_step = rows[0]["samples_per_s"] * rows[0]["step_time_s"]  # samples per step
         r["samples_per_s"] = per_step / summarize(windows)["mean_s"]
         r["peak_rss_mb"] = max(row["peak_rss_mb"] for row in rows)
-        r["probe"] = {k: v for k, v in rows[0].items()
+        probed = [row for row in rows if "ms_total_mb" in row] or rows[-1:]
+        r["probe"] = {k: v for k, v in probed[0].items()
                       if k.startswith(("ms_", "psi_", "rss_"))}
-        results["runs"][name] = r
     return results
 
 

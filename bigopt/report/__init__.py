@@ -45,14 +45,16 @@ def _data_section(manifest: dict[str, Any]) -> list[str]:
 def _train_section(run: RunDir, rows: list[dict[str, Any]], result: dict[str, Any]) -> list[str]:
     val = {int(k): v for k, v in result.get("val_losses", {}).items()}
     lines = ["## Training", "",
-             f"- steps: {result['steps']}, precision: {result['precision']}, layout: "
+             f"- steps: {result['steps']}, strategy: {result.get('strategy', 'deepspeed')}, "
+             f"precision: {result['precision']}, layout: "
              f"{result['layout']}", ""]
     if len(val) >= 2:
         first, last = val[min(val)], val[max(val)]
-        lines.append(
-            f"- **validation loss {first:.4f} -> {last:.4f}** (step {min(val)} -> {max(val)}): "
-            f"down {first - last:.4f} nats, {100 * (first - last) / first:.1f} %; perplexity "
-            f"{math.exp(first):.2f} -> {math.exp(last):.2f}")
+        text = (f"- **validation loss {first:.4f} -> {last:.4f}** (step {min(val)} -> {max(val)}): "
+                f"down {first - last:.4f} nats, {100 * (first - last) / first:.1f} %")
+        if any("tokens_per_s" in r for r in rows):  # a language model: perplexity reads better
+            text += f"; perplexity {math.exp(first):.2f} -> {math.exp(last):.2f}"
+        lines.append(text)
     acc = {int(k): v for k, v in result.get("val_accuracy", {}).items()}
     if acc:
         lines.append(f"- **validation accuracy {100 * acc[min(acc)]:.1f} % -> "
@@ -61,9 +63,9 @@ def _train_section(run: RunDir, rows: list[dict[str, Any]], result: dict[str, An
         tail = rows[-min(5, len(rows)):]
         mean = {k: sum(r.get(k) or 0 for r in tail) / len(tail)
                 for k in ("samples_per_s", "tokens_per_s", "data_wait_frac")}
+        tokens = f", {mean['tokens_per_s']:.0f} tokens/s" if mean["tokens_per_s"] else ""
         lines.append(f"- throughput (last {len(tail)} log points): {mean['samples_per_s']:.1f} "
-                     f"samples/s, {mean['tokens_per_s']:.0f} tokens/s, data wait "
-                     f"{100 * mean['data_wait_frac']:.1f} % of step time")
+                     f"samples/s{tokens}, data wait {100 * mean['data_wait_frac']:.1f} % of step time")
     run.write_bytes("train/loss.png", _loss_plot(rows, val))
     return lines + ["", "![loss](train/loss.png)", ""]
 

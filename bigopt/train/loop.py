@@ -84,7 +84,8 @@ class Trainer:
         # 1. Who am I: world rank and the pipeline x data-parallel layout.
         ctx = ray.train.get_context()
         self.rank, world = ctx.get_world_rank(), ctx.get_world_size()
-        self.layout = Layout(world, train.pipeline.stages, train.zero.stage)
+        zero_stage = train.zero.stage if train.strategy == "deepspeed" else 0
+        self.layout = Layout(world, train.pipeline.stages, zero_stage)
         self.device = ray.train.torch.get_device()
         # 2. Same seed on every rank: identical initial weights without a broadcast.
         seed_everything(train.seed)
@@ -162,6 +163,9 @@ class Trainer:
             self.metrics.record(self.step, loss=loss, step_time=step_time,
                                 data_wait=self.batches.take_wait(), lr=self.lr, last=last,
                                 extra=extra)
+            if self.checkpointer.should_save(self.step, last):
+                # metrics.jsonl is never behind the checkpoint a restarted run resumes from
+                self.metrics.flush()
             self.checkpointer.save(self.step, self.state_dict(), {"loss": loss}, last=last)
         self.metrics.close()
         return TrainResult(self.step, loss, self.val_losses)
@@ -266,6 +270,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "steps": result.steps, "final_loss": result.final_loss,
             "val_losses": {str(k): v for k, v in sorted(result.val_losses.items())},
             "val_accuracy": {str(k): v for k, v in sorted(trainer.val_accuracy.items())},
-            "precision": trainer.precision, "layout": vars(trainer.layout) | {"dp": trainer.layout.dp},
+            "strategy": spec.train.strategy, "precision": trainer.precision, "layout": vars(trainer.layout) | {"dp": trainer.layout.dp},
             "deepspeed_config": getattr(trainer, "ds_config", None),
         })

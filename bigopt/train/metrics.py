@@ -125,6 +125,10 @@ class MetricsProcessor:
         for sink in self.sinks:
             sink.log(step, row)
 
+    def flush(self) -> None:
+        for sink in self.sinks:
+            getattr(sink, "flush", lambda: None)()
+
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()
