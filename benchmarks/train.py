@@ -539,33 +539,48 @@ def part_b(args: argparse.Namespace, data_dir: str, storage: Path) -> dict[str, 
 
 def table_b(res: dict[str, Any]) -> str:
     runs = res["runs"]
-    base = runs["z0"]
-    psi = base["probe"].get("psi_local")
+    ok = {n: r for n, r in runs.items() if "error" not in r}
+    if "z0" not in ok:
+        return "z0 (the baseline) failed: " + runs.get("z0", {}).get("error", "not run")
+    base, nan = ok["z0"], float("nan")
+    psi = base["probe"].get("psi_local", nan)
+    base_delta = base["peak_rss_mb"] - base["probe"].get("rss_before_model_mb", nan)
     lines = [
-        f"Psi = {psi / 1e6:.1f}M parameters; N = 2 data-parallel ranks (pipeline: 1). "
-        "Memory is rank 0's.", "",
+        f"Psi = {psi / 1e6:.2f}M parameters, N = 2 data-parallel ranks (pipeline: 2 stages x "
+        "1 rank); memory is rank 0's; ratios are against z0.", "",
         "| config | samples/s | x z0 | peak RSS MB | x z0 | RSS before model MB "
-        "| peak - before MB | model states MB (measured) | x z0 | paper MB | x z0 "
-        "| params / master / opt / grads / other MB | load 1m |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    paper0 = paper_bytes_per_param("z0", 2) * psi / 2**20
+        "| peak - before MB | x z0 | load 1m |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
-        p = r["probe"]
-        local = p.get("psi_local", psi)
-        paper = paper_bytes_per_param(name, 2)
-        paper_mb = paper * local / 2**20 if paper else float("nan")
-        before = p.get("rss_before_model_mb", float("nan"))
-        ms = p.get("ms_total_mb", float("nan"))
-        parts = " / ".join(f"{p.get(f'ms_{k}_mb', float('nan')):.0f}"
-                           for k in ("params", "master", "opt_state", "grads", "other"))
-        speed = r["samples_per_s"]
+        if "error" in r:
+            lines.append(f"| {name} | FAILED: {r['error']} ||||||||")
+            continue
+        before = r["probe"].get("rss_before_model_mb", nan)
+        delta = r["peak_rss_mb"] - before
         lines.append(
-            f"| {name} | {speed:.2f} | {speed / base['samples_per_s']:.2f} "
-            f"| {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f} "
-            f"| {before:.0f} | {r['peak_rss_mb'] - before:.0f} "
-            f"| {ms:.0f} | {ms / base['probe']['ms_total_mb']:.2f} "
-            f"| {paper_mb:.0f} | {paper_mb / paper0:.2f} | {parts} "
-            f"| {r['load'][0]}-{r['load'][1]} |")
+            f"| {name} | {r['samples_per_s']:.2f} | "
+            f"{r['samples_per_s'] / base['samples_per_s']:.2f} | {r['peak_rss_mb']:.0f} "
+            f"| {r['peak_rss_mb'] / base['peak_rss_mb']:.2f} | {before:.0f} | {delta:.0f} "
+            f"| {delta / base_delta:.2f} | {r['load'][0]}-{r['load'][1]} |")
+    lines += [
+        "", "Model states at the optimizer step of step 2 (resident MB, rank 0; see _probe):", "",
+        "| config | local params | paper bytes/param | paper MB | x z0 | measured: params "
+        "+ master + opt + .grad = states MB | x z0 | other tensors MB | allocated MB "
+        "| RSS then MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    paper0 = paper_bytes_per_param("z0", 2) * psi / 2**20
+    states0 = sum(base["probe"].get(f"ms_{k}_mb", nan)
+                  for k in ("params", "master", "opt_state", "grads"))
+    for name, r in ok.items():
+        p = r["probe"]
+        local = p.get("psi_local", nan)
+        per_param = paper_bytes_per_param(name, 2) or nan
+        paper_mb = per_param * local / 2**20
+        parts = [p.get(f"ms_{k}_mb", nan) for k in ("params", "master", "opt_state", "grads")]
+        states = sum(parts)
+        lines.append(
+            f"| {name} | {local / 1e6:.2f}M | {per_param:.1f} | {paper_mb:.0f} "
+            f"| {paper_mb / paper0:.2f} | {' + '.join(f'{x:.0f}' for x in parts)} = "
+            f"**{states:.0f}** | {states / states0:.2f} | {p.get('ms_other_mb', nan):.0f} "
+            f"| {p.get('ms_allocated_mb', nan):.0f} | {p.get('rss_at_step2_mb', nan):.0f} |")
     return "\n".join(lines)
 
 

@@ -270,6 +270,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "steps": result.steps, "final_loss": result.final_loss,
             "val_losses": {str(k): v for k, v in sorted(result.val_losses.items())},
             "val_accuracy": {str(k): v for k, v in sorted(trainer.val_accuracy.items())},
-            "strategy": spec.train.strategy, "precision": trainer.precision, "layout": vars(trainer.layout) | {"dp": trainer.layout.dp},
+            "strategy": spec.train.strategy, "precision": trainer.precision,
+            "layout": vars(trainer.layout) | {"dp": trainer.layout.dp},
             "deepspeed_config": getattr(trainer, "ds_config", None),
         })
