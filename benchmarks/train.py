@@ -78,10 +78,10 @@ B_RUNS = {  # name -> overrides; global batch 16 samples/step everywhere
     "z3+offload-opt+params": ["train.zero.stage=3", "train.zero.offload_optimizer=true",
                               "train.zero.offload_params=true", "train.batch_size=8"],
     # dp = 1: 4 micro-batches of 4 per step = 16 samples, as above.
-    "pp2 (z0)": ["train.zero.stage=0", "train.pipeline.stages=2",
+    "pp2": ["train.zero.stage=0", "train.pipeline.stages=2",
                  "train.pipeline.micro_batches=4", "train.batch_size=4"],
 }
-B_QUICK_RUNS = ["z0", "z3", "pp2 (z0)"]
+B_QUICK_RUNS = ["z0", "z3", "pp2"]
 
 
 def paper_bytes_per_param(name: str, n: int) -> float | None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 
 class SpecError(ValueError):
@@ -72,7 +72,17 @@ class ImageSource(Section):
     max_rows: int | None = Field(None, ge=1)
 
 
-SourceSpec = Annotated[TextTreeSource | ImageSource, Field(discriminator="kind")]
+def _source_kind(value: Any) -> str:
+    # `kind` may be left out for the common case: a tree of text files.
+    if isinstance(value, dict):
+        return value.get("kind", "text_tree")
+    return getattr(value, "kind", "text_tree")
+
+
+SourceSpec = Annotated[
+    Annotated[TextTreeSource, Tag("text_tree")] | Annotated[ImageSource, Tag("digits")],
+    Discriminator(_source_kind),
+]
 
 
 class SplitSpec(Section):
@@ -313,6 +323,8 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc]
     if len(parts) >= 2 and parts[0] == "model" and parts[1] in ("gpt", "cnn", "mlp"):
         parts.pop(1)
+    if len(parts) >= 3 and parts[:2] == ["data", "source"] and parts[2] in ("text_tree", "digits"):
+        parts.pop(2)
     return ".".join(parts) or "<spec>"
 
 
