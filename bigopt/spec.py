@@ -191,6 +191,10 @@ class TrainSpec(Section):
     shuffle_buffer: int = Field(1024, ge=0, description="Rows in the per-epoch local shuffle.")
     grad_accum: int = Field(1, ge=1)
     max_steps: int = Field(300, ge=1)
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="adamw for transformers; sgd (with momentum) for CNNs, and for "
+        "strategy-equivalence checks, where Adam's g/|g| would amplify rounding noise.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     lr: float = Field(3.0e-4, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)

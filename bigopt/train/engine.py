@@ -51,8 +51,11 @@ class DDPEngine:
         self.module = model.to(device)
         use_ddp = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
         self.model = DistributedDataParallel(self.module) if use_ddp else self.module
-        self.optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr,
-                                           betas=train.betas, eps=1e-8)
+        groups = param_groups(model, train.weight_decay)
+        self.optimizer = (
+            torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)
+            if train.optimizer == "sgd"
+            else torch.optim.AdamW(groups, lr=train.lr, betas=train.betas, eps=1e-8))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(train.schedule, train.max_steps))
         self.grad_accum, self.clip_grad, self.device = train.grad_accum, train.clip_grad, device

@@ -113,6 +113,18 @@ def apply_pipeline(ds: dict[str, Any], pipeline: PipelineSpec, layout: Layout) -
     return {**ds, "gradient_accumulation_steps": gas, "pipeline": {"activation_checkpoint_interval": 0}}
 
 
+def optimizer_config(train: TrainSpec) -> dict[str, Any]:
+    if train.optimizer == "sgd":
+        # Not a DeepSpeed-native name: DeepSpeed builds torch.optim.SGD from it.
+        return {"type": "SGD", "params": {"lr": train.lr, "momentum": train.momentum,
+                                          "weight_decay": train.weight_decay}}
+    # torch_adam: the pure-PyTorch AdamW, so CPU runs need no compiled op and all strategies
+    # (DDP included) share one optimizer implementation. Offload needs DeepSpeedCPUAdam.
+    return {"type": "AdamW", "params": {"lr": train.lr, "betas": list(train.betas), "eps": 1e-8,
+                                        "weight_decay": train.weight_decay,
+                                        "torch_adam": not train.zero.offload_optimizer}}
+
+
 def micro_batches_per_step(train: TrainSpec, layout: Layout) -> int:
     """Micro-batches each data-parallel rank consumes per optimizer step."""
     return train.grad_accum * (train.pipeline.micro_batches if layout.pp_enabled else 1)
@@ -126,14 +138,7 @@ def build_deepspeed_config(spec: JobSpec, layout: Layout, precision: str) -> dic
         "train_micro_batch_size_per_gpu": train.batch_size,
         "gradient_accumulation_steps": train.grad_accum,
         "gradient_clipping": train.clip_grad,
-        "optimizer": {
-            "type": "AdamW",
-            # torch_adam: the pure-PyTorch AdamW, so CPU runs need no compiled op and all
-            # strategies (DDP included) share one optimizer implementation.
-            "params": {"lr": train.lr, "betas": list(train.betas), "eps": 1e-8,
-                       "weight_decay": train.weight_decay,
-                       "torch_adam": not train.zero.offload_optimizer},
-        },
+        "optimizer": optimizer_config(train),
         "steps_per_print": 10**9,  # bigopt logs; DeepSpeed's own prints would duplicate it
         "wall_clock_breakdown": False,
     }

@@ -109,3 +109,9 @@ def test_dynamic_loss_scaler_follows_our_fp16_fields():
         scaler.update_scale(overflow=True)
     assert scaler.cur_scale == 2         # floor
     dist.destroy_process_group()
+
+
+def test_sgd_reaches_deepspeed_as_torch_sgd():
+    ds = build_deepspeed_config(spec_with(optimizer="sgd", momentum=0.8, lr=0.1), Layout(4), "fp32")
+    assert ds["optimizer"] == {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.8,
+                                                          "weight_decay": 0.1}}
