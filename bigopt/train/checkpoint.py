@@ -64,11 +64,22 @@ class CheckpointManager:
             shutil.rmtree(staging, ignore_errors=True)
         return True
 
-    def load(self) -> dict[str, Any] | None:
-        """Restore the engine from Ray's checkpoint, if any; returns the trainer state."""
+    def load(self, resume_uri: str | None = None) -> dict[str, Any] | None:
+        """Restore the engine; returns the trainer state, or None on a fresh start.
+
+        Ray's own checkpoint (the latest one this run registered, after a worker-group
+        restart) wins over ``resume_uri`` (an explicit ``--resume``), which only seeds the
+        first attempt. Ray 2.60 deprecates TorchTrainer(resume_from_checkpoint=...), hence
+        the URI travels in the loop config.
+        """
         import ray.train
 
+        from bigopt.runtime import filesystem_for
+
         checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None and resume_uri:
+            fs, path = filesystem_for(resume_uri)
+            checkpoint = ray.train.Checkpoint(path, filesystem=fs)
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as directory:

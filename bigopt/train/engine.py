@@ -140,6 +140,13 @@ def build_deepspeed_engine(model: nn.Module, loss_fn: Callable, ds_config: dict[
     if pp_stages > 1:
         model = PipelineModule(layers=model.layers(), loss_fn=loss_fn, num_stages=pp_stages,
                                partition_method=partition)
+        # DeepSpeed's gradient-norm code (clipping) counts a parameter only on model-parallel
+        # rank 0 unless it is flagged model-parallel: right for Megatron's replicated
+        # non-tensor-parallel params, wrong for pipeline stages, whose params are disjoint.
+        # Unflagged, stage >0 gradients are left out of the global norm and clipping differs
+        # from data parallel (caught by tests/train/test_strategies.py).
+        for param in model.parameters():
+            param.model_parallel = True
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, train.weight_decay), config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(

@@ -74,7 +74,7 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, spec: JobSpec, run: RunDir, precision: str):
+    def __init__(self, spec: JobSpec, run: RunDir, precision: str, resume_uri: str | None = None):
         import ray.train
         import ray.train.torch
 
@@ -133,7 +133,7 @@ class Trainer:
             peak_flops_total=peak * world if peak else None)
         self.checkpointer = CheckpointManager(ckpt_target, every=train.checkpoint_every,
                                               world_rank=self.rank, at=train.checkpoint_at)
-        self.step, self.samples_seen = 0, 0
+        self.step, self.samples_seen, self.resume_uri = 0, 0, resume_uri
         self.val_losses: dict[int, float] = {}
         self._val_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.val_accuracy: dict[int, float] = {}
@@ -141,7 +141,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self) -> TrainResult:
         train = self.train_spec
-        state = self.checkpointer.load()
+        state = self.checkpointer.load(self.resume_uri)
         if state:
             self.step, self.samples_seen = state["step"], state["samples_seen"]
             self.val_losses = {int(k): v for k, v in state.get("val_losses", {}).items()}
@@ -263,7 +263,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: turn the boundary dict back into a validated spec first thing."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s bigopt %(message)s", force=True)
     spec = JobSpec.model_validate(config["spec"])
-    trainer = Trainer(spec, RunDir(config["run_uri"]), config["precision"])
+    trainer = Trainer(spec, RunDir(config["run_uri"]), config["precision"], config.get("resume_uri"))
     result = trainer.fit()
     if trainer.rank == 0:
         trainer.run.write_json("train/result.json", {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -37,28 +38,44 @@ class MetricsSink(Protocol):
 class JsonlSink:
     """``train/metrics.jsonl`` in the run dir, local or S3.
 
-    S3 objects cannot be appended to, so rows are buffered and the object rewritten at most
-    every ``flush_every_s`` seconds and on close; on local disk the same code path is cheap.
+    On local disk every row is appended and flushed at once, so a killed worker loses no row
+    and a restarted run's repeated steps stay visible. S3 objects cannot be appended to: rows
+    are buffered and the object rewritten at most every ``flush_every_s`` seconds, before each
+    checkpoint and on close.
     """
 
     def __init__(self, run: RunDir, rel: str = "train/metrics.jsonl", flush_every_s: float = 5.0):
         self.run, self.rel, self.flush_every_s = run, rel, flush_every_s
         self.lines: list[str] = []
-        if run.exists(rel):  # a resumed run continues its file
-            self.lines = [ln + "\n" for ln in run.read_text(rel).splitlines() if ln.strip()]
         self._last_flush = 0.0
+        self._local = None
+        if run.is_local:
+            os.makedirs(os.path.dirname(run.sub(rel)), exist_ok=True)
+            self._local = open(run.sub(rel), "a")  # a resumed run continues its file
+        elif run.exists(rel):
+            self.lines = [ln + "\n" for ln in run.read_text(rel).splitlines() if ln.strip()]
 
     def log(self, step: int, values: dict[str, Any]) -> None:
-        self.lines.append(json.dumps({"step": step, **values}) + "\n")
+        line = json.dumps({"step": step, **values}) + "\n"
+        if self._local is not None:
+            self._local.write(line)
+            self._local.flush()
+            return
+        self.lines.append(line)
         if time.time() - self._last_flush > self.flush_every_s:
             self.flush()
 
     def flush(self) -> None:
+        if self._local is not None:
+            self._local.flush()
+            return
         self.run.write_text(self.rel, "".join(self.lines))
         self._last_flush = time.time()
 
     def close(self) -> None:
         self.flush()
+        if self._local is not None:
+            self._local.close()
 
 
 class ConsoleSink:

@@ -139,6 +139,9 @@ def build_deepspeed_config(spec: JobSpec, layout: Layout, precision: str) -> dic
         "gradient_accumulation_steps": train.grad_accum,
         "gradient_clipping": train.clip_grad,
         "optimizer": optimizer_config(train),
+        # ZeRO shards any torch optimizer's state; DeepSpeed only asks us to say so for the
+        # ones it did not write (SGD here).
+        "zero_allow_untested_optimizer": train.optimizer == "sgd",
         "steps_per_print": 10**9,  # bigopt logs; DeepSpeed's own prints would duplicate it
         "wall_clock_breakdown": False,
     }

@@ -58,11 +58,11 @@ def run_train(spec: JobSpec, run: RunDir, *, resume_from: str | None = None,
               data: RunDir | None = None) -> TrainStageResult:
     """Train on ``data``/data (default: the run's own) with Ray Train.
 
-    ``resume_from`` is a checkpoint directory (a path inside ``run.fs``).
+    ``resume_from`` is a checkpoint directory: a local path, an ``s3://`` URI, or a path inside
+    ``run.fs`` (as ``latest_checkpoint`` returns).
     """
     data = data or run
     import ray.data
-    from ray.train import Checkpoint
     from ray.train.torch import TorchConfig, TorchTrainer
 
     assert spec.train is not None
@@ -91,10 +91,9 @@ def run_train(spec: JobSpec, run: RunDir, *, resume_from: str | None = None,
     trainer = TorchTrainer(
         _entry,
         train_loop_config={"spec": spec.model_dump(mode="json"), "run_uri": run.uri,
-                           "precision": precision},
+                           "precision": precision, "resume_uri": resume_uri(run, resume_from)},
         torch_config=TorchConfig(backend="nccl" if spec.cluster.gpus_per_worker > 0 else "gloo"),
         datasets=datasets,
-        resume_from_checkpoint=Checkpoint(resume_from, filesystem=run.fs) if resume_from else None,
         **ray_configs(spec, run),
     )
     result = trainer.fit()
@@ -103,6 +102,13 @@ def run_train(spec: JobSpec, run: RunDir, *, resume_from: str | None = None,
         result=run.read_json("train/result.json"),
         checkpoint_uri=(("s3://" if not run.is_local else "") + checkpoint.path) if checkpoint else None,
     )
+
+
+def resume_uri(run: RunDir, checkpoint: str | None) -> str | None:
+    """A checkpoint as a URI workers can open: paths found inside an S3 run dir get s3://."""
+    if checkpoint is None or "://" in checkpoint or run.is_local:
+        return checkpoint
+    return "s3://" + checkpoint
 
 
 def _entry(config: dict[str, Any]) -> None:
