@@ -175,7 +175,7 @@ def report(results: list[dict[str, Any]], info: dict[str, Any], args: argparse.N
         ratio = r["tokens_per_s"] / base if base and r["tokens_per_s"] else None
         lines.append(
             f"| {r['model']} | {r['precision']} | {fmt(r['step_s'], 1e3)} "
-            f"| {fmt(r['tokens_per_s'], 1, '.0f')} | {fmt(r['flops_per_s'], 1e-12)} "
+            f"| {fmt(r['tokens_per_s'], 1, '.0f')} | {fmt(r['flops_per_s'], 1e-12, '.2f')} "
             f"| {fmt(r['mfu'], 100)} {'%' if r['mfu'] is not None else ''} "
             f"| {fmt(ratio, 1, '.2f')} | {r['skipped_steps'] if r['skipped_steps'] is not None else '-'} "
             f"| {fmt(r['gpu_peak_mb'], 1, '.0f')} |")

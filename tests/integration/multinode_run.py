@@ -24,12 +24,15 @@ def free_port() -> int:
 
 
 def main(spec_path: str, storage: str, out_path: str, overrides: list[str]) -> None:
+    import logging
+
     import ray
     from ray.cluster_utils import Cluster
     from ray.util.state import list_actors
 
     import bigopt
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s bigopt %(message)s")
     started = time.time()
     # Two "nodes": each gets 2 CPU slots, one for its training worker (STRICT_SPREAD puts
     # exactly one per node) and one spare for the Ray Data read tasks that feed it. With
@@ -50,7 +53,8 @@ def main(spec_path: str, storage: str, out_path: str, overrides: list[str]) -> N
         result = bigopt.run(spec)
         report["run_uri"] = result.run_uri
         report["run_s"] = round(result.seconds, 1)
-        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=1000,
+        workers = list_actors(address=cluster.address,
+                              filters=[("class_name", "=", "RayTrainWorker")], limit=1000,
                               raise_on_missing_output=False)
         report["workers"] = [{"node_id": a.node_id, "pid": a.pid, "state": a.state}
                              for a in workers]
