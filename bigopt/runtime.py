@@ -33,6 +33,20 @@ def embedded_cpus(train_cpus: float, requested: int | None = None) -> int:
     return max(os.cpu_count() or 1, math.ceil(train_cpus) + 1)
 
 
+def _address_of_local_ray_start() -> str | None:
+    """The address `ray start` recorded on this machine, if that cluster is up.
+
+    Not ``ray.init(address="auto")``: that also finds other processes' embedded Rays (another
+    user's test session, say) and would run this job on them.
+    """
+    try:
+        from ray._private.utils import read_ray_address
+
+        return read_ray_address()
+    except Exception:  # private API moved, or no file: behave as if nothing is running
+        return None
+
+
 def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> str:
     """Join a cluster (``address``, ``RAY_ADDRESS`` or one running here), else start Ray locally.
 
@@ -53,12 +67,14 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> s
         ray.init(address=address, log_to_driver=True)
         log.info("joined Ray cluster at %s", address)
         return "cluster"
-    try:  # a cluster started on this machine with `ray start`
-        ray.init(address="auto", log_to_driver=True)
-        log.info("joined the Ray cluster running on this machine")
-        return "cluster"
-    except (ConnectionError, RuntimeError):
-        pass
+    running = _address_of_local_ray_start()
+    if running is not None:  # a cluster started on this machine with `ray start`
+        try:
+            ray.init(address=running, log_to_driver=True)
+            log.info("joined the Ray cluster `ray start` runs on this machine (%s)", running)
+            return "cluster"
+        except (ConnectionError, RuntimeError) as exc:  # a stale address file
+            log.info("no Ray cluster answers at %s (%s); starting an embedded one", running, exc)
     # The dashboard (on 127.0.0.1) serves the state API that Ray Train's placement-group
     # cleaner polls; without it that actor retries in a busy loop.
     ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
