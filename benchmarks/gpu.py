@@ -79,6 +79,17 @@ def steady(rows: list[dict[str, Any]], warmup: int) -> dict[str, float | None]:
     return out
 
 
+def _pin_ray_address() -> None:
+    """Ray worker setup hook: keep Ray Train's State API lookups on this cluster.
+
+    Without it, on a host running other Ray instances, Ray Train's PlacementGroupCleaner can
+    query another cluster, find no controller there and remove this run's placement group.
+    """
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
 def device_info() -> dict[str, Any]:
     import torch
 
@@ -132,6 +143,7 @@ def main() -> None:
         sys.exit("no CUDA GPU visible to torch: install a CUDA build of torch, or use --smoke")
     started = time.time()
     ray.init(address="local", include_dashboard=False, log_to_driver=True,
+             runtime_env={"worker_process_setup_hook": _pin_ray_address},
              **({"num_cpus": 3} if args.smoke else {}))
     results: list[dict[str, Any]] = []
     try:

@@ -2,8 +2,11 @@
 
 Part a: step time of bigopt with 1 Ray Train worker (strategy ddp, and deepspeed ZeRO-0)
 against a plain PyTorch loop on the same GPT, batch, AdamW settings and thread count, in fp32
-and bf16. bigopt's step time comes from its own ``train/metrics.jsonl`` (``step_time_s``); the
-plain loop is timed the same way (windows of ``log_every`` steps, warm-up windows dropped).
+and bf16. bigopt's step time comes from its own ``train/metrics.jsonl`` (``step_time_s`` per
+window of ``log_every`` steps, warm-up windows dropped). The plain loop runs in a separate
+process *during* each bigopt run and every bigopt window is compared with the plain steps
+that ran in the same seconds: on a machine shared with other jobs, sequential measurements
+differ by more than the 5 % being measured, while concurrent ones see the same load.
 
 Part b: 2 workers, a ~38M-parameter GPT in bf16, ZeRO 0/1/2/3 (+ CPU offload) and a 2-stage
 pipeline, on throughput (samples/s) and on memory per worker: peak RSS from metrics.jsonl,
@@ -31,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,25 +65,25 @@ PLAIN_MODES = {  # what each plain loop does, mirroring the bigopt run it is com
 }
 
 # Part b: ~38M parameters (12 x 12 d^2 + embeddings), so model states (16 bytes/param in mixed
-# precision, ~600 MB) dominate the activations (short context, batch 8).
+# precision, ~600 MB) dominate the activations (short context, batch 4 per rank).
 B_MODEL = ["model.n_layer=12", "model.n_head=8", "model.d_model=512", "model.context=128"]
 B_QUICK_MODEL = ["model.n_layer=4", "model.n_head=8", "model.d_model=512", "model.context=128"]
 # eval_batches 4: a pipeline eval needs >= micro_batches batches (bigopt bug, BENCHMARKS.md).
 B_COMMON = ["cluster.num_workers=2", "cluster.cpus_per_worker=1", "train.strategy=deepspeed",
             "train.precision=bf16", "train.eval_every=0", "train.eval_batches=4",
             "train.checkpoint_every=0", "train.schedule.warmup_steps=2"]
-B_RUNS = {  # name -> overrides; global batch 16 samples/step everywhere
-    "z0": ["train.zero.stage=0", "train.batch_size=8"],
-    "z1": ["train.zero.stage=1", "train.batch_size=8"],
-    "z2": ["train.zero.stage=2", "train.batch_size=8"],
-    "z3": ["train.zero.stage=3", "train.batch_size=8"],
+B_RUNS = {  # name -> overrides; global batch 8 samples/step everywhere
+    "z0": ["train.zero.stage=0", "train.batch_size=4"],
+    "z1": ["train.zero.stage=1", "train.batch_size=4"],
+    "z2": ["train.zero.stage=2", "train.batch_size=4"],
+    "z3": ["train.zero.stage=3", "train.batch_size=4"],
     "z2+offload-opt": ["train.zero.stage=2", "train.zero.offload_optimizer=true",
-                       "train.batch_size=8"],
+                       "train.batch_size=4"],
     "z3+offload-opt+params": ["train.zero.stage=3", "train.zero.offload_optimizer=true",
-                              "train.zero.offload_params=true", "train.batch_size=8"],
-    # dp = 1: 4 micro-batches of 4 per step = 16 samples, as above.
+                              "train.zero.offload_params=true", "train.batch_size=4"],
+    # dp = 1: 4 micro-batches of 2 per step = 8 samples, as above.
     "pp2": ["train.zero.stage=0", "train.pipeline.stages=2",
-                 "train.pipeline.micro_batches=4", "train.batch_size=4"],
+            "train.pipeline.micro_batches=4", "train.batch_size=2"],
 }
 B_QUICK_RUNS = ["z0", "z3", "pp2"]
 
@@ -247,6 +251,7 @@ def _patch_loop(loop: Any) -> None:
 
     def probed_memory_stats(self: Any) -> dict[str, float]:
         stats = memory_stats(self)
+        stats["unix_time"] = time.time()  # window ends, to pair with the plain loop's steps
         if self.step == 1:
             probe["rss_after_step1_mb"] = _proc_status_mb("VmRSS")
             wrap_step(self.engine)
@@ -258,14 +263,30 @@ def _patch_loop(loop: Any) -> None:
     loop.Trainer.train_step = cpu_timed_train_step
 
 
-def _install_probe() -> None:
-    """Ray ``worker_process_setup_hook``: patch bigopt.train.loop when a worker imports it.
+def _pin_ray_address() -> None:
+    """Point this Ray worker's address lookups at its own cluster.
+
+    Ray Train's PlacementGroupCleaner asks the State API whether the controller lives with
+    no address; with several Ray instances on one host (other engineers' tests) it resolved
+    to another cluster, was told "no such actor", and removed this run's placement group,
+    killing a healthy run. With RAY_ADDRESS set, the lookup stays on this cluster (which has
+    no dashboard, so the cleaner's monitor thread stops instead: harmless here).
+    """
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
+def _worker_setup() -> None:
+    """Ray ``worker_process_setup_hook``: pin the address; patch bigopt.train.loop on import.
 
     A meta-path finder wraps only that module's loading, so Ray Data's workers do not pay for
     importing torch. This is the hook bigopt lacks; see BENCHMARKS.md.
     """
     import importlib.abc
     import importlib.util
+
+    _pin_ray_address()
 
     class Finder(importlib.abc.MetaPathFinder):
         busy = False
@@ -374,7 +395,11 @@ def run_bigopt(name: str, overrides: list[str], data_dir: str, storage: Path) ->
 
 # ----------------------------------------------------------------------------- part a
 def worker_threads() -> dict[str, Any]:
-    """Threads a 1-CPU Ray actor gets (Ray sets OMP_NUM_THREADS from its CPU count)."""
+    """Threads and niceness of a 1-CPU Ray actor.
+
+    Ray sets OMP_NUM_THREADS from the actor's CPU count, and starts workers at nice 15
+    (RAY_worker_niceness): on a busy machine a normal-priority loop would get more CPU.
+    """
     import ray
 
     @ray.remote(num_cpus=1)
@@ -383,7 +408,7 @@ def worker_threads() -> dict[str, Any]:
             import torch
 
             return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-                    "torch_threads": torch.get_num_threads()}
+                    "torch_threads": torch.get_num_threads(), "nice": os.nice(0)}
 
     actor = Probe.remote()
     try:
@@ -410,10 +435,11 @@ def load_batches(data_dir: str, batch_size: int, n: int) -> list[tuple[Any, Any]
     return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
 
 
-def plain_loop(mode: str, overrides: list[str], data_dir: str, steps: int,
-               threads: int) -> tuple[list[float], list[float]]:
-    """(wall, CPU) seconds per step of a plain PyTorch loop: the bigopt GPT and AdamW, no Ray, no DeepSpeed.
+def plain_steps(mode: str, overrides: list[str], data_dir: str,
+                threads: int) -> Iterator[tuple[float, float, float]]:
+    """A plain PyTorch loop, endless: (end time, wall s, CPU s) per step.
 
+    The bigopt GPT and AdamW settings; no Ray, no DeepSpeed, batches held in memory.
     mode fp32: fp32 weights and compute. autocast: fp32 weights, forward under
     ``torch.autocast("cpu", bfloat16)`` (what bigopt's DDPEngine does). master: bf16 weights,
     activations and gradients; fp32 master weights and AdamW states, gradients copied up and
@@ -441,10 +467,10 @@ def plain_loop(mode: str, overrides: list[str], data_dir: str, steps: int,
         master, groups = [], param_groups(model, train.weight_decay)
     opt = torch.optim.AdamW(groups, lr=train.lr, betas=train.betas, eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train.schedule, train.max_steps))
-    batches = load_batches(data_dir, train.batch_size, steps)
+    batches = load_batches(data_dir, train.batch_size, 64)
     model.train()
-    wall, cpu = [], []
-    for step in range(steps):
+    step = 0
+    while True:
         start, cpu_start = time.perf_counter(), time.process_time()
         x, y = batches[step % len(batches)]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
@@ -463,96 +489,125 @@ def plain_loop(mode: str, overrides: list[str], data_dir: str, steps: int,
                 for p, m in zip(model.parameters(), master, strict=True):
                     p.copy_(m)
         loss.item()
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - cpu_start)
-    return wall, cpu
+        step += 1
+        yield time.time(), time.perf_counter() - start, time.process_time() - cpu_start
+
+
+def plain_worker(args: argparse.Namespace) -> None:
+    """``--plain-worker``: run plain_steps until ``--stop`` exists, one JSON line per step."""
+    cfg = json.loads(args.plain_worker)
+    os.nice(cfg["nice"] - os.nice(0))  # the Ray worker's priority (it is niced)
+    with open(cfg["out"], "w") as out:
+        for t, wall, cpu in plain_steps(cfg["mode"], cfg["overrides"], cfg["data_dir"],
+                                        cfg["threads"]):
+            out.write(json.dumps({"t": t, "wall": wall, "cpu": cpu}) + "\n")
+            out.flush()
+            if os.path.exists(cfg["stop"]) or time.time() - cfg["started"] > cfg["max_s"]:
+                return
+
+
+def paired_ratios(rows: list[dict[str, Any]], plain: list[dict[str, float]],
+                  warmup: int) -> dict[str, Any]:
+    """bigopt / plain per bigopt log window, the plain steps being those that ran meanwhile.
+
+    Both loops run at the same time on the 2 cores, so background load from other jobs
+    slows both alike and cancels in the ratio, which sequential runs cannot offer here.
+    """
+    windows, prev = [], None
+    for r in sorted(rows, key=lambda r: r["step"]):
+        if prev is not None and prev["step"] >= warmup:
+            n = r["step"] - prev["step"]
+            inside = [p for p in plain if prev["unix_time"] < p["t"] <= r["unix_time"]]
+            if len(inside) >= 3:
+                windows.append({
+                    "steps": n, "bigopt_wall": r["step_time_s"],
+                    "bigopt_cpu": (r["cpu_total_s"] - prev["cpu_total_s"]) / n,
+                    "plain_wall": statistics.fmean(p["wall"] for p in inside),
+                    "plain_cpu": statistics.fmean(p["cpu"] for p in inside),
+                    "plain_steps": len(inside)})
+        prev = r
+    if not windows:
+        raise ValueError("no bigopt log window overlapped enough plain-loop steps")
+    out: dict[str, Any] = {"windows": windows}
+    for kind in ("wall", "cpu"):
+        ratios = [w[f"bigopt_{kind}"] / w[f"plain_{kind}"] for w in windows]
+        out[f"{kind}_ratio"] = statistics.median(ratios)
+        out[f"{kind}_ratio_range"] = [min(ratios), max(ratios)]
+        out[f"bigopt_{kind}_s"] = statistics.median(w[f"bigopt_{kind}"] for w in windows)
+        out[f"plain_{kind}_s"] = statistics.median(w[f"plain_{kind}"] for w in windows)
+    return out
 
 
 def part_a(args: argparse.Namespace, data_dir: str, storage: Path) -> dict[str, Any]:
-    steps, log_every, warmup = (30, 10, 10) if args.quick else (60, 10, 10)
+    steps, log_every, warmup = (30, 10, 10) if args.quick else (50, 10, 10)
     common = A_COMMON + [f"train.max_steps={steps}", f"train.log_every={log_every}"]
     threads = worker_threads()
     n_threads = int(threads["torch_threads"])
-    print(f"part a: Ray worker threads {threads}; plain loop uses torch.set_num_threads"
-          f"({n_threads})", flush=True)
-    results: dict[str, Any] = {"threads": threads, "steps": steps, "warmup": warmup, "plain": {},
+    print(f"part a: Ray worker {threads}; the plain loop uses torch.set_num_threads"
+          f"({n_threads}) and the same niceness", flush=True)
+    results: dict[str, Any] = {"threads": threads, "steps": steps, "warmup": warmup,
                                "bigopt": {}}
-
-    def plain(name: str) -> None:
-        load_before = load1()
-        wall, cpu = plain_loop(PLAIN_MODES[name], common, data_dir, steps, n_threads)
-        windows = {k: [(log_every, statistics.fmean(t[i:i + log_every]))
-                       for i in range(warmup, steps, log_every)]
-                   for k, t in (("wall", wall), ("cpu", cpu))}
-        results["plain"].setdefault(name, []).append(
-            {"wall": summarize(windows["wall"]), "cpu": summarize(windows["cpu"]),
-             "load": [load_before, load1()]})
-        print(f"[{name}] median step {1e3 * summarize(windows['wall'])['median_s']:.1f} ms "
-              f"(CPU {1e3 * summarize(windows['cpu'])['median_s']:.1f} ms)", flush=True)
-
-    # Baselines before and after the bigopt runs of each precision: the machine is shared, so
-    # a drift in background load shows up as a before/after gap instead of a bias.
-    for precision in ("fp32", "bf16"):
-        names = [n for n in A_RUNS if n.endswith(precision)]
-        bases = sorted({A_RUNS[n][0] for n in names})
-        for b in bases:
-            plain(b)
-        for n in names:
-            r = run_bigopt(n, common + A_RUNS[n][1], data_dir, storage)
-            results["bigopt"][n] = r
-            if "error" in r:
-                continue
-            r["wall"] = summarize(steady_windows(r["rows"], warmup))
-            r["cpu"] = summarize(steady_windows(r["rows"], warmup, cpu=True))
-            r["data_wait_frac"] = statistics.fmean(
-                row["data_wait_frac"] for row in r["rows"] if row["step"] > warmup)
-        for b in bases:
-            plain(b)
+    for name, (base, overrides) in A_RUNS.items():
+        # The plain loop runs in its own process for the whole bigopt run; only the steps it
+        # took during bigopt's steady log windows are compared.
+        out, stop = storage / "plain-steps.jsonl", storage / "plain-stop"
+        stop.unlink(missing_ok=True)
+        cfg = {"mode": PLAIN_MODES[base], "overrides": common, "data_dir": data_dir,
+               "threads": n_threads, "nice": int(threads["nice"]), "out": str(out),
+               "stop": str(stop),
+               "started": time.time(), "max_s": 1200}
+        proc = subprocess.Popen([sys.executable, __file__, "--plain-worker", json.dumps(cfg)])
+        try:
+            r = run_bigopt(name, common + overrides, data_dir, storage)
+        finally:
+            stop.touch()
+            proc.wait(timeout=120)
+        results["bigopt"][name] = r
+        if "error" in r:
+            continue
+        plain = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+        r["baseline"] = base
+        r["paired"] = paired_ratios(r["rows"], plain, warmup)
+        r["data_wait_frac"] = statistics.fmean(
+            row["data_wait_frac"] for row in r["rows"] if row["step"] > warmup)
+        p = r["paired"]
+        print(f"[{name}] wall ratio {p['wall_ratio']:.3f} (windows {p['wall_ratio_range']}), "
+              f"CPU ratio {p['cpu_ratio']:.3f}", flush=True)
     return results
 
 
 def table_a(res: dict[str, Any]) -> str:
-    """Ratios bigopt / plain: wall (the goal, <= 1.05) and CPU time (robust to shared cores).
-
-    The baseline is the mean of the plain loop's medians before and after the bigopt runs.
-    """
-    lines = ["| run | compared with | wall ms (median) | baseline wall ms | **wall ratio** "
-             "| ratio (min windows) | CPU ms | baseline CPU ms | CPU ratio | data wait "
+    """bigopt / plain, each window against the plain steps that ran during it (median)."""
+    lines = ["| run | compared with | bigopt wall ms | plain wall ms | **wall ratio** "
+             "| window range | bigopt CPU ms | plain CPU ms | CPU ratio | data wait "
              "| load 1m |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in res["bigopt"].items():
         if "error" in r:
             lines.append(f"| {name} | FAILED: {r['error']} |||||||||")
             continue
-        base_name = A_RUNS[name][0]
-        bases = res["plain"][base_name]
-        wall = statistics.fmean(b["wall"]["median_s"] for b in bases)
-        wall_min = min(b["wall"]["min_s"] for b in bases)
-        cpu = statistics.fmean(b["cpu"]["median_s"] for b in bases)
+        p = r["paired"]
+        lo, hi = p["wall_ratio_range"]
         lines.append(
-            f"| {name} | {base_name} | {1e3 * r['wall']['median_s']:.1f} | {1e3 * wall:.1f} "
-            f"| **{r['wall']['median_s'] / wall:.3f}** | {r['wall']['min_s'] / wall_min:.3f} "
-            f"| {1e3 * r['cpu']['median_s']:.1f} | {1e3 * cpu:.1f} "
-            f"| {r['cpu']['median_s'] / cpu:.3f} | {100 * r['data_wait_frac']:.1f} % "
+            f"| {name} | {r['baseline']} | {1e3 * p['bigopt_wall_s']:.1f} "
+            f"| {1e3 * p['plain_wall_s']:.1f} | **{p['wall_ratio']:.3f}** | {lo:.2f}-{hi:.2f} "
+            f"| {1e3 * p['bigopt_cpu_s']:.1f} | {1e3 * p['plain_cpu_s']:.1f} "
+            f"| {p['cpu_ratio']:.3f} | {100 * r['data_wait_frac']:.1f} % "
             f"| {r['load'][0]}-{r['load'][1]} |")
-    lines += ["", "| plain loop | wall ms (median), before / after | CPU ms | load 1m |",
-              "|---|---|---|---|"]
-    for name, bases in res["plain"].items():
-        wall = " / ".join(f"{1e3 * b['wall']['median_s']:.1f}" for b in bases)
-        cpu = " / ".join(f"{1e3 * b['cpu']['median_s']:.1f}" for b in bases)
-        loads = " / ".join(f"{b['load'][0]}-{b['load'][1]}" for b in bases)
-        lines.append(f"| {name} | {wall} | {cpu} | {loads} |")
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- part b
 def part_b(args: argparse.Namespace, data_dir: str, storage: Path) -> dict[str, Any]:
-    steps, log_every, warmup = (8, 2, 4) if args.quick else (20, 5, 5)
+    steps, log_every, warmup = (8, 2, 4) if args.quick else (12, 4, 4)
     model = B_QUICK_MODEL if args.quick else B_MODEL
     names = args.configs or (B_QUICK_RUNS if args.quick else list(B_RUNS))
     if "z0" not in names:
         names = ["z0", *names]  # the baseline every ratio is taken against
     common = B_COMMON + model + [f"train.max_steps={steps}", f"train.log_every={log_every}"]
-    results: dict[str, Any] = {"model": model, "steps": steps, "warmup": warmup, "runs": {}}
+    results: dict[str, Any] = {"model": model, "steps": steps, "warmup": warmup, "runs": {},
+                               "malloc_mmap_threshold": args.malloc_mmap_threshold}
+    if any("offload" in n for n in names):
+        results["cpu_adam_build_s"] = build_cpu_adam()
     for name in names:
         r = run_bigopt(name, common + B_RUNS[name], data_dir, storage)
         results["runs"][name] = r
@@ -568,6 +623,21 @@ def part_b(args: argparse.Namespace, data_dir: str, storage: Path) -> dict[str, 
         r["probe"] = {k: v for k, v in probed[0].items()
                       if k.startswith(("ms_", "psi_", "rss_"))}
     return results
+
+
+def build_cpu_adam() -> float:
+    """Build DeepSpeed's cpu_adam op (used by ZeRO offload) before timing anything.
+
+    DeepSpeed compiles it on first use (minutes) and caches it under ~/.cache/torch_extensions;
+    building it here keeps that out of the offload runs. A subprocess: no DeepSpeed import in
+    this driver.
+    """
+    started = time.time()
+    subprocess.run([sys.executable, "-c", "from deepspeed.ops.op_builder import CPUAdamBuilder; "
+                    "CPUAdamBuilder().load()"], check=True, capture_output=True)
+    seconds = time.time() - started
+    print(f"cpu_adam op ready in {seconds:.0f} s", flush=True)
+    return seconds
 
 
 def table_b(res: dict[str, Any]) -> str:
@@ -627,7 +697,13 @@ def main() -> None:
                         help=f"part b configs, comma-separated, from: {', '.join(B_RUNS)}")
     parser.add_argument("--storage", default=str(REPO / "runs" / "benchmarks"))
     parser.add_argument("--verbose", action="store_true", help="stream worker logs")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                        help="set MALLOC_MMAP_THRESHOLD_ in Ray workers: glibc then returns "
+                        "freed large blocks to the OS, so RSS follows live memory")
+    parser.add_argument("--plain-worker", help=argparse.SUPPRESS)  # internal, see part_a
     args = parser.parse_args()
+    if args.plain_worker:
+        return plain_worker(args)
     for name in args.configs or []:
         if name not in B_RUNS:
             parser.error(f"--configs: unknown {name!r}; choose from {', '.join(B_RUNS)}")
@@ -638,8 +714,11 @@ def main() -> None:
     import ray
 
     # address="local": always a Ray of our own, never another engineer's `ray start` cluster.
+    runtime_env: dict[str, Any] = {"worker_process_setup_hook": _worker_setup}
+    if args.malloc_mmap_threshold:
+        runtime_env["env_vars"] = {"MALLOC_MMAP_THRESHOLD_": str(args.malloc_mmap_threshold)}
     ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=args.verbose,
-             runtime_env={"worker_process_setup_hook": _install_probe})
+             runtime_env=runtime_env)
     started = time.time()
     out: dict[str, Any] = {"command": " ".join(["python", *sys.argv]),
                            "date": dt.datetime.now().isoformat(timespec="seconds"),
@@ -666,8 +745,10 @@ def main() -> None:
               f"{out['a']['warmup']} warm-up steps, {out['a']['steps']} steps)\n")
         print(table_a(out["a"]))
     if "b" in out:
+        malloc = out["b"]["malloc_mmap_threshold"]
         print(f"\n## b. 2 workers, bf16: ZeRO stages and pipeline ({out['b']['steps']} steps, "
-              f"{' '.join(out['b']['model'])})\n")
+              f"{' '.join(out['b']['model'])}"
+              f"{f', MALLOC_MMAP_THRESHOLD_={malloc}' if malloc else ''})\n")
         print(table_b(out["b"]))
     print(f"\nresults: {path}")
 

@@ -81,3 +81,11 @@ def ray_session(s3_server):
 @pytest.fixture
 def repo_root() -> str:
     return REPO
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run tests/integration first: they start their own Ray clusters (`ray start`, a
+    multi-node `Cluster`, the fake autoscaler) and need the machine before the session's
+    embedded Ray exists; with both up, the `ray start` head's job agent never registered
+    ("No available agent to submit job") in a full-suite run."""
+    items.sort(key=lambda item: "/integration/" not in str(item.path))
