@@ -13,6 +13,9 @@ import os
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # Quieter, faster workers: no usage-stats prompt, no per-task progress bars in CI logs.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray Train waits 60 s for a worker group to start; four workers importing torch and
+# DeepSpeed on a loaded 2-core CI machine can take longer (the hybrid 2x2 test).
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 
 import pytest  # noqa: E402
 
