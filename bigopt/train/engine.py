@@ -106,8 +106,8 @@ class DDPEngine:
 
     def load_checkpoint(self, directory: str) -> None:
         # Our own checkpoint format (tensors and plain containers): safe with weights_only.
-        state = torch.load(os.path.join(directory, "ddp_state.pt"), map_location=self.device,
-                           weights_only=True)
+        path = os.path.join(directory, "ddp_state.pt")
+        state = torch.load(path, map_location=self.device, weights_only=True)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
