@@ -10,13 +10,14 @@ differ by more than the 5 % being measured, while concurrent ones see the same l
 
 Part b: 2 workers, a ~38M-parameter GPT in bf16, ZeRO 0/1/2/3 (+ CPU offload) and a 2-stage
 pipeline, on throughput (samples/s) and on memory per worker: peak RSS from metrics.jsonl,
-and the model-state tensors a rank holds, counted in the worker by a probe (see ``_probe``).
+and the model-state tensors a rank holds, counted in the worker by a probe (train_probe.py).
 
 Every ratio is against a baseline measured in the same run: the plain loop (a), ZeRO-0 (b).
 
     python benchmarks/train.py                 # full: about 15 minutes on 2 cores
     python benchmarks/train.py --quick         # a short version (fewer steps and configs)
     python benchmarks/train.py --part b --configs z0,z3   # a subset
+    python benchmarks/train.py --part b --malloc-mmap-threshold 131072   # RSS follows live memory
 
 Runs go to ``--storage`` (default ``runs/benchmarks``); checkpoints are deleted after each
 run, metrics are kept, and every number printed is also written to ``results-*.json`` there.
@@ -34,7 +35,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,8 @@ from typing import Any
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-REPO = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 QUICKSTART = REPO / "jobs" / "quickstart.yaml"
 
 # ----------------------------------------------------------------------------- settings
@@ -103,212 +104,6 @@ def paper_bytes_per_param(name: str, n: int) -> float | None:
     if stage is None:
         return None
     return [2 + 2 + k, 4 + k / n, 2 + (2 + k) / n, (2 + 2 + k) / n][stage]
-
-
-# ----------------------------------------------------------------------------- probe
-def _resident_bytes(ptr: int, nbytes: int) -> int:
-    """Bytes of [ptr, ptr + nbytes) in RAM now (mincore), which is what RSS counts.
-
-    torch.empty() of a large CPU buffer maps pages that only count once written: DeepSpeed's
-    ZeRO reduce buckets (500M elements by default) are mostly never touched on a small model.
-    """
-    import ctypes
-
-    import numpy as np
-
-    page = os.sysconf("SC_PAGE_SIZE")
-    start = ptr - ptr % page
-    length = ptr + nbytes - start
-    vec = (ctypes.c_ubyte * ((length + page - 1) // page))()
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), vec) != 0:
-        return nbytes
-    resident = int((np.frombuffer(vec, dtype=np.uint8) & 1).sum()) * page
-    return min(nbytes, resident)
-
-
-def _probe_model_states(engine: Any, inner: Any) -> dict[str, float]:
-    """Bytes of the tensors this rank holds, by role, de-duplicated by storage (MB).
-
-    Taken inside the optimizer's step, so gradients are alive. params: the module's
-    parameters (ZeRO-3's ``ds_tensor`` partitions included). master / opt_state: the params
-    and state of ``inner``, the innermost torch optimizer (DeepSpeed's ZeRO and bf16 wrappers
-    keep the fp32 master partitions there). grads: ``.grad`` of either. other: every other live
-    tensor the garbage collector can see: ZeRO's flat gradient partitions and communication
-    buckets, cached batches. Each is counted twice: allocated (storage size) and resident
-    (pages in RAM, what RSS sees; on a GPU the two are the same).
-    """
-    import gc
-    import warnings
-
-    import torch
-
-    seen: set[tuple[str, int]] = set()
-    alloc: dict[str, int] = {}
-    resident: dict[str, int] = {}
-
-    def add(role: str, t: Any) -> None:
-        if not isinstance(t, torch.Tensor) or t.is_meta:
-            return
-        try:
-            storage = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):
-            return
-        key = (str(t.device), storage.data_ptr())
-        if storage.nbytes() == 0 or key in seen:
-            return
-        seen.add(key)
-        n = storage.nbytes()
-        alloc[role] = alloc.get(role, 0) + n
-        on_cpu = t.device.type == "cpu"
-        resident[role] = resident.get(role, 0) + (
-            _resident_bytes(storage.data_ptr(), n) if on_cpu else n)
-
-    module_params = list(engine.module.parameters())
-    master = list(inner.state.keys()) + [p for g in inner.param_groups for p in g["params"]]
-    for p in module_params:
-        add("params", p)
-        add("params", getattr(p, "ds_tensor", None))
-    for p in master:
-        add("master", p)
-    for state in inner.state.values():
-        for v in state.values():
-            add("opt_state", v)
-    for p in module_params + master:
-        add("grads", p.grad)
-    with warnings.catch_warnings():  # isinstance() on deprecated torch aliases warns
-        warnings.simplefilter("ignore")
-        for o in gc.get_objects():
-            if isinstance(o, torch.Tensor):
-                add("other", o)
-    roles = ("params", "master", "opt_state", "grads", "other")
-    out = {f"ms_{r}_mb": resident.get(r, 0) / 2**20 for r in roles}
-    out["ms_total_mb"] = sum(resident.values()) / 2**20
-    out["ms_allocated_mb"] = sum(alloc.values()) / 2**20
-    out["psi_local"] = float(sum(getattr(p, "ds_numel", p.numel()) for p in module_params))
-    out["rss_at_step2_mb"] = _proc_status_mb("VmRSS")
-    return out
-
-
-def _innermost_optimizer(engine: Any) -> Any:
-    import torch
-
-    inner = getattr(engine, "optimizer", None)
-    while inner is not None and not isinstance(inner, torch.optim.Optimizer):
-        inner = getattr(inner, "optimizer", None)
-    return inner
-
-
-def _proc_status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _patch_loop(loop: Any) -> None:
-    """Wrap two functions of bigopt.train.loop in this worker (the module itself is unchanged).
-
-    * ``build_model_from_spec``: record the process RSS just before the model is built (with
-      DeepSpeed already imported), the runtime's own footprint: Python, torch, Ray, gloo.
-    * ``Trainer.train_step``: also count the process's CPU seconds (``cpu_total_s``).
-    * ``Trainer.memory_stats``: after step 1, wrap the innermost optimizer's ``step`` once, so
-      that its first call in step 2 (Adam's states exist, gradients are alive) counts the model
-      states; the counts ride along in every later row (only log points are written).
-    """
-    build, memory_stats = loop.build_model_from_spec, loop.Trainer.memory_stats
-    train_step = loop.Trainer.train_step
-    probe: dict[str, float] = {"cpu_total_s": 0.0, "cpu_steps": 0}
-
-    def cpu_timed_train_step(self: Any) -> Any:
-        # CPU seconds of this process per step: unlike wall time, barely moved by other
-        # engineers' jobs on the same cores. Cumulative; the driver takes window differences.
-        start = time.process_time()
-        out = train_step(self)
-        probe["cpu_total_s"] += time.process_time() - start
-        probe["cpu_steps"] += 1
-        return out
-
-    def build_model_from_spec(spec: Any) -> Any:
-        if spec.train is not None and spec.train.strategy == "deepspeed":
-            import deepspeed  # noqa: F401  (the loop imports it right after; count it as runtime)
-        probe["rss_before_model_mb"] = _proc_status_mb("VmRSS")
-        return build(spec)
-
-    def wrap_step(engine: Any) -> None:
-        inner = _innermost_optimizer(engine)
-        if inner is None:
-            return
-        original = inner.step
-
-        def step(*args: Any, **kwargs: Any) -> Any:
-            inner.step = original  # once
-            probe.update(_probe_model_states(engine, inner))
-            return original(*args, **kwargs)
-
-        inner.step = step
-
-    def probed_memory_stats(self: Any) -> dict[str, float]:
-        stats = memory_stats(self)
-        stats["unix_time"] = time.time()  # window ends, to pair with the plain loop's steps
-        if self.step == 1:
-            probe["rss_after_step1_mb"] = _proc_status_mb("VmRSS")
-            wrap_step(self.engine)
-        stats.update(probe)
-        return stats
-
-    loop.build_model_from_spec = build_model_from_spec
-    loop.Trainer.memory_stats = probed_memory_stats
-    loop.Trainer.train_step = cpu_timed_train_step
-
-
-def _pin_ray_address() -> None:
-    """Point this Ray worker's address lookups at its own cluster.
-
-    Ray Train's PlacementGroupCleaner asks the State API whether the controller lives with
-    no address; with several Ray instances on one host (other engineers' tests) it resolved
-    to another cluster, was told "no such actor", and removed this run's placement group,
-    killing a healthy run. With RAY_ADDRESS set, the lookup stays on this cluster (which has
-    no dashboard, so the cleaner's monitor thread stops instead: harmless here).
-    """
-    import ray
-
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-
-
-def _worker_setup() -> None:
-    """Ray ``worker_process_setup_hook``: pin the address; patch bigopt.train.loop on import.
-
-    A meta-path finder wraps only that module's loading, so Ray Data's workers do not pay for
-    importing torch. This is the hook bigopt lacks; see BENCHMARKS.md.
-    """
-    import importlib.abc
-    import importlib.util
-
-    _pin_ray_address()
-
-    class Finder(importlib.abc.MetaPathFinder):
-        busy = False
-
-        def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-            if name != "bigopt.train.loop" or self.busy:
-                return None
-            self.busy = True
-            try:
-                spec = importlib.util.find_spec(name)
-            finally:
-                self.busy = False
-            exec_module = spec.loader.exec_module
-
-            def exec_and_patch(module: Any) -> None:
-                exec_module(module)
-                _patch_loop(module)
-
-            spec.loader.exec_module = exec_and_patch
-            return spec
-
-    sys.meta_path.insert(0, Finder())
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -417,95 +212,6 @@ def worker_threads() -> dict[str, Any]:
         ray.kill(actor)
 
 
-def load_batches(data_dir: str, batch_size: int, n: int) -> list[tuple[Any, Any]]:
-    """The first ``n`` training batches of the prepared shards, held in memory."""
-    import numpy as np
-    import pyarrow.parquet as pq
-    import torch
-
-    files = sorted((Path(data_dir) / "data" / "train").glob("*.parquet"))
-    table = pq.read_table(files[0], columns=["input_ids", "labels"]).slice(0, n * batch_size)
-
-    def column(name: str) -> Any:
-        arr = table.column(name).combine_chunks()
-        arr = getattr(arr, "storage", arr)  # Ray's tensor extension type wraps a list array
-        return np.asarray(arr.flatten()).reshape(len(arr), -1).astype(np.int64)
-
-    x, y = torch.from_numpy(column("input_ids")), torch.from_numpy(column("labels"))
-    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
-
-
-def plain_steps(mode: str, overrides: list[str], data_dir: str,
-                threads: int) -> Iterator[tuple[float, float, float]]:
-    """A plain PyTorch loop, endless: (end time, wall s, CPU s) per step.
-
-    The bigopt GPT and AdamW settings; no Ray, no DeepSpeed, batches held in memory.
-    mode fp32: fp32 weights and compute. autocast: fp32 weights, forward under
-    ``torch.autocast("cpu", bfloat16)`` (what bigopt's DDPEngine does). master: bf16 weights,
-    activations and gradients; fp32 master weights and AdamW states, gradients copied up and
-    weights copied down every step (what DeepSpeed's bf16 optimizer does).
-    """
-    import torch
-
-    import bigopt
-    from bigopt.models import GPT
-    from bigopt.train.engine import lr_lambda, param_groups
-    from bigopt.train.loop import build_model_from_spec
-
-    torch.set_num_threads(threads)
-    spec = bigopt.load_spec(QUICKSTART, overrides=overrides)
-    train = spec.train
-    torch.manual_seed(train.seed)
-    model = build_model_from_spec(spec)
-    if mode == "master":
-        model = model.to(torch.bfloat16)
-        master = [p.detach().float().requires_grad_() for p in model.parameters()]
-        index = {id(p): m for p, m in zip(model.parameters(), master, strict=True)}
-        groups = [{**g, "params": [index[id(p)] for p in g["params"]]}
-                  for g in param_groups(model, train.weight_decay)]
-    else:
-        master, groups = [], param_groups(model, train.weight_decay)
-    opt = torch.optim.AdamW(groups, lr=train.lr, betas=train.betas, eps=1e-8)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train.schedule, train.max_steps))
-    batches = load_batches(data_dir, train.batch_size, 64)
-    model.train()
-    step = 0
-    while True:
-        start, cpu_start = time.perf_counter(), time.process_time()
-        x, y = batches[step % len(batches)]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
-            logits = model(x)
-        loss = GPT.loss(logits.float(), y)
-        loss.backward()
-        if mode == "master":
-            for p, m in zip(model.parameters(), master, strict=True):
-                m.grad, p.grad = p.grad.float(), None
-        torch.nn.utils.clip_grad_norm_(master or model.parameters(), train.clip_grad)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if mode == "master":
-            with torch.no_grad():
-                for p, m in zip(model.parameters(), master, strict=True):
-                    p.copy_(m)
-        loss.item()
-        step += 1
-        yield time.time(), time.perf_counter() - start, time.process_time() - cpu_start
-
-
-def plain_worker(args: argparse.Namespace) -> None:
-    """``--plain-worker``: run plain_steps until ``--stop`` exists, one JSON line per step."""
-    cfg = json.loads(args.plain_worker)
-    os.nice(cfg["nice"] - os.nice(0))  # the Ray worker's priority (it is niced)
-    with open(cfg["out"], "w") as out:
-        for t, wall, cpu in plain_steps(cfg["mode"], cfg["overrides"], cfg["data_dir"],
-                                        cfg["threads"]):
-            out.write(json.dumps({"t": t, "wall": wall, "cpu": cpu}) + "\n")
-            out.flush()
-            if os.path.exists(cfg["stop"]) or time.time() - cfg["started"] > cfg["max_s"]:
-                return
-
-
 def paired_ratios(rows: list[dict[str, Any]], plain: list[dict[str, float]],
                   warmup: int) -> dict[str, Any]:
     """bigopt / plain per bigopt log window, the plain steps being those that ran meanwhile.
@@ -552,11 +258,12 @@ def part_a(args: argparse.Namespace, data_dir: str, storage: Path) -> dict[str, 
         # took during bigopt's steady log windows are compared.
         out, stop = storage / "plain-steps.jsonl", storage / "plain-stop"
         stop.unlink(missing_ok=True)
-        cfg = {"mode": PLAIN_MODES[base], "overrides": common, "data_dir": data_dir,
+        cfg = {"mode": PLAIN_MODES[base], "spec": str(QUICKSTART), "overrides": common,
+               "data_dir": data_dir,
                "threads": n_threads, "nice": int(threads["nice"]), "out": str(out),
                "stop": str(stop),
                "started": time.time(), "max_s": 1200}
-        proc = subprocess.Popen([sys.executable, __file__, "--plain-worker", json.dumps(cfg)])
+        proc = subprocess.Popen([sys.executable, str(HERE / "plain_loop.py"), json.dumps(cfg)])
         try:
             r = run_bigopt(name, common + overrides, data_dir, storage)
         finally:
@@ -671,7 +378,7 @@ def table_b(res: dict[str, Any]) -> str:
             f"| {r['peak_rss_mb'] / base['peak_rss_mb']:.2f} | {before:.0f} | {delta:.0f} "
             f"| {delta / base_delta:.2f} | {r['cpu_step_s']:.2f} | {r['load'][0]}-{r['load'][1]} |")
     lines += [
-        "", "Model states at the optimizer step of step 2 (resident MB, rank 0; see _probe):", "",
+        "", "Model states at the optimizer step of step 2 (resident MB, rank 0; see train_probe.py):", "",
         "| config | local params | paper bytes/param | paper MB | x z0 | measured: params "
         "+ master + opt + .grad = states MB | x z0 | other tensors MB | allocated MB "
         "| RSS then MB |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -705,10 +412,7 @@ def main() -> None:
     parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
                         help="set MALLOC_MMAP_THRESHOLD_ in Ray workers: glibc then returns "
                         "freed large blocks to the OS, so RSS follows live memory")
-    parser.add_argument("--plain-worker", help=argparse.SUPPRESS)  # internal, see part_a
     args = parser.parse_args()
-    if args.plain_worker:
-        return plain_worker(args)
     for name in args.configs or []:
         if name not in B_RUNS:
             parser.error(f"--configs: unknown {name!r}; choose from {', '.join(B_RUNS)}")
@@ -717,11 +421,15 @@ def main() -> None:
     storage.mkdir(parents=True, exist_ok=True)
 
     import ray
+    import ray.cloudpickle
+    import train_probe  # benchmarks/ is sys.path[0] when this file runs as a script
 
-    # address="local": always a Ray of our own, never another engineer's `ray start` cluster.
-    runtime_env: dict[str, Any] = {"worker_process_setup_hook": _worker_setup}
+    # Ship the probe by value: Ray's workers do not have benchmarks/ on their path.
+    ray.cloudpickle.register_pickle_by_value(train_probe)
+    runtime_env: dict[str, Any] = {"worker_process_setup_hook": train_probe.worker_setup}
     if args.malloc_mmap_threshold:
         runtime_env["env_vars"] = {"MALLOC_MMAP_THRESHOLD_": str(args.malloc_mmap_threshold)}
+    # address="local": always a Ray of our own, never another engineer's `ray start` cluster.
     ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=args.verbose,
              runtime_env=runtime_env)
     started = time.time()
