@@ -6,8 +6,12 @@ staging dir and reports it to Ray Train, which merges the ranks' files into one 
 under ``<run>/train/checkpoints/step_NNNNNN`` (local or S3) and keeps ``keep_last`` of them.
 Guarding the save with ``rank == 0`` would hang: DeepSpeed's save has collectives inside.
 
-``load()`` resumes from ``ray.train.get_checkpoint()``: the latest registered checkpoint after
-a worker-group restart, or the one the driver passed as ``resume_from_checkpoint``.
+Ray registers a checkpoint only when its controller next polls the workers, so a worker that
+dies after every rank has uploaded step N but before that poll makes Ray restart from the
+checkpoint before N: up to two intervals repeated (seen on a loaded CI machine). So after
+``report`` returns on every rank (a barrier), rank 0 marks the directory complete with this
+run session's id (``COMPLETE_FILE``), and ``load()`` takes the newest of Ray's checkpoint,
+the explicit resume one, and this session's newest complete one on storage.
 """
 
 from __future__ import annotations
@@ -15,13 +19,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from bigopt.runtime import RunDir
 
 log = logging.getLogger("bigopt")
 
 STATE_FILE = "bigopt_state.json"
+COMPLETE_FILE = "bigopt_complete.json"
+CHECKPOINTS = "train/checkpoints"
 
 
 class Checkpointable(Protocol):
@@ -33,11 +43,35 @@ def checkpoint_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
+def step_of(path: str) -> int:
+    """The step a ``step_NNNNNN`` checkpoint directory holds (-1 for other names)."""
+    match = re.search(r"step_(\d+)/*$", path)
+    return int(match.group(1)) if match else -1
+
+
+def complete_checkpoints(run: RunDir, session: str | None = None) -> list[str]:
+    """Paths (inside run.fs) of checkpoints every rank finished, oldest first; only those
+    written by ``session`` when given."""
+    import pyarrow.fs as pafs
+
+    found = []
+    sel = pafs.FileSelector(run.sub(CHECKPOINTS), allow_not_found=True)
+    for info in run.fs.get_file_info(sel):
+        if info.type != pafs.FileType.Directory or step_of(info.path) < 0:
+            continue
+        marker = f"{CHECKPOINTS}/{info.base_name}/{COMPLETE_FILE}"
+        if run.exists(marker) and (session is None or run.read_json(marker).get("session") == session):
+            found.append(info.path)
+    return sorted(found, key=step_of)
+
+
 class CheckpointManager:
     def __init__(self, engine: Checkpointable, *, every: int, world_rank: int,
-                 at: list[int] | None = None):
+                 at: list[int] | None = None, run: RunDir | None = None, session: str | None = None):
         self.engine, self.every, self.world_rank = engine, every, world_rank
         self.at = set(at or ())
+        # run + session: where completion markers go and whose markers count on resume
+        self.run, self.session = run, session
 
     def should_save(self, step: int, last: bool) -> bool:
         return last or step in self.at or (self.every > 0 and step % self.every == 0)
@@ -62,7 +96,19 @@ class CheckpointManager:
             )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        self._mark_complete(step)
         return True
+
+    def _mark_complete(self, step: int) -> None:
+        import torch.distributed as dist
+
+        if self.run is None:
+            return
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank's synchronous upload has returned
+        if self.world_rank == 0:
+            self.run.write_json(f"{CHECKPOINTS}/{checkpoint_dir_name(step)}/{COMPLETE_FILE}",
+                                {"step": step, "session": self.session})
 
     def load(self, resume_uri: str | None = None) -> dict[str, Any] | None:
         """Restore the engine; returns the trainer state, or None on a fresh start.
@@ -80,6 +126,12 @@ class CheckpointManager:
         if checkpoint is None and resume_uri:
             fs, path = filesystem_for(resume_uri)
             checkpoint = ray.train.Checkpoint(path, filesystem=fs)
+        own = complete_checkpoints(self.run, self.session) if self.run and self.session else []
+        if own and (checkpoint is None or step_of(own[-1]) > step_of(checkpoint.path)):
+            # written by this session after the one Ray registered: Ray had not polled yet
+            log.info("resuming from %s, newer than Ray's registered %s", own[-1],
+                     checkpoint.path if checkpoint else None)
+            checkpoint = ray.train.Checkpoint(own[-1], filesystem=self.run.fs)
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as directory:

@@ -74,7 +74,8 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, spec: JobSpec, run: RunDir, precision: str, resume_uri: str | None = None):
+    def __init__(self, spec: JobSpec, run: RunDir, precision: str, resume_uri: str | None = None,
+                 session: str | None = None):
         import ray.train
         import ray.train.torch
 
@@ -132,7 +133,8 @@ class Trainer:
             tokens_per_sample=self.tokens_per_sample, flops_per_sample=self.flops_per_sample,
             peak_flops_total=peak * world if peak else None)
         self.checkpointer = CheckpointManager(ckpt_target, every=train.checkpoint_every,
-                                              world_rank=self.rank, at=train.checkpoint_at)
+                                              world_rank=self.rank, at=train.checkpoint_at,
+                                              run=run, session=session)
         self.step, self.samples_seen, self.resume_uri = 0, 0, resume_uri
         self.val_losses: dict[int, float] = {}
         self._val_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -263,7 +265,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: turn the boundary dict back into a validated spec first thing."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s bigopt %(message)s", force=True)
     spec = JobSpec.model_validate(config["spec"])
-    trainer = Trainer(spec, RunDir(config["run_uri"]), config["precision"], config.get("resume_uri"))
+    trainer = Trainer(spec, RunDir(config["run_uri"]), config["precision"], config.get("resume_uri"),
+                      config.get("session"))
     result = trainer.fit()
     if trainer.rank == 0:
         trainer.run.write_json("train/result.json", {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,7 +92,9 @@ def run_train(spec: JobSpec, run: RunDir, *, resume_from: str | None = None,
     trainer = TorchTrainer(
         _entry,
         train_loop_config={"spec": spec.model_dump(mode="json"), "run_uri": run.uri,
-                           "precision": precision, "resume_uri": resume_uri(run, resume_from)},
+                           "precision": precision, "resume_uri": resume_uri(run, resume_from),
+                           # identifies this fit's checkpoints for a restart (checkpoint.py)
+                           "session": uuid.uuid4().hex},
         torch_config=TorchConfig(backend="nccl" if spec.cluster.gpus_per_worker > 0 else "gloo"),
         datasets=datasets,
         **ray_configs(spec, run),
@@ -119,10 +122,9 @@ def _entry(config: dict[str, Any]) -> None:
 
 
 def latest_checkpoint(run: RunDir) -> str | None:
-    """Path (inside run.fs) of the newest ``train/checkpoints/step_*`` directory, if any."""
-    import pyarrow.fs as pafs
+    """Path (inside run.fs) of the newest ``train/checkpoints/step_*`` directory every rank
+    finished writing, if any (a directory cut short by a crash is skipped)."""
+    from bigopt.train.checkpoint import complete_checkpoints
 
-    sel = pafs.FileSelector(run.sub("train/checkpoints"), allow_not_found=True)
-    steps = sorted(i.path for i in run.fs.get_file_info(sel)
-                   if i.type == pafs.FileType.Directory and i.base_name.startswith("step_"))
-    return steps[-1] if steps else None
+    done = complete_checkpoints(run)
+    return done[-1] if done else None

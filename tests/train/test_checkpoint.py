@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from bigopt.train.checkpoint import CheckpointManager, checkpoint_dir_name
+from bigopt.runtime import RunDir
+from bigopt.train.checkpoint import (
+    COMPLETE_FILE,
+    CheckpointManager,
+    checkpoint_dir_name,
+    complete_checkpoints,
+    step_of,
+)
+from bigopt.train.stage import latest_checkpoint
 
 
 def test_should_save_interval_extra_steps_and_last():
@@ -16,3 +24,24 @@ def test_should_save_interval_extra_steps_and_last():
 def test_directory_names_sort_by_step():
     names = [checkpoint_dir_name(s) for s in (2, 10, 100)]
     assert names == sorted(names) == ["step_000002", "step_000010", "step_000100"]
+
+
+def test_step_of_reads_the_directory_name():
+    assert step_of("/x/train/checkpoints/step_000040") == 40
+    assert step_of("bucket/run/train/checkpoints/step_000040/") == 40
+    assert step_of("/x/elsewhere/my_ckpt") == -1
+
+
+def test_only_checkpoints_every_rank_finished_count(tmp_path):
+    run = RunDir.create(str(tmp_path), "r", run_id="1")
+    for step, session in ((10, "a"), (20, "a"), (30, "b")):
+        run.write_text(f"train/checkpoints/{checkpoint_dir_name(step)}/state/shard", "x")
+        run.write_json(f"train/checkpoints/{checkpoint_dir_name(step)}/{COMPLETE_FILE}",
+                       {"step": step, "session": session})
+    # a crash mid-save: shards on storage, no completion marker
+    run.write_text(f"train/checkpoints/{checkpoint_dir_name(40)}/state/shard", "x")
+    run.write_text("train/checkpoints/checkpoint_manager_snapshot.json", "{}")
+    assert [step_of(p) for p in complete_checkpoints(run)] == [10, 20, 30]
+    assert [step_of(p) for p in complete_checkpoints(run, session="a")] == [10, 20]
+    assert step_of(latest_checkpoint(run)) == 30
+    assert latest_checkpoint(RunDir.create(str(tmp_path), "empty", run_id="1")) is None
