@@ -250,6 +250,12 @@ def cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
             problems.append(("model.image_size", "digits images are 1x8x8: image_size 8, "
                              "in_channels 1"))
     elif spec.data is not None:
+        source = spec.data.source
+        if source.path != "stdlib" and not Path(source.path).expanduser().is_dir():
+            # Caught here so `bigopt validate` and `bigopt run` fail before Ray starts; relative
+            # paths are read from where bigopt runs (the job's working dir under ray job submit).
+            problems.append(("data.source.path", f"{source.path!r} is not a directory here "
+                             f"(cwd {Path.cwd()})"))
         if model is not None and not isinstance(model, GPTModelSpec):
             problems.append(("model.kind", "a text_tree data source feeds a 'gpt' model only"))
         if spec.context is None:

@@ -68,6 +68,12 @@ def test_cross_field_rules_name_the_field_to_change():
     assert "model.n_head" in found
 
 
+def test_missing_source_directory_fails_validation_not_the_run(tmp_path):
+    found = problems(minimal(data={"source": {"path": str(tmp_path / "nope")}}))
+    assert "is not a directory" in found["data.source.path"]
+    assert parse_spec(minimal(data={"source": {"path": str(tmp_path)}})).data.source.path == str(tmp_path)
+
+
 def test_overrides_parse_yaml_values_and_create_sections():
     raw = apply_overrides({"name": "x", "train": {"zero": {"stage": 2}}},
                           ["train.zero.stage=3", "train.precision=fp32", "cluster.num_workers=4",
