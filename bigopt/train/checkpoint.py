@@ -24,6 +24,8 @@ import shutil
 import tempfile
 from typing import TYPE_CHECKING, Any, Protocol
 
+import torch
+
 if TYPE_CHECKING:
     from bigopt.runtime import RunDir
 
@@ -65,6 +67,24 @@ def complete_checkpoints(run: RunDir, session: str | None = None) -> list[str]:
     return sorted(found, key=step_of)
 
 
+def rng_file(rank: int) -> str:
+    return f"rng_state_rank{rank}.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's torch generators (dropout); tensors only, so loadable with weights_only."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 class CheckpointManager:
     def __init__(self, engine: Checkpointable, *, every: int, world_rank: int,
                  at: list[int] | None = None, run: RunDir | None = None, session: str | None = None):
@@ -86,6 +106,8 @@ class CheckpointManager:
         staging = tempfile.mkdtemp(prefix=f"bigopt-ckpt-{step}-r{self.world_rank}-")
         try:
             self.engine.save_checkpoint(staging)
+            # Ray merges every rank's files into one directory: one RNG file per rank.
+            torch.save(rng_state(), os.path.join(staging, rng_file(self.world_rank)))
             if self.world_rank == 0:
                 with open(os.path.join(staging, STATE_FILE), "w") as f:
                     json.dump(state, f)
@@ -136,6 +158,11 @@ class CheckpointManager:
             return None
         with checkpoint.as_directory() as directory:
             self.engine.load_checkpoint(directory)
+            rng_path = os.path.join(directory, rng_file(self.world_rank))
+            if os.path.exists(rng_path):
+                set_rng_state(torch.load(rng_path, weights_only=True))
+            else:  # e.g. resumed with more workers than saved it: dropout draws differ
+                log.warning("no RNG state for rank %d in %s", self.world_rank, checkpoint.path)
             with open(os.path.join(directory, STATE_FILE)) as f:
                 state = json.load(f)
         log.info("resumed from %s at step %d", checkpoint.path, state["step"])

@@ -111,6 +111,9 @@ class Trainer:
         else:
             self.engine = DDPEngine(model, train, precision, self.device)
             ckpt_target = self.engine
+        # Dropout draws differ per data-parallel rank from here on (as in Megatron): the same
+        # masks on every rank would waste the noise. Restored from checkpoints on resume.
+        torch.manual_seed(train.seed + 1 + self.rank)
         # 4. Data: Ray Data shards streamed into timed, endless batch iterators.
         self.columns = input_columns(spec)
         self.micro_batches = micro_batches_per_step(train, self.layout)

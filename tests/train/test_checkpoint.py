@@ -8,6 +8,8 @@ from bigopt.train.checkpoint import (
     CheckpointManager,
     checkpoint_dir_name,
     complete_checkpoints,
+    rng_state,
+    set_rng_state,
     step_of,
 )
 from bigopt.train.stage import latest_checkpoint
@@ -45,3 +47,14 @@ def test_only_checkpoints_every_rank_finished_count(tmp_path):
     assert [step_of(p) for p in complete_checkpoints(run, session="a")] == [10, 20]
     assert step_of(latest_checkpoint(run)) == 30
     assert latest_checkpoint(RunDir.create(str(tmp_path), "empty", run_id="1")) is None
+
+
+def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
+    import torch
+
+    torch.manual_seed(3)
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = torch.rand(5)
+    torch.manual_seed(4)
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert torch.equal(torch.rand(5), expected)

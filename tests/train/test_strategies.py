@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 STEPS = 20
 
 
-def tiny_spec(storage: str, *, workers: int = 2, **train) -> bigopt.JobSpec:
+def tiny_spec(storage: str, *, workers: int = 2, dropout: float = 0.0, **train) -> bigopt.JobSpec:
     base_train = {
         "strategy": "deepspeed", "zero": {"stage": 0}, "precision": "fp32",
         "batch_size": 4, "max_steps": STEPS, "lr": 3e-3, "clip_grad": 1.0,
@@ -40,7 +40,8 @@ def tiny_spec(storage: str, *, workers: int = 2, **train) -> bigopt.JobSpec:
         "cluster": {"num_workers": workers, "cpus_per_worker": 2 / workers if workers > 2 else 1},
         "data": {"source": {"kind": "text_tree", "path": "stdlib", "max_files": 40},
                  "split": {"val": 0.1}},
-        "model": {"kind": "gpt", "n_layer": 2, "n_head": 2, "d_model": 32, "context": 32},
+        "model": {"kind": "gpt", "n_layer": 2, "n_head": 2, "d_model": 32, "context": 32,
+                  "dropout": dropout},
         "train": base_train,
     })
 
@@ -53,9 +54,10 @@ class Runs:
         spec = tiny_spec(storage)
         self.data = bigopt.run(spec, stages=["data"]).run_uri
 
-    def get(self, key: str, *, workers: int = 2, resume: str | None = None, **train) -> RunDir:
+    def get(self, key: str, *, workers: int = 2, resume: str | None = None, dropout: float = 0.0,
+            **train) -> RunDir:
         if key not in self.cache:
-            spec = tiny_spec(self.storage, workers=workers, **train)
+            spec = tiny_spec(self.storage, workers=workers, dropout=dropout, **train)
             result = bigopt.run(spec, stages=["train"], data_from=self.data, resume=resume)
             self.cache[key] = (spec, RunDir(result.run_uri))
         return self.cache[key]
@@ -118,10 +120,13 @@ def test_pipeline_matches_data_parallel(runs):
 
 
 def test_resume_reproduces_the_uninterrupted_run(runs):
-    _, base = runs.get("zero0")
+    # With dropout, so the random generators' state must come back too, not only the weights.
+    _, base = runs.get("zero2-dropout", zero={"stage": 2}, dropout=0.2)
     checkpoint = base.sub("train/checkpoints/step_000010")
-    _, resumed = runs.get("zero0-resumed", resume=checkpoint)
+    _, resumed = runs.get("zero2-dropout-resumed", resume=checkpoint, zero={"stage": 2}, dropout=0.2)
     ref, again = runs.losses(base), runs.losses(resumed)
+    _, no_dropout = runs.get("zero2", zero={"stage": 2}, checkpoint_every=0)
+    assert runs.losses(no_dropout)[12] != ref[12], "dropout must change the losses"
     assert min(again) == 11, "the resumed run must start after the checkpoint's step"
     for step in range(11, STEPS + 1):
         assert abs(again[step] - ref[step]) <= 1e-6 * abs(ref[step]), (step, again[step], ref[step])
