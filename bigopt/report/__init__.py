@@ -47,7 +47,12 @@ def _train_section(run: RunDir, rows: list[dict[str, Any]], result: dict[str, An
     lines = ["## Training", "",
              f"- steps: {result['steps']}, strategy: {result.get('strategy', 'deepspeed')}, "
              f"precision: {result['precision']}, layout: "
-             f"{result['layout']}", ""]
+             f"{result['layout']}"]
+    if result.get("resumed_from") is not None:
+        repeated = len(rows) - len({r["step"] for r in rows})
+        lines.append(f"- resumed from the step-{result['resumed_from']} checkpoint "
+                     f"({repeated} logged steps were run twice)")
+    lines.append("")
     if len(val) >= 2:
         first, last = val[min(val)], val[max(val)]
         text = (f"- **validation loss {first:.4f} -> {last:.4f}** (step {min(val)} -> {max(val)}): "

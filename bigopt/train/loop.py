@@ -147,6 +147,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         train = self.train_spec
         state = self.checkpointer.load(self.resume_uri)
+        self.resumed_from = state["step"] if state else None
         if state:
             self.step, self.samples_seen = state["step"], state["samples_seen"]
             self.val_losses = {int(k): v for k, v in state.get("val_losses", {}).items()}
@@ -276,6 +277,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "steps": result.steps, "final_loss": result.final_loss,
             "val_losses": {str(k): v for k, v in sorted(result.val_losses.items())},
             "val_accuracy": {str(k): v for k, v in sorted(trainer.val_accuracy.items())},
+            # the checkpoint step this (last) attempt started from: after --resume or a failure
+            "resumed_from": trainer.resumed_from,
             "strategy": spec.train.strategy, "precision": trainer.precision,
             "layout": vars(trainer.layout) | {"dp": trainer.layout.dp},
             "deepspeed_config": getattr(trainer, "ds_config", None),
