@@ -149,7 +149,8 @@ class CheckpointManager:
             fs, path = filesystem_for(resume_uri)
             checkpoint = ray.train.Checkpoint(path, filesystem=fs)
         own = complete_checkpoints(self.run, self.session) if self.run and self.session else []
-        if own and (checkpoint is None or step_of(own[-1]) > step_of(checkpoint.path)):
+        unregistered = bool(own) and (checkpoint is None or step_of(own[-1]) > step_of(checkpoint.path))
+        if unregistered:
             # written by this session after the one Ray registered: Ray had not polled yet
             log.info("resuming from %s, newer than Ray's registered %s", own[-1],
                      checkpoint.path if checkpoint else None)
@@ -166,4 +167,18 @@ class CheckpointManager:
             with open(os.path.join(directory, STATE_FILE)) as f:
                 state = json.load(f)
         log.info("resumed from %s at step %d", checkpoint.path, state["step"])
+        if unregistered:
+            self._register(checkpoint, state["step"])
         return state
+
+    @staticmethod
+    def _register(checkpoint: Any, step: int) -> None:
+        """Hand a checkpoint already in Ray's storage to Ray (no copy), so it becomes the one a
+        later restart starts from and ``keep_last`` deletes it in turn (no orphan)."""
+        import ray.train
+
+        try:
+            ray.train.report({"step": step}, checkpoint=checkpoint,
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+        except ValueError as exc:  # e.g. Ray does not see it as inside its storage
+            log.warning("could not register %s with Ray Train: %s", checkpoint.path, exc)

@@ -80,3 +80,6 @@ def test_worker_sigkill_resumes_and_completes(ray_session, tmp_path):
     repeated = len(logged) - len(set(logged))
     assert repeated == last_before - resumed_from
     assert 0 <= repeated <= every, f"{repeated} steps repeated (interval {every})"
+    # keep_last holds across the restart: the resumed checkpoint is no orphan Ray forgets
+    kept = sorted({p.split("/")[2] for p in run.list("train/checkpoints") if "/step_" in p})
+    assert kept == ["step_000080", "step_000100"], kept
