@@ -11,7 +11,9 @@ dies after every rank has uploaded step N but before that poll makes Ray restart
 checkpoint before N: up to two intervals repeated (seen on a loaded CI machine). So after
 ``report`` returns on every rank (a barrier), rank 0 marks the directory complete with this
 run session's id (``COMPLETE_FILE``), and ``load()`` takes the newest of Ray's checkpoint,
-the explicit resume one, and this session's newest complete one on storage.
+the explicit resume one, and this session's newest complete one on storage (which it then
+registers with Ray, without copying, so ``keep_last`` still applies to it). Each rank also
+saves its RNG state, so dropout continues the same stream after a resume.
 """
 
 from __future__ import annotations
