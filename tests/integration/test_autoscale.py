@@ -4,16 +4,15 @@ The head advertises 0 CPUs (as on the clouds), so every Ray Data task and traini
 the run needs a worker node; the fake_multinode provider starts them as extra raylets on this
 host (max 2 x 1 CPU) and removes them after idle_timeout_minutes (0.2 min).
 
-The run is driven as the file's header documents: `bigopt run` on this machine with
-RAY_ADDRESS pointing at the head. Its 2 training workers take 0.5 CPU each, so the two 1-CPU
-nodes hold both workers plus Ray Data's read tasks.
+The run is submitted as a Ray job (`working_dir` = this checkout), as on a real cluster: its
+driver runs on the head, its Ray Data tasks and 2 training workers (0.5 CPU each) need the
+worker nodes, so the two 1-CPU nodes hold both workers plus Ray Data's read tasks.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 
@@ -85,36 +84,27 @@ def test_scale_up_run_scale_down(fake_head, tmp_path):
     assert worker_nodes(alive_nodes(head)) == [], "a fresh fake cluster should be the head alone"
 
     storage = tmp_path / "runs"
-    log = tmp_path / "bigopt.log"
-    cmd = [os.path.join(VENV_BIN, "bigopt"), "run", "jobs/quickstart.yaml",
-           "--set", f"storage={storage}", "--set", "cluster.cpus_per_worker=0.5", *SHORT]
-    env = dict(head.env, RAY_ADDRESS=head.gcs_address)
+    entrypoint = " ".join(["bigopt", "run", "jobs/quickstart.yaml", "--set", f"storage={storage}",
+                           "--set", "cluster.cpus_per_worker=0.5", *SHORT])
+    client = head.client()
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(REPO)})
     seen: set[str] = set()
     most_at_once = 0
     started = time.time()
-    with open(log, "w") as log_f:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    while not (status := client.get_job_status(job_id)).is_terminal():
+        if time.time() - started > RUN_TIMEOUT_S:
+            client.stop_job(job_id)
+            pytest.fail(f"job not done after {RUN_TIMEOUT_S} s; worker nodes seen: {len(seen)}\n"
+                        + client.get_job_logs(job_id)[-4000:])
         try:
-            while proc.poll() is None:
-                if time.time() - started > RUN_TIMEOUT_S:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                    pytest.fail(f"bigopt run not done after {RUN_TIMEOUT_S} s; worker nodes "
-                                f"seen: {len(seen)}\n{log.read_text()[-4000:]}")
-                try:
-                    workers = worker_nodes(alive_nodes(head))
-                except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError):
-                    workers = []
-                seen.update(workers)
-                most_at_once = max(most_at_once, len(workers))
-                time.sleep(3)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            workers = worker_nodes(alive_nodes(head))
+        except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError):
+            workers = []
+        seen.update(workers)
+        most_at_once = max(most_at_once, len(workers))
+        time.sleep(3)
     run_s = time.time() - started
-    assert proc.returncode == 0, f"bigopt run failed ({proc.returncode}):\n{log.read_text()[-5000:]}"
+    assert str(status.value) == "SUCCEEDED", f"job {status}:\n{client.get_job_logs(job_id)[-5000:]}"
     assert most_at_once >= 1, "the autoscaler never added a worker node"
     assert most_at_once <= 2, f"{most_at_once} worker nodes: max_workers is 2"
     check_run_artifacts(only_run_dir(storage, "quickstart"))
