@@ -77,8 +77,8 @@ def run_train(spec: JobSpec, run: RunDir, *, resume_from: str | None = None,
     if not (data.exists("data/train") and data.exists("data/val")):
         raise FileNotFoundError(f"{data.uri}/data needs train/ and val/ shards: run the data stage")
     datasets = {
-        split: ray.data.read_parquet(data.sub(f"data/{split}"), filesystem=data.fs,
-                                     columns=list(input_columns(spec)))
+        split: ray.data.read_parquet(data.sub(f"data/{split}"), filesystem=data.fs)
+        .select_columns(list(input_columns(spec)))  # pushed down into the Parquet read
         for split in ("train", "val")
     }
     # Every worker iterates the whole validation set (and, in deterministic mode, the whole
