@@ -64,7 +64,13 @@ def complete_checkpoints(run: RunDir, session: str | None = None) -> list[str]:
         if info.type != pafs.FileType.Directory or step_of(info.path) < 0:
             continue
         marker = f"{CHECKPOINTS}/{info.base_name}/{COMPLETE_FILE}"
-        if run.exists(marker) and (session is None or run.read_json(marker).get("session") == session):
+        if not run.exists(marker):
+            continue
+        try:
+            written_by = run.read_json(marker).get("session")
+        except (OSError, ValueError):  # torn by a crash mid-write: not complete
+            continue
+        if session is None or written_by == session:
             found.append(info.path)
     return sorted(found, key=step_of)
 

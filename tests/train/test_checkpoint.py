@@ -43,6 +43,8 @@ def test_only_checkpoints_every_rank_finished_count(tmp_path):
     # a crash mid-save: shards on storage, no completion marker
     run.write_text(f"train/checkpoints/{checkpoint_dir_name(40)}/state/shard", "x")
     run.write_text("train/checkpoints/checkpoint_manager_snapshot.json", "{}")
+    # a crash while rank 0 wrote the marker itself
+    run.write_text(f"train/checkpoints/{checkpoint_dir_name(50)}/{COMPLETE_FILE}", '{"step": 5')
     assert [step_of(p) for p in complete_checkpoints(run)] == [10, 20, 30]
     assert [step_of(p) for p in complete_checkpoints(run, session="a")] == [10, 20]
     assert step_of(latest_checkpoint(run)) == 30
