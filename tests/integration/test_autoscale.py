@@ -4,9 +4,13 @@ The head advertises 0 CPUs (as on the clouds), so every Ray Data task and traini
 the run needs a worker node; the fake_multinode provider starts them as extra raylets on this
 host (max 2 x 1 CPU) and removes them after idle_timeout_minutes (0.2 min).
 
-The run is submitted as a Ray job (`working_dir` = this checkout), as on a real cluster: its
-driver runs on the head, its Ray Data tasks and 2 training workers (0.5 CPU each) need the
-worker nodes, so the two 1-CPU nodes hold both workers plus Ray Data's read tasks.
+The run is submitted as a Ray job: its driver runs on the head, its Ray Data tasks and 2
+training workers (0.5 CPU each) need the worker nodes, so the two 1-CPU nodes hold both workers
+plus Ray Data's read tasks. No `working_dir`: bigopt is installed on this host already, and the
+fake nodes share the head's session dir, so each joining node re-extracts a working_dir package
+in place, deleting the cwd of processes already running in it (torch then cannot initialise
+oneMKL: "Cannot load libtorch_cpu.so"). On a real cluster every node has its own disk.
+test_job_submit.py covers `--working-dir`.
 """
 
 from __future__ import annotations
@@ -84,10 +88,10 @@ def test_scale_up_run_scale_down(fake_head, tmp_path):
     assert worker_nodes(alive_nodes(head)) == [], "a fresh fake cluster should be the head alone"
 
     storage = tmp_path / "runs"
-    entrypoint = " ".join(["bigopt", "run", "jobs/quickstart.yaml", "--set", f"storage={storage}",
-                           "--set", "cluster.cpus_per_worker=0.5", *SHORT])
+    entrypoint = " ".join(["bigopt", "run", str(REPO / "jobs/quickstart.yaml"), "--set",
+                           f"storage={storage}", "--set", "cluster.cpus_per_worker=0.5", *SHORT])
     client = head.client()
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(REPO)})
+    job_id = client.submit_job(entrypoint=entrypoint)
     seen: set[str] = set()
     most_at_once = 0
     started = time.time()
