@@ -63,12 +63,9 @@ def complete_checkpoints(run: RunDir, session: str | None = None) -> list[str]:
     for info in run.fs.get_file_info(sel):
         if info.type != pafs.FileType.Directory or step_of(info.path) < 0:
             continue
-        marker = f"{CHECKPOINTS}/{info.base_name}/{COMPLETE_FILE}"
-        if not run.exists(marker):
-            continue
         try:
-            written_by = run.read_json(marker).get("session")
-        except (OSError, ValueError):  # torn by a crash mid-write: not complete
+            written_by = run.read_json(f"{CHECKPOINTS}/{info.base_name}/{COMPLETE_FILE}").get("session")
+        except (OSError, ValueError):  # no marker, or one torn by a crash mid-write: not complete
             continue
         if session is None or written_by == session:
             found.append(info.path)
