@@ -48,14 +48,15 @@ def plain_steps(mode: str, spec_path: str, overrides: list[str], data_dir: str,
 
     import bigopt
     from bigopt.models import GPT
+    from bigopt.resolve import resolve
     from bigopt.train.engine import lr_lambda, param_groups
-    from bigopt.train.loop import build_model_from_spec
+    from bigopt.train.loop import build_model
 
     torch.set_num_threads(threads)
     spec = bigopt.load_spec(spec_path, overrides=overrides)
     train = spec.train
     torch.manual_seed(train.seed)
-    model = build_model_from_spec(spec)
+    model = build_model(resolve(spec).model_copy(update={"deepspeed_config": None}))
     if mode == "master":
         model = model.to(torch.bfloat16)
         master = [p.detach().float().requires_grad_() for p in model.parameters()]

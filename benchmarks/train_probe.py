@@ -120,14 +120,14 @@ def _proc_status_mb(field: str) -> float:
 def _patch_loop(loop: Any) -> None:
     """Wrap two functions of bigopt.train.loop in this worker (the module itself is unchanged).
 
-    * ``build_model_from_spec``: record the process RSS just before the model is built (with
+    * ``build_model``: record the process RSS just before the model is built (with
       DeepSpeed already imported), the runtime's own footprint: Python, torch, Ray, gloo.
     * ``Trainer.train_step``: also count the process's CPU seconds (``cpu_total_s``).
     * ``Trainer.memory_stats``: after step 1, wrap the innermost optimizer's ``step`` once, so
       that its first call in step 2 (Adam's states exist, gradients are alive) counts the model
       states; the counts ride along in every later row (only log points are written).
     """
-    build, memory_stats = loop.build_model_from_spec, loop.Trainer.memory_stats
+    build, memory_stats = loop.build_model, loop.Trainer.memory_stats
     train_step = loop.Trainer.train_step
     probe: dict[str, float] = {"cpu_total_s": 0.0, "cpu_steps": 0}
 
@@ -140,11 +140,11 @@ def _patch_loop(loop: Any) -> None:
         probe["cpu_steps"] += 1
         return out
 
-    def build_model_from_spec(spec: Any) -> Any:
-        if spec.train is not None and spec.train.strategy == "deepspeed":
+    def build_model(job: Any) -> Any:
+        if job.deepspeed_config is not None:
             import deepspeed  # noqa: F401  (the loop imports it right after; count it as runtime)
         probe["rss_before_model_mb"] = _proc_status_mb("VmRSS")
-        return build(spec)
+        return build(job)
 
     def wrap_step(engine: Any) -> None:
         inner = _innermost_optimizer(engine)
@@ -168,7 +168,7 @@ def _patch_loop(loop: Any) -> None:
         stats.update(probe)
         return stats
 
-    loop.build_model_from_spec = build_model_from_spec
+    loop.build_model = build_model
     loop.Trainer.memory_stats = probed_memory_stats
     loop.Trainer.train_step = cpu_timed_train_step
 

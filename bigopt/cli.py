@@ -1,4 +1,4 @@
-"""``bigopt`` command line: argument parsing only; the stages do the work."""
+"""``bigopt`` command line: argument parsing only; the stage table says what the stages are."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import logging
 import sys
 
 from bigopt.spec import SpecError, load_spec
-
-STAGE_COMMANDS = ("data", "train")
+from bigopt.stages import STAGES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,15 +21,21 @@ def _parser() -> argparse.ArgumentParser:
                         metavar="a.b=c", help="override a spec field (repeatable)")
         return sp
 
+    def with_run_options(sp: argparse.ArgumentParser, resumable: bool) -> None:
+        sp.add_argument("--run-dir", help="write into this existing run directory")
+        sp.add_argument("--from", dest="inputs_from", action="append", default=[],
+                        metavar="STAGE=RUN_DIR",
+                        help="take STAGE's artifact from another run instead of running it")
+        if resumable:
+            sp.add_argument("--resume", help="checkpoint path/URI, or 'latest' in --run-dir")
+
     with_spec("validate", "check a spec; exit 2 with one 'field.path: problem' line each")
-    r = with_spec("run", "run every stage the spec holds")
-    r.add_argument("--run-dir", help="reuse an existing run directory")
-    for stage in STAGE_COMMANDS:
-        s = with_spec(stage, f"run only the {stage} stage")
-        s.add_argument("--run-dir", help="existing run directory (e.g. with prepared data)")
-        if stage == "train":
-            s.add_argument("--resume", help="checkpoint path/URI, or 'latest' in --run-dir")
-            s.add_argument("--data-from", help="train on the data/ of this earlier run dir")
+    with_run_options(with_spec("run", "run every stage the spec holds, in order"), True)
+    for stage in STAGES:
+        sp = with_spec(stage.name, f"run only the {stage.name} stage: {stage.help}")
+        with_run_options(sp, stage.resumable)
+        if "data" in stage.consumes:
+            sp.add_argument("--data-from", help="same as --from data=RUN_DIR")
     rep = sub.add_parser("report", help="(re)write report.md for a run directory")
     rep.add_argument("run_dir")
     return p
@@ -46,21 +51,30 @@ def main(argv: list[str] | None = None) -> int:
         print(write_report(RunDir(args.run_dir)))
         return 0
     try:
+        from bigopt.resolve import resolve
+
         spec = load_spec(args.spec, args.overrides)
+        job = resolve(spec)  # derived rules fail here too, before Ray starts
     except SpecError as exc:
         for path, msg in exc.problems:
             print(f"{path}: {msg}", file=sys.stderr)
         return 2
     if args.command == "validate":
-        print(f"{args.spec}: ok (stages: {', '.join(spec.stages()) or 'none'})")
+        print(f"{args.spec}: ok (stages: {', '.join(job.stages) or 'none'})")
         return 0
     import bigopt
+    from bigopt.pipeline import parse_from
 
+    try:
+        inputs_from = parse_from(args.inputs_from)
+    except (KeyError, ValueError) as exc:
+        print(f"--from: {exc}", file=sys.stderr)
+        return 2
+    if getattr(args, "data_from", None):
+        inputs_from["data"] = args.data_from
     stages = None if args.command == "run" else [args.command]
-    if args.command == "train" and not (args.run_dir or args.data_from) and spec.data:
-        stages = ["data", "train"]  # a fresh run dir has no data yet
     bigopt.run(spec, stages=stages, run_dir=args.run_dir, resume=getattr(args, "resume", None),
-               data_from=getattr(args, "data_from", None))
+               inputs_from=inputs_from)
     return 0
 
 

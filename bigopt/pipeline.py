@@ -1,4 +1,4 @@
-"""``bigopt.run(spec)``: the stages present in a spec, in order, each consuming the last's output."""
+"""``bigopt.run(spec)``: walk the stage table, each stage consuming earlier stages' artifacts."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from bigopt.artifacts import Artifact, has_artifact, read_artifact, write_artifact
+from bigopt.resolve import ResolvedJob, resolve
 from bigopt.runtime import RunDir, connect_ray, embedded_cpus
 from bigopt.spec import JobSpec, dump_spec
+from bigopt.stages import STAGES, Stage, StageOptions, get_stage, producers_before
 
 log = logging.getLogger("bigopt")
 
@@ -16,38 +19,91 @@ log = logging.getLogger("bigopt")
 @dataclass
 class RunResult:
     run_uri: str
-    stages: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, Artifact] = field(default_factory=dict)  # by stage name
     seconds: float = 0.0
 
 
+def parse_from(items: list[str] | None) -> dict[str, str]:
+    """``["data=runs/q/1"]`` -> ``{"data": "runs/q/1"}`` (the CLI's ``--from STAGE=RUN_DIR``)."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        stage, sep, where = item.partition("=")
+        if not sep or not where:
+            raise ValueError(f"--from {item!r}: expected STAGE=RUN_DIR")
+        get_stage(stage)  # KeyError naming the known stages
+        out[stage] = where
+    return out
+
+
+def plan(job: ResolvedJob, requested: list[str] | None, *, run: RunDir,
+         inputs_from: dict[str, str]) -> tuple[list[Stage], dict[str, Artifact]]:
+    """The stages to run, in table order, and the artifacts taken from elsewhere.
+
+    A requested stage whose input is neither taken from another run (``--from``) nor already
+    in the run dir gets its producing stage added when the spec has that section (``bigopt
+    train`` on a fresh run dir prepares the data first); otherwise it is an error naming both.
+    """
+    wanted = set(requested or job.stages)
+    given: dict[str, Artifact] = {}
+    for stage_name, where in inputs_from.items():
+        art = read_artifact(RunDir(where), stage_name)
+        given[art.kind] = art
+    changed = True
+    while changed:
+        changed = False
+        for stage in STAGES:
+            if stage.name not in wanted:
+                continue
+            for kind in stage.consumes:
+                if kind in given:
+                    continue
+                producers = producers_before(stage, kind)
+                if any(p.name in wanted for p in producers):
+                    continue
+                existing = next((p for p in producers if has_artifact(run, p.name)), None)
+                if existing is not None:
+                    given[kind] = read_artifact(run, existing.name)
+                    continue
+                runnable = next((p for p in producers if p.name in job.stages), None)
+                if runnable is None:
+                    raise ValueError(
+                        f"stage {stage.name!r} needs a {kind!r} artifact: add the "
+                        f"{producers[0].name if producers else kind!r} section to the spec, or "
+                        f"pass --from {producers[0].name if producers else kind}=RUN_DIR")
+                wanted.add(runnable.name)
+                changed = True
+    return [s for s in STAGES if s.name in wanted], given
+
+
 def run(spec: JobSpec, *, stages: list[str] | None = None, run_dir: str | None = None,
-        resume: str | None = None, data_from: str | None = None) -> RunResult:
+        resume: str | None = None, inputs_from: dict[str, str] | None = None,
+        data_from: str | None = None, hooks: Any = None) -> RunResult:
     """Run ``stages`` (default: every stage the spec holds) into a new or existing run dir.
 
-    ``run_dir`` reuses an existing run directory (e.g. to train on data prepared earlier);
-    ``resume`` is a checkpoint URI, or ``latest`` for the run dir's newest checkpoint;
-    ``data_from`` trains on the ``data/`` of another run dir (prepared once, trained many times).
+    ``run_dir`` reuses an existing run directory; ``inputs_from`` maps a stage to another run
+    dir whose artifact to use instead of running it (``data_from`` is ``{"data": ...}``);
+    ``resume`` is a checkpoint URI or ``latest``; ``hooks`` are the train stage's
+    ``TrainHooks``.
     """
     started = time.time()
-    stages = stages or spec.stages()
+    job = resolve(spec)
+    inputs_from = dict(inputs_from or {})
+    if data_from:
+        inputs_from["data"] = data_from
     run = RunDir(run_dir) if run_dir else RunDir.create(spec.storage, spec.name)
-    run.write_text("spec.yaml", dump_spec(spec))
-    log.info("run dir: %s", run.uri)
+    todo, artifacts = plan(job, stages, run=run, inputs_from=inputs_from)
+    run.write_text("spec.yaml", dump_spec(job.spec))
+    run.write_text("resolved.json", job.dumps())
+    log.info("run dir: %s; stages: %s", run.uri, ", ".join(s.name for s in todo))
     c = spec.cluster
     connect_ray(c.address, num_cpus=embedded_cpus(c.num_workers * c.cpus_per_worker, c.num_cpus))
     result = RunResult(run.uri)
-    if "data" in stages:
-        from bigopt.data.prepare import run_data
-
-        result.stages["data"] = run_data(spec, run).manifest
-    if "train" in stages:
-        from bigopt.train.stage import latest_checkpoint, run_train
-
-        checkpoint = latest_checkpoint(run) if resume == "latest" else resume
-        if resume == "latest" and checkpoint is None:
-            raise FileNotFoundError(f"--resume latest: no checkpoint in {run.uri}/train/checkpoints")
-        result.stages["train"] = run_train(spec, run, resume_from=checkpoint,
-                                            data=RunDir(data_from) if data_from else run).result
+    options = StageOptions(resume=resume, hooks=hooks)
+    for stage in todo:
+        inputs = {k: artifacts[k] for k in (*stage.consumes, *stage.optional) if k in artifacts}
+        artifact = stage.function()(job, inputs, run, options)
+        write_artifact(run, artifact)
+        artifacts[artifact.kind] = result.artifacts[stage.name] = artifact
     from bigopt.report import write_report
 
     write_report(run)

@@ -114,14 +114,26 @@ class RunDir:
 
     @classmethod
     def create(cls, storage: str, name: str, run_id: str | None = None) -> RunDir:
-        run_id = run_id or (
-            _dt.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
-        )
+        """A new run dir. The id is the start time plus 32 random bits, so many trials starting
+        in the same second do not collide; on local disk the directory is also created
+        exclusively (a clash, however unlikely, draws a new id instead of sharing a dir)."""
         fs, base = filesystem_for(storage)
         prefix = "s3://" if storage.startswith("s3://") else ""
-        run = cls(f"{prefix}{base}/{name}/{run_id}")
-        fs.create_dir(run.path, recursive=True)
-        return run
+        for _ in range(100):
+            rid = run_id or (_dt.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(4))
+            run = cls(f"{prefix}{base}/{name}/{rid}")
+            if not prefix:
+                os.makedirs(os.path.dirname(run.path), exist_ok=True)
+                try:
+                    os.mkdir(run.path)
+                except FileExistsError:
+                    if run_id:  # an id the caller chose: reuse it, as before
+                        return run
+                    continue
+                return run
+            fs.create_dir(run.path, recursive=True)
+            return run
+        raise RuntimeError(f"could not create a unique run dir under {base}/{name}")
 
     @property
     def fs(self) -> pafs.FileSystem:

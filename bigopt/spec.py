@@ -5,7 +5,10 @@ are errors (``extra="forbid"``) because a misspelt key that is silently ignored 
 wrong model for hours. ``load_spec`` collects *every* problem and raises one ``SpecError`` whose
 lines read ``field.path: message``, so ``bigopt validate`` can print them without starting Ray.
 
-This module imports nothing from bigopt: every other module depends on it, not the reverse.
+This module imports nothing from bigopt but the pure-data preset table (``bigopt.presets``):
+every other module depends on it, not the reverse. Everything *derived* from a spec (task,
+context, architecture, layout, precision, DeepSpeed config) is decided once, by
+``bigopt.resolve.resolve``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+
+from bigopt.presets import GPT_PRESETS
 
 
 class SpecError(ValueError):
@@ -112,13 +117,23 @@ class DataSpec(Section):
 # --------------------------------------------------------------------------- model
 class GPTModelSpec(Section):
     kind: Literal["gpt"]
-    preset: str | None = Field(None, description="gpt-1m, gpt-10m, gpt2-124m, gpt2-350m.")
+    preset: Literal["gpt-1m", "gpt-10m", "gpt2-124m", "gpt2-350m"] | None = Field(
+        None, description="A named size (bigopt.presets.GPT_PRESETS); fields set explicitly "
+        "override it, the rest (context included) come from the preset.")
     vocab_size: int = Field(256, ge=2)
     context: int = Field(256, ge=8)
     n_layer: int = Field(4, ge=1)
     n_head: int = Field(4, ge=1)
     d_model: int = Field(128, ge=8)
     dropout: float = Field(0.0, ge=0, lt=1)
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments: the preset, overridden by every field set explicitly."""
+        cfg = self.model_dump(exclude={"kind", "preset"})
+        if self.preset:
+            explicit = self.model_dump(exclude_unset=True, exclude={"kind", "preset"})
+            cfg = {**cfg, **GPT_PRESETS[self.preset], **explicit}
+        return cfg
 
 
 class CNNModelSpec(Section):
@@ -224,23 +239,40 @@ class JobSpec(Section):
     train: TrainSpec | None = None
 
     def stages(self) -> list[str]:
-        """The stages this spec runs, in order (each consumes the previous one's artifacts)."""
-        return [s for s in ("data", "train") if getattr(self, s) is not None]
+        """The stages this spec runs, in the stage table's order (``bigopt.stages.STAGES``)."""
+        from bigopt.stages import stage_names  # the table imports no heavy module
+
+        return [s for s in stage_names() if getattr(self, s, None) is not None]
 
     @property
     def context(self) -> int | None:
+        """Tokens per training window: ``data.context``, else the model's (preset-aware)."""
         if self.data is not None and self.data.context is not None:
             return self.data.context
-        return getattr(self.model, "context", None)
+        return self.model.config()["context"] if isinstance(self.model, GPTModelSpec) else None
 
 
 # --------------------------------------------------------------------------- checks
+def layout_problems(world_size: int, pp_stages: int, zero_stage: int) -> list[tuple[str, str]]:
+    """The parallel-layout rules, in one place (``Layout`` raises on the same ones)."""
+    problems = []
+    if world_size % pp_stages:
+        problems.append(("train.pipeline.stages",
+                         f"{pp_stages} must divide cluster.num_workers={world_size}"))
+    if pp_stages > 1 and zero_stage > 1:
+        problems.append(("train.zero.stage", f"{zero_stage} cannot combine with pipeline stages>1 "
+                         "(DeepSpeed's pipeline engine supports ZeRO 0 and 1); use 0 or 1"))
+    return problems
+
+
 def cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
     """Rules that involve more than one field; each names the field to change."""
     problems: list[tuple[str, str]] = []
     train, model, cluster = spec.train, spec.model, spec.cluster
-    if isinstance(model, GPTModelSpec) and model.d_model % model.n_head:
-        problems.append(("model.n_head", f"{model.n_head} must divide d_model={model.d_model}"))
+    if isinstance(model, GPTModelSpec):
+        gpt = model.config()
+        if gpt["d_model"] % gpt["n_head"]:
+            problems.append(("model.n_head", f"{gpt['n_head']} must divide d_model={gpt['d_model']}"))
     if spec.data is not None and isinstance(spec.data.source, ImageSource):
         if model is not None and isinstance(model, GPTModelSpec):
             problems.append(("model.kind", "an image source feeds a 'cnn' or 'mlp' model"))
@@ -263,8 +295,9 @@ def cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
     if spec.data is not None and spec.data.split.val + spec.data.split.test >= 1:
         problems.append(("data.split.val", "val + test must leave rows for training (< 1)"))
     if isinstance(model, GPTModelSpec) and spec.data is not None and spec.data.context:
-        if spec.data.context > model.context:
-            problems.append(("data.context", f"{spec.data.context} > model.context"))
+        if spec.data.context > model.config()["context"]:
+            problems.append(("data.context", f"{spec.data.context} > model.context "
+                             f"({model.config()['context']})"))
     if train is None:
         return problems
     if model is None:
@@ -277,15 +310,8 @@ def cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
             problems.append(("train.zero", "offload needs strategy: deepspeed"))
         if train.precision == "fp16":
             problems.append(("train.precision", "fp16 loss scaling needs strategy: deepspeed"))
-    if cluster.num_workers % pp:
-        problems.append(
-            ("train.pipeline.stages", f"{pp} must divide cluster.num_workers={cluster.num_workers}")
-        )
-    if pp > 1 and train.zero.stage > 1:
-        problems.append(
-            ("train.zero.stage", f"{train.zero.stage} cannot combine with pipeline stages>1 "
-             "(DeepSpeed's pipeline engine supports ZeRO 0 and 1); use 0 or 1")
-        )
+    zero_stage = train.zero.stage if train.strategy == "deepspeed" else 0
+    problems += layout_problems(cluster.num_workers, pp, zero_stage)
     if train.strategy == "deepspeed":
         if train.zero.offload_optimizer and train.zero.stage == 0:
             problems.append(("train.zero.offload_optimizer", "needs zero.stage >= 1"))
@@ -312,20 +338,34 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
+def set_path(raw: dict[str, Any], path: list[str], value: Any) -> None:
+    """``raw[a][b] = value`` for ``path`` ``["a", "b"]``, creating sections on the way."""
+    node = raw
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise SpecError([(".".join(path), f"{part!r} is not a section")])
+        node = child
+    node[path[-1]] = value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     out = copy.deepcopy(raw)
     for item in overrides:
         path, value = parse_override(item)
-        node = out
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise SpecError([(".".join(path), f"{part!r} is not a section")])
-            node = child
-        node[path[-1]] = value
+        set_path(out, path, value)
     return out
+
+
+def with_values(spec: JobSpec, values: dict[str, Any]) -> JobSpec:
+    """``spec`` with ``{"train.lr": 0.01, ...}`` applied and validated again (a search trial's
+    config, which holds typed values rather than ``--set`` strings)."""
+    raw = spec.model_dump(mode="json", exclude_unset=True)
+    for key, value in values.items():
+        set_path(raw, key.split("."), value)
+    return parse_spec(raw)
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:

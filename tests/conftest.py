@@ -17,17 +17,18 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # DeepSpeed on a loaded 2-core CI machine can take longer (the hybrid 2x2 test).
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# `factories` (the shared spec factory and free-port helper) and tests/integration's
+# `ray_helpers` are plain modules; --import-mode=importlib puts no test dir on sys.path.
+for _dir in (os.path.join(REPO, "tests"), os.path.join(REPO, "tests", "integration")):
+    if _dir not in sys.path:
+        sys.path.insert(0, _dir)
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from factories import free_port  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +46,7 @@ def s3_server():
     endpoint = os.environ.get("BIGOPT_TEST_S3_ENDPOINT")
     proc = None
     if not endpoint:
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         endpoint = f"http://127.0.0.1:{port}"

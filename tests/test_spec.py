@@ -11,14 +11,14 @@ import pytest
 
 from bigopt.spec import SpecError, apply_overrides, load_spec, parse_spec
 
+from factories import BARE, spec_dict
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOBS = sorted(glob.glob(os.path.join(REPO, "jobs", "*.yaml")))
 
 
 def minimal(**sections):
-    base = {"name": "t", "model": {"kind": "gpt"}, "train": {}}
-    base.update(sections)
-    return base
+    return spec_dict(base=BARE, **sections)
 
 
 def problems(raw) -> dict[str, str]:

@@ -19,14 +19,7 @@ from typing import Any
 
 import torch
 
-from bigopt.spec import GPTModelSpec, JobSpec
-
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def input_columns(spec: JobSpec) -> tuple[str, str]:
-    """(inputs, targets) columns the data stage wrote for this model kind."""
-    return ("input_ids", "labels") if isinstance(spec.model, GPTModelSpec) else ("inputs", "labels")
 
 
 def epoch_batches(shard: Any, *, batch_size: int, seed: int, dp: int = 1, dp_rank: int = 0,

@@ -17,10 +17,13 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from bigopt.artifacts import DataArtifact, SplitInfo
 from bigopt.data.images import check_image_row, load_digits_rows
 from bigopt.data.text import list_files, read_and_check, resolve_root, to_windows
+from bigopt.resolve import ResolvedJob
 from bigopt.runtime import RunDir
 from bigopt.spec import JobSpec, SplitSpec, TextTreeSource
+from bigopt.stages import StageOptions
 
 log = logging.getLogger("bigopt")
 
@@ -36,12 +39,6 @@ def assign_split(key: str, split: SplitSpec) -> str:
     if u < split.test + split.val:
         return "val"
     return "train"
-
-
-@dataclass(frozen=True)
-class DataResult:
-    manifest: dict[str, Any]
-    data_uri: str
 
 
 def split_key(spec: JobSpec) -> str:
@@ -75,12 +72,14 @@ class SourceRows:
     rejected: list[dict[str, str]]  # {"key", "reason"}
     rows_in: int
     info: dict[str, Any]
+    #: hash of the source's content, computed from what was read (see ``fingerprint``)
+    content_hash: str
 
 
-def _text_rows(spec: JobSpec) -> SourceRows:
+def _text_rows(spec: JobSpec, context: int) -> SourceRows:
     import ray
 
-    src, context = spec.data.source, spec.context
+    src = spec.data.source
     root = resolve_root(src.path)
     files = list_files(root, src.include, src.exclude, src.max_files)
     if not files:
@@ -97,9 +96,14 @@ def _text_rows(spec: JobSpec) -> SourceRows:
     kept = kept.map_batches(_add_split, fn_kwargs={"split": spec.data.split, "key": split_key(spec)},
                             batch_size=256)
     windows = kept.map_batches(to_windows, fn_kwargs={"context": context}, batch_size=8)
+    digest = hashlib.sha256()  # sorted: Ray Data may hand blocks back in any order
+    for path, text in sorted((r["path"], r["text"]) for r in
+                             checked.select_columns(["path", "text"]).iter_rows()):
+        digest.update(path.encode() + b"\0" + hashlib.sha256(text).digest())
     return SourceRows(windows, rejected, len(files), {
         "source": {"kind": src.kind, "root": str(root), "include": src.include},
-        "tokenizer": {"kind": spec.data.tokenizer, "vocab_size": 256}, "context": context})
+        "tokenizer": {"kind": spec.data.tokenizer, "vocab_size": 256}, "context": context},
+        digest.hexdigest())
 
 
 def _image_rows(spec: JobSpec) -> SourceRows:
@@ -114,16 +118,33 @@ def _image_rows(spec: JobSpec) -> SourceRows:
     kept = ds.filter(lambda r: r["id"] not in bad) if bad else ds
     kept = kept.map_batches(_add_split, fn_kwargs={"split": spec.data.split, "key": split_key(spec)},
                             batch_size=256)
+    digest = hashlib.sha256()
+    for r in rows:
+        digest.update(json.dumps(r, sort_keys=True, default=str).encode())
     return SourceRows(kept, rejected, len(rows), {
         "source": {"kind": src.kind, "root": "sklearn.datasets.load_digits", "include": ["8x8"]},
-        "classes": 10})
+        "classes": 10}, digest.hexdigest())
 
 
-def run_data(spec: JobSpec, run: RunDir) -> DataResult:
-    """Run the data stage into ``run``/data and return its manifest."""
+def fingerprint(job: ResolvedJob, content_hash: str) -> str:
+    """Same source content + same data spec + same context and task -> same fingerprint (the
+    key a cache of prepared data will use)."""
+    assert job.spec.data is not None
+    key = json.dumps({"data": job.spec.data.model_dump(mode="json"), "context": job.context,
+                      "task": job.task, "source": content_hash}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def run_data(job: ResolvedJob, run: RunDir) -> tuple[dict[str, Any], str]:
+    """Run the data stage into ``run``/data; returns (manifest, fingerprint)."""
+    spec = job.spec
     assert spec.data is not None
     started = time.time()
-    source = _text_rows(spec) if isinstance(spec.data.source, TextTreeSource) else _image_rows(spec)
+    if isinstance(spec.data.source, TextTreeSource):
+        assert job.context is not None
+        source = _text_rows(spec, job.context)
+    else:
+        source = _image_rows(spec)
     rows = source.kept.materialize()
     count_column = "n_tokens" if "n_tokens" in rows.schema().names else None
 
@@ -161,7 +182,38 @@ def run_data(spec: JobSpec, run: RunDir) -> DataResult:
         "seconds": round(time.time() - started, 2),
     }
     assert manifest["rows_in"] == rows_kept + len(source.rejected)
+    manifest["fingerprint"] = fingerprint(job, source.content_hash)
     run.write_json("data/manifest.json", manifest)
     log.info("data: %d rows kept, %d quarantined; per split %s", rows_kept, len(source.rejected),
              {k: v["rows"] for k, v in per_split.items()})
-    return DataResult(manifest=manifest, data_uri=run.uri_of("data"))
+    return manifest, manifest["fingerprint"]
+
+
+def data_stage(job: ResolvedJob, inputs: dict[str, Any], run: RunDir,
+               options: StageOptions | None = None) -> DataArtifact:
+    """The data stage (stage table entry): prepare shards, return the data artifact."""
+    manifest, print_ = run_data(job, run)
+    return DataArtifact(
+        stage="data", run=run.uri, uri=run.uri_of("data"), manifest=run.uri_of("data/manifest.json"),
+        fingerprint=print_, task=job.task, columns=job.columns, context=job.context,
+        tokenizer=manifest.get("tokenizer", {}),
+        splits={name: SplitInfo(uri=run.uri_of(f"data/{name}"), rows=s["rows"])
+                for name, s in manifest["splits"].items()})
+
+
+def report_section(run: RunDir, artifact: DataArtifact) -> list[str]:
+    from bigopt.runtime import filesystem_for
+
+    fs, path = filesystem_for(artifact.manifest)
+    with fs.open_input_stream(path) as f:
+        manifest = json.loads(f.read())
+    lines = ["## Data", "",
+             f"- source: {manifest['source']['kind']} `{manifest['source']['root']}`",
+             f"- rows in {manifest['rows_in']} = kept {manifest['rows_kept']} + rejected "
+             f"{manifest['rows_rejected']} {manifest['rejected_by_reason'] or ''}",
+             f"- fingerprint `{artifact.fingerprint[:16]}`"
+             + (f" (prepared in {artifact.run})" if artifact.run != run.uri else ""),
+             "", "| split | rows | tokens | files | shards |", "|---|---|---|---|---|"]
+    for name, s in manifest["splits"].items():
+        lines.append(f"| {name} | {s['rows']} | {s['tokens']} | {s['files']} | {len(s['shards'])} |")
+    return lines + [""]

@@ -1,12 +1,19 @@
-"""Run directory -> plots -> ``report.md``. Reads only files in the run dir."""
+"""Run directory -> plots -> ``report.md``, one section per stage of the stage table.
+
+Each stage's section comes from its table entry (``Stage.report``), fed with the stage's
+artifact; this module holds the shared pieces (the train section, plots). It reads only files
+in run dirs.
+"""
 
 from __future__ import annotations
 
 import io
-import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bigopt.runtime import RunDir
+
+if TYPE_CHECKING:
+    from bigopt.artifacts import ModelArtifact
 
 
 def _loss_plot(rows: list[dict[str, Any]], val: dict[int, float]) -> bytes:
@@ -31,23 +38,17 @@ def _loss_plot(rows: list[dict[str, Any]], val: dict[int, float]) -> bytes:
     return buf.getvalue()
 
 
-def _data_section(manifest: dict[str, Any]) -> list[str]:
-    lines = ["## Data", "",
-             f"- source: {manifest['source']['kind']} `{manifest['source']['root']}`",
-             f"- rows in {manifest['rows_in']} = kept {manifest['rows_kept']} + rejected "
-             f"{manifest['rows_rejected']} {manifest['rejected_by_reason'] or ''}",
-             "", "| split | windows | tokens | files | shards |", "|---|---|---|---|---|"]
-    for name, s in manifest["splits"].items():
-        lines.append(f"| {name} | {s['rows']} | {s['tokens']} | {s['files']} | {len(s['shards'])} |")
-    return lines + [""]
+def train_section(run: RunDir, artifact: ModelArtifact) -> list[str]:
+    """The train stage's report section: loss, the task's own metrics, throughput, plot."""
+    from bigopt.tasks import get_task
 
-
-def _train_section(run: RunDir, rows: list[dict[str, Any]], result: dict[str, Any]) -> list[str]:
+    result = run.read_json("train/result.json")
+    rows = run.read_jsonl("train/metrics.jsonl") if run.exists("train/metrics.jsonl") else []
     val = {int(k): v for k, v in result.get("val_losses", {}).items()}
     lines = ["## Training", "",
              f"- steps: {result['steps']}, strategy: {result.get('strategy', 'deepspeed')}, "
-             f"precision: {result['precision']}, layout: "
-             f"{result['layout']}"]
+             f"precision: {result['precision']}, layout: {result['layout']}",
+             f"- model: `{artifact.uri}` ({artifact.format}, step {artifact.step})"]
     if result.get("resumed_from") is not None:
         repeated = len(rows) - len({r["step"] for r in rows})
         lines.append(f"- resumed from the step-{result['resumed_from']} checkpoint "
@@ -55,15 +56,9 @@ def _train_section(run: RunDir, rows: list[dict[str, Any]], result: dict[str, An
     lines.append("")
     if len(val) >= 2:
         first, last = val[min(val)], val[max(val)]
-        text = (f"- **validation loss {first:.4f} -> {last:.4f}** (step {min(val)} -> {max(val)}): "
-                f"down {first - last:.4f} nats, {100 * (first - last) / first:.1f} %")
-        if any("tokens_per_s" in r for r in rows):  # a language model: perplexity reads better
-            text += f"; perplexity {math.exp(first):.2f} -> {math.exp(last):.2f}"
-        lines.append(text)
-    acc = {int(k): v for k, v in result.get("val_accuracy", {}).items()}
-    if acc:
-        lines.append(f"- **validation accuracy {100 * acc[min(acc)]:.1f} % -> "
-                     f"{100 * acc[max(acc)]:.1f} %** (step {min(acc)} -> {max(acc)})")
+        lines.append(f"- **validation loss {first:.4f} -> {last:.4f}** (step {min(val)} -> "
+                     f"{max(val)}): down {first - last:.4f} nats, {100 * (first - last) / first:.1f} %")
+    lines += get_task(artifact.task).report_lines(result)
     if rows:
         tail = rows[-min(5, len(rows)):]
         mean = {k: sum(r.get(k) or 0 for r in tail) / len(tail)
@@ -76,13 +71,15 @@ def _train_section(run: RunDir, rows: list[dict[str, Any]], result: dict[str, An
 
 
 def write_report(run: RunDir) -> str:
-    """Write ``report.md`` (and its PNGs) for whatever stages the run dir holds."""
+    """Write ``report.md`` (and its PNGs): one section per stage with an artifact in ``run``."""
+    from bigopt.artifacts import has_artifact, read_artifact
+    from bigopt.stages import STAGES
+
     lines = [f"# bigopt report: `{run.uri}`", ""]
-    if run.exists("data/manifest.json"):
-        lines += _data_section(run.read_json("data/manifest.json"))
-    if run.exists("train/result.json"):
-        rows = run.read_jsonl("train/metrics.jsonl") if run.exists("train/metrics.jsonl") else []
-        lines += _train_section(run, rows, run.read_json("train/result.json"))
+    for stage in STAGES:
+        section = stage.report_function()
+        if section is not None and has_artifact(run, stage.name):
+            lines += section(run, read_artifact(run, stage.name))
     text = "\n".join(lines)
     run.write_text("report.md", text)
     return text

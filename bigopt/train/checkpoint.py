@@ -2,8 +2,9 @@
 
 The loop calls ``save(step, last=...)`` on every step; the manager decides (``checkpoint_every``,
 last step). Every rank writes its own shard with DeepSpeed's ``save_checkpoint`` into a local
-staging dir and reports it to Ray Train, which merges the ranks' files into one checkpoint
-under ``<run>/train/checkpoints/step_NNNNNN`` (local or S3) and keeps ``keep_last`` of them.
+staging dir and hands it to its ``Reporter`` (``bigopt.train.reporting``): under Ray Train,
+Ray merges the ranks' files into one checkpoint under ``<run>/train/checkpoints/step_NNNNNN``
+(local or S3) and keeps ``keep_last`` of them; in one process bigopt copies it there itself.
 Guarding the save with ``rank == 0`` would hang: DeepSpeed's save has collectives inside.
 
 Ray registers a checkpoint only when its controller next polls the workers, so a worker that
@@ -30,6 +31,7 @@ import torch
 
 if TYPE_CHECKING:
     from bigopt.runtime import RunDir
+    from bigopt.train.reporting import Reporter
 
 log = logging.getLogger("bigopt")
 
@@ -91,21 +93,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, engine: Checkpointable, *, every: int, world_rank: int,
-                 at: list[int] | None = None, run: RunDir | None = None, session: str | None = None):
-        self.engine, self.every, self.world_rank = engine, every, world_rank
+    def __init__(self, engine: Checkpointable, reporter: Reporter, *, every: int, world_rank: int,
+                 at: list[int] | None = None, session: str | None = None):
+        self.engine, self.reporter, self.every, self.world_rank = engine, reporter, every, world_rank
         self.at = set(at or ())
-        # run + session: where completion markers go and whose markers count on resume
-        self.run, self.session = run, session
+        # run: where checkpoints and completion markers land; session: whose markers count
+        # on a restart (None: only the reporter's own checkpoint, e.g. PBT's exploit target)
+        self.run, self.session = reporter.run, session
+        self.last_saved: int | None = None
 
     def should_save(self, step: int, last: bool) -> bool:
         return last or step in self.at or (self.every > 0 and step % self.every == 0)
 
     def save(self, step: int, state: dict[str, Any], metrics: dict[str, Any], *,
              last: bool = False) -> bool:
-        """Save on all ranks and report to Ray Train; returns whether a checkpoint was made."""
-        import ray.train
-
+        """Save on all ranks and report it with ``metrics``; returns whether one was made."""
         if not self.should_save(step, last):
             return False
         staging = tempfile.mkdtemp(prefix=f"bigopt-ckpt-{step}-r{self.world_rank}-")
@@ -116,21 +118,20 @@ class CheckpointManager:
             if self.world_rank == 0:
                 with open(os.path.join(staging, STATE_FILE), "w") as f:
                     json.dump(state, f)
-            ray.train.report(
-                {**metrics, "step": step},
-                checkpoint=ray.train.Checkpoint.from_directory(staging),
-                checkpoint_dir_name=checkpoint_dir_name(step),
-            )
+            self.reporter.report({**metrics, "step": step}, checkpoint_dir=staging,
+                                 checkpoint_name=checkpoint_dir_name(step))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         self._mark_complete(step)
+        self.last_saved = step
         return True
+
+    def uri_of(self, step: int) -> str:
+        return self.run.uri_of(f"{CHECKPOINTS}/{checkpoint_dir_name(step)}")
 
     def _mark_complete(self, step: int) -> None:
         import torch.distributed as dist
 
-        if self.run is None:
-            return
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # every rank's synchronous upload has returned
         if self.world_rank == 0:
@@ -140,20 +141,20 @@ class CheckpointManager:
     def load(self, resume_uri: str | None = None) -> dict[str, Any] | None:
         """Restore the engine; returns the trainer state, or None on a fresh start.
 
-        Ray's own checkpoint (the latest one this run registered, after a worker-group
-        restart) wins over ``resume_uri`` (an explicit ``--resume``), which only seeds the
-        first attempt. Ray 2.60 deprecates TorchTrainer(resume_from_checkpoint=...), hence
-        the URI travels in the loop config.
+        The reporter's checkpoint (the latest one Ray registered, after a worker-group
+        restart; PBT's exploit target in a Tune trial) wins over ``resume_uri`` (an explicit
+        ``--resume``), which only seeds the first attempt. Ray 2.60 deprecates
+        TorchTrainer(resume_from_checkpoint=...), hence the URI travels in the loop config.
         """
         import ray.train
 
         from bigopt.runtime import filesystem_for
 
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint = self.reporter.get_checkpoint()
         if checkpoint is None and resume_uri:
             fs, path = filesystem_for(resume_uri)
             checkpoint = ray.train.Checkpoint(path, filesystem=fs)
-        own = complete_checkpoints(self.run, self.session) if self.run and self.session else []
+        own = complete_checkpoints(self.run, self.session) if self.session else []
         unregistered = bool(own) and (checkpoint is None or step_of(own[-1]) > step_of(checkpoint.path))
         if unregistered:
             # written by this session after the one Ray registered: Ray had not polled yet
@@ -173,17 +174,5 @@ class CheckpointManager:
                 state = json.load(f)
         log.info("resumed from %s at step %d", checkpoint.path, state["step"])
         if unregistered:
-            self._register(checkpoint, state["step"])
+            self.reporter.register(checkpoint, state["step"])
         return state
-
-    @staticmethod
-    def _register(checkpoint: Any, step: int) -> None:
-        """Hand a checkpoint already in Ray's storage to Ray (no copy), so it becomes the one a
-        later restart starts from and ``keep_last`` deletes it in turn (no orphan)."""
-        import ray.train
-
-        try:
-            ray.train.report({"step": step}, checkpoint=checkpoint,
-                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
-        except ValueError as exc:  # e.g. Ray does not see it as inside its storage
-            log.warning("could not register %s with Ray Train: %s", checkpoint.path, exc)

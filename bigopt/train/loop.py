@@ -1,8 +1,13 @@
-"""The one training loop, run by every Ray Train worker, for every strategy and model.
+"""The one training loop, for every strategy and model, under Ray Train or in one process.
 
-``Trainer.__init__`` builds the pieces in a visible order; ``fit`` and ``train_step`` read top to
-bottom. The difference between pipeline and non-pipeline lives in ``forward_backward`` (and its
-eval twin) as a single branch; DDP runs through the same calls via ``DDPEngine``.
+``train(job, data, out, ctx, reporter, hooks)`` is the trainer: a function of the resolved job,
+the data artifact and the output run dir, given its rank, world size and data iterators by its
+caller (``TrainContext``) and a ``Reporter`` for metrics and checkpoints. It reads no Ray
+globals, so Ray Train calls it (``bigopt.train.stage``) and so does a Tune trial
+(``bigopt.train.trial``). ``Trainer.__init__`` builds the pieces in a visible order; ``fit``
+and ``train_step`` read top to bottom. The difference between pipeline and non-pipeline lives
+in ``forward_backward`` (and its eval twin) as a single branch; DDP runs through the same calls
+via ``DDPEngine``.
 """
 
 from __future__ import annotations
@@ -15,55 +20,55 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 
-from bigopt.data.ingest import TimedBatches, epoch_batches, input_columns
-from bigopt.models import GPT_PRESETS, build_model
+from bigopt.artifacts import DataArtifact, ModelArtifact
+from bigopt.data.ingest import TimedBatches, epoch_batches
+from bigopt.models import LayeredModel, from_arch
+from bigopt.resolve import ResolvedJob
 from bigopt.runtime import RunDir
-from bigopt.spec import GPTModelSpec, JobSpec
+from bigopt.tasks import get_task
 from bigopt.train.checkpoint import CheckpointManager
-from bigopt.train.engine import DDPEngine, DeepSpeedCheckpointing, build_deepspeed_engine
-from bigopt.train.metrics import (
-    ConsoleSink,
-    JsonlSink,
-    MetricsProcessor,
-    MetricsSink,
-    peak_flops,
+from bigopt.train.engine import (
+    DDPEngine,
+    DeepSpeedCheckpointing,
+    build_deepspeed_engine,
+    model_init_context,
 )
-from bigopt.train.parallel import (
-    Layout,
-    build_deepspeed_config,
-    check_precision_supported,
-    micro_batches_per_step,
-)
+from bigopt.train.hooks import TrainHooks
+from bigopt.train.metrics import ConsoleSink, JsonlSink, MetricsProcessor, MetricsSink, peak_flops
+from bigopt.train.parallel import Layout, check_precision_supported, micro_batches_per_step
+from bigopt.train.reporting import Reporter
 
 log = logging.getLogger("bigopt")
 
 
-def build_model_from_spec(spec: JobSpec) -> nn.Module:
-    """The spec's model: a GPT preset, overridden by fields set explicitly, or plain fields."""
-    m = spec.model
-    assert m is not None
-    cfg = m.model_dump(exclude={"kind", "preset"})
-    if isinstance(m, GPTModelSpec):
-        if m.preset:
-            explicit = m.model_dump(exclude_unset=True, exclude={"kind", "preset"})
-            cfg = {**GPT_PRESETS[m.preset], **explicit}
-        cfg["activation_checkpointing"] = spec.train.activation_checkpointing if spec.train else False
-    return build_model(m.kind, **cfg)
+@dataclass
+class TrainContext:
+    """What the caller of the trainer knows and the trainer must not look up itself."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    #: anything with ``iter_torch_batches`` (a Ray Data shard iterator or a Dataset)
+    train_data: Any
+    val_data: Any
+    #: identifies this fit's own checkpoints for a restart (checkpoint.py); None in Tune trials
+    session: str | None = None
+    #: an explicit checkpoint to start from (``--resume``)
+    resume_uri: str | None = None
+
+
+def build_model(job: ResolvedJob) -> LayeredModel:
+    """The job's model; with ZeRO-3 built partitioned, so no rank holds all of it."""
+    assert job.arch is not None
+    with model_init_context(job.deepspeed_config):
+        return from_arch(job.arch)
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def loss_in_fp32(loss_fn: Any) -> Any:
-    # bf16/fp16 logits lose precision in softmax; the loss is computed in fp32 everywhere.
-    def fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return loss_fn(output.float(), target)
-    return fn
 
 
 @dataclass
@@ -74,74 +79,81 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, spec: JobSpec, run: RunDir, precision: str, resume_uri: str | None = None,
-                 session: str | None = None):
-        import ray.train
-        import ray.train.torch
-
-        assert spec.train is not None
-        self.spec, self.train_spec, self.run, self.precision = spec, spec.train, run, precision
-        train = spec.train
-        # 1. Who am I: world rank and the pipeline x data-parallel layout.
-        ctx = ray.train.get_context()
-        self.rank, world = ctx.get_world_rank(), ctx.get_world_size()
-        zero_stage = train.zero.stage if train.strategy == "deepspeed" else 0
-        self.layout = Layout(world, train.pipeline.stages, zero_stage)
-        self.device = ray.train.torch.get_device()
+    def __init__(self, job: ResolvedJob, out: RunDir, ctx: TrainContext, reporter: Reporter,
+                 hooks: TrainHooks | None = None):
+        train = job.spec.train
+        assert train is not None and job.layout is not None and job.precision is not None
+        self.job, self.train_spec, self.run, self.precision = job, train, out, job.precision
+        self.task, self.hooks, self.reporter = get_task(job.task), hooks or TrainHooks(), reporter
+        # 1. Who am I: world rank and the pipeline x data-parallel layout resolved in the driver.
+        self.rank, world, self.device = ctx.rank, ctx.world_size, ctx.device
+        if world != job.layout.world_size:
+            raise ValueError(f"cluster.num_workers: the job was resolved for "
+                             f"{job.layout.world_size} workers, but {world} are running it")
+        self.layout = Layout(world, job.layout.pp_stages, job.layout.zero_stage)
+        if self.hooks.teacher is not None and self.layout.pp_enabled:
+            raise ValueError("train.pipeline.stages: a distillation teacher needs stages: 1")
         # 2. Same seed on every rank: identical initial weights without a broadcast.
         seed_everything(train.seed)
-        # 3. Model, then the engine that owns optimizer, schedule, precision and sharding.
-        model = build_model_from_spec(spec)
-        self.loss_fn = loss_in_fp32(type(model).loss)
+        # 3. Model (partitioned under ZeRO-3), the hooks' transforms, then the engine that owns
+        #    optimizer, schedule, precision and sharding.
+        model = build_model(job)
+        for transform in self.hooks.model_transforms:
+            model = transform(model)
         self.flops_per_sample = float(model.flops_per_sample())
-        self.tokens_per_sample = (spec.context or 0) if isinstance(spec.model, GPTModelSpec) else 0
+        self.loss_fn = self.task.loss
+        self.teacher = None
+        if self.hooks.teacher is not None:
+            self.teacher = self.hooks.teacher().to(self.device).eval()
+            self.loss_fn = self.hooks.loss_builder(self.task.loss)
         if train.strategy == "deepspeed":
             import deepspeed
             from deepspeed.accelerator import get_accelerator
 
-            check_precision_supported(precision,
+            check_precision_supported(self.precision,
                                       fp16_supported=get_accelerator().is_fp16_supported(),
                                       device=get_accelerator().device_name())
             deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
-            self.ds_config = build_deepspeed_config(spec, self.layout, precision)
+            self.ds_config = job.deepspeed_config
             self.engine = build_deepspeed_engine(
-                model, self.loss_fn, self.ds_config, train,
+                model, self.task.loss, self.ds_config, train,
                 pp_stages=self.layout.pp_stages, partition=train.pipeline.partition)
             ckpt_target: Any = DeepSpeedCheckpointing(self.engine)
         else:
-            self.engine = DDPEngine(model, train, precision, self.device)
+            self.ds_config = None
+            self.engine = DDPEngine(model, train, self.precision, self.device)
             ckpt_target = self.engine
         # Dropout draws differ per data-parallel rank from here on (as in Megatron): the same
         # masks on every rank would waste the noise. Restored from checkpoints on resume.
         torch.manual_seed(train.seed + 1 + self.rank)
         # 4. Data: Ray Data shards streamed into timed, endless batch iterators.
-        self.columns = input_columns(spec)
+        self.columns = self.task.columns
         self.micro_batches = micro_batches_per_step(train, self.layout)
-        self.deterministic = train.data_order == "deterministic" or (
-            train.data_order == "auto" and self.layout.pp_enabled)
+        self.deterministic = job.data_order == "deterministic"
         dp_rank = self.layout.dp_rank(self.rank)
         self.batches = TimedBatches(epoch_batches(
-            ray.train.get_dataset_shard("train"), batch_size=train.batch_size, seed=train.seed,
+            ctx.train_data, batch_size=train.batch_size, seed=train.seed,
             dp=self.layout.dp if self.deterministic else 1,
             dp_rank=dp_rank if self.deterministic else 0,
             shuffle_buffer=train.shuffle_buffer, columns=self.columns, device=self.device))
-        self.val_shard = ray.train.get_dataset_shard("val")
+        self.val_data = ctx.val_data
         # 5. Metrics (rank 0 writes) and checkpoints (every rank saves its shard).
-        sinks: list[MetricsSink] = [JsonlSink(run), ConsoleSink(train.max_steps)] if self.rank == 0 else []
+        sinks: list[MetricsSink] = [JsonlSink(out), ConsoleSink(train.max_steps)] if self.rank == 0 else []
         device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
         peak = peak_flops(device_name)
         self.metrics = MetricsProcessor(
             sinks, train.log_every,
             samples_per_step=train.batch_size * self.micro_batches * self.layout.dp,
-            tokens_per_sample=self.tokens_per_sample, flops_per_sample=self.flops_per_sample,
+            tokens_per_sample=self.task.tokens_per_sample(job.context),
+            flops_per_sample=self.flops_per_sample,
             peak_flops_total=peak * world if peak else None)
-        self.checkpointer = CheckpointManager(ckpt_target, every=train.checkpoint_every,
+        self.checkpointer = CheckpointManager(ckpt_target, reporter, every=train.checkpoint_every,
                                               world_rank=self.rank, at=train.checkpoint_at,
-                                              run=run, session=session)
-        self.step, self.samples_seen, self.resume_uri = 0, 0, resume_uri
+                                              session=ctx.session)
+        self.step, self.samples_seen, self.resume_uri = 0, 0, ctx.resume_uri
         self.val_losses: dict[int, float] = {}
+        self.val_metrics: dict[int, dict[str, float]] = {}
         self._val_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.val_accuracy: dict[int, float] = {}
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> TrainResult:
@@ -162,17 +174,23 @@ class Trainer:
             loss, step_time = self.train_step()
             self.samples_seen += self.metrics.samples_per_step
             extra = {**self.precision_stats(), **self.memory_stats()}
-            if (train.eval_every and self.step % train.eval_every == 0) or last:
+            evaluated = (train.eval_every and self.step % train.eval_every == 0) or last
+            if evaluated:
                 extra["val_loss"] = self.evaluate()
-                if self.step in self.val_accuracy:
-                    extra["val_acc"] = self.val_accuracy[self.step]
+                extra.update(self.val_metrics.get(self.step, {}))
             self.metrics.record(self.step, loss=loss, step_time=step_time,
                                 data_wait=self.batches.take_wait(), lr=self.lr, last=last,
                                 extra=extra)
             if self.checkpointer.should_save(self.step, last):
                 # metrics.jsonl is never behind the checkpoint a restarted run resumes from
                 self.metrics.flush()
-            self.checkpointer.save(self.step, self.state_dict(), {"loss": loss}, last=last)
+            # Validation metrics reach the caller at every eval (a Tune scheduler decides on
+            # them), with the checkpoint when there is one.
+            reported = {"step": self.step, "loss": loss}
+            if evaluated:
+                reported.update(val_loss=extra["val_loss"], **self.val_metrics.get(self.step, {}))
+            if not self.checkpointer.save(self.step, self.state_dict(), reported, last=last) and evaluated:
+                self.reporter.report(reported)
         self.metrics.close()
         return TrainResult(self.step, loss, self.val_losses)
 
@@ -181,6 +199,8 @@ class Trainer:
         start = time.perf_counter()
         self.engine.train()
         loss = self.forward_backward()
+        for callback in self.hooks.step_callbacks:
+            callback(self.engine.module, self.step)
         loss = self.all_reduce_mean(loss)
         return loss, time.perf_counter() - start
 
@@ -192,41 +212,47 @@ class Trainer:
         losses = []
         for _ in range(self.micro_batches):
             x, y = next(self.batches)
-            loss = self.loss_fn(self.engine(x), y)
+            loss = self.compute_loss(self.engine(x), y, x)
             self.engine.backward(loss)
             self.engine.step()  # steps the optimizer only at the accumulation boundary
             losses.append(loss.item())
         return sum(losses) / len(losses)
 
+    def compute_loss(self, output: torch.Tensor, target: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        if self.teacher is None:
+            return self.loss_fn(output, target)
+        with torch.no_grad():
+            teacher_output = self.teacher(inputs)
+        return self.loss_fn(output, target, teacher_output)
+
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over ``eval_batches`` batches per data-parallel rank."""
+        """Mean validation loss over ``eval_batches`` batches per data-parallel rank, plus the
+        task's metrics (accuracy for classifiers) in ``val_metrics``."""
         train = self.train_spec
         dp, dp_rank = self.layout.dp, self.layout.dp_rank(self.rank)
         if self._val_batches is None:
             # The same first batches every time: evals are comparable across steps, and
             # holding them in memory avoids starting a Ray Data execution per eval.
-            val = epoch_batches(self.val_shard, batch_size=train.batch_size, seed=0, dp=dp,
+            val = epoch_batches(self.val_data, batch_size=train.batch_size, seed=0, dp=dp,
                                 dp_rank=dp_rank, columns=self.columns, device=self.device)
             self._val_batches = [next(val) for _ in range(train.eval_batches)]
         self.engine.eval()
-        losses = []
+        losses, counts = [], {}
         if self.layout.pp_enabled:
             val = iter(self._val_batches)
             for _ in range(max(1, train.eval_batches // self.micro_batches)):
                 losses.append(float(self.engine.eval_batch(data_iter=val)))
         else:
-            correct, classifier = 0, False
             for x, y in self._val_batches:
                 out = self.engine(x)
-                losses.append(self.loss_fn(out, y).item())
-                if out.dim() == 2:  # a classifier: accuracy is what its users read first
-                    classifier = True
-                    correct += int((out.argmax(-1) == y).sum())
-            if classifier:
-                rows = sum(len(y) for _, y in self._val_batches)
-                self.val_accuracy[self.step] = self.all_reduce_mean(correct / rows)
+                losses.append(self.task.loss(out, y).item())
+                for k, v in self.task.eval_counts(out, y).items():
+                    counts[k] = counts.get(k, 0.0) + v
         self.engine.train()
+        if counts:
+            summed = {k: self.all_reduce_mean(v) for k, v in sorted(counts.items())}
+            self.val_metrics[self.step] = self.task.eval_metrics(summed)
         value = self.all_reduce_mean(sum(losses) / len(losses))
         self.val_losses[self.step] = value
         return value
@@ -264,22 +290,43 @@ class Trainer:
         return {"step": self.step, "samples_seen": self.samples_seen,
                 "batches_consumed": self.batches.consumed, "val_losses": self.val_losses}
 
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point: turn the boundary dict back into a validated spec first thing."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s bigopt %(message)s", force=True)
-    spec = JobSpec.model_validate(config["spec"])
-    trainer = Trainer(spec, RunDir(config["run_uri"]), config["precision"], config.get("resume_uri"),
-                      config.get("session"))
-    result = trainer.fit()
-    if trainer.rank == 0:
-        trainer.run.write_json("train/result.json", {
-            "steps": result.steps, "final_loss": result.final_loss,
-            "val_losses": {str(k): v for k, v in sorted(result.val_losses.items())},
-            "val_accuracy": {str(k): v for k, v in sorted(trainer.val_accuracy.items())},
+    def result(self, fit: TrainResult) -> dict[str, Any]:
+        """What ``train/result.json`` records (rank 0 writes it)."""
+        return {
+            "steps": fit.steps, "final_loss": fit.final_loss, "task": self.job.task,
+            "val_losses": {str(k): v for k, v in sorted(fit.val_losses.items())},
+            "val_accuracy": {str(k): m["val_acc"] for k, m in sorted(self.val_metrics.items())
+                             if "val_acc" in m},
             # the checkpoint step this (last) attempt started from: after --resume or a failure
-            "resumed_from": trainer.resumed_from,
-            "strategy": spec.train.strategy, "precision": trainer.precision,
-            "layout": vars(trainer.layout) | {"dp": trainer.layout.dp},
-            "deepspeed_config": getattr(trainer, "ds_config", None),
-        })
+            "resumed_from": self.resumed_from,
+            "strategy": self.train_spec.strategy, "precision": self.precision,
+            "layout": vars(self.layout) | {"dp": self.layout.dp},
+            "deepspeed_config": self.ds_config,
+        }
+
+
+def train(job: ResolvedJob, data: DataArtifact, out: RunDir, ctx: TrainContext,
+          reporter: Reporter, hooks: TrainHooks | None = None) -> ModelArtifact:
+    """Train ``job`` on ``data`` into ``out``; every rank returns the same model artifact.
+
+    ``data`` is only checked here (task and columns must match the job); the caller has turned
+    its splits into ``ctx.train_data``/``ctx.val_data``.
+    """
+    if data.task != job.task or (job.context and data.context != job.context):
+        raise ValueError(f"data: the artifact from {data.run} holds {data.task} data with context "
+                         f"{data.context}; this job trains a {job.task} with context {job.context}")
+    trainer = Trainer(job, out, ctx, reporter, hooks)
+    fit = trainer.fit()
+    step = trainer.checkpointer.last_saved
+    assert step is not None  # the last step always checkpoints
+    last_val = {"val_loss": fit.val_losses[max(fit.val_losses)]} if fit.val_losses else {}
+    artifact = ModelArtifact(
+        stage="train", run=out.uri, uri=trainer.checkpointer.uri_of(step), task=job.task,
+        arch=job.arch or {}, format="deepspeed" if job.spec.train.strategy == "deepspeed" else "ddp",
+        step=step, metrics={"final_loss": fit.final_loss, **last_val,
+                            **trainer.val_metrics.get(max(trainer.val_metrics, default=-1), {})})
+    if trainer.rank == 0:
+        # the driver of a Ray Train fit reads the artifact from here (workers return nothing)
+        out.write_json("train/result.json", {**trainer.result(fit),
+                                             "artifact": artifact.model_dump(mode="json")})
+    return artifact

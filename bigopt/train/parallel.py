@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from bigopt.spec import FP16Spec, JobSpec, PipelineSpec, TrainSpec, ZeroSpec
+from bigopt.spec import FP16Spec, JobSpec, PipelineSpec, TrainSpec, ZeroSpec, layout_problems
 
 log = logging.getLogger("bigopt")
 
@@ -25,16 +25,9 @@ class Layout:
     zero_stage: int = 0
 
     def __post_init__(self) -> None:
-        if self.world_size % self.pp_stages:
-            raise ValueError(
-                f"train.pipeline.stages={self.pp_stages} must divide the world size "
-                f"{self.world_size} (cluster.num_workers); change either"
-            )
-        if self.pp_enabled and self.zero_stage > 1:
-            raise ValueError(
-                f"train.zero.stage={self.zero_stage} with pipeline stages>1: DeepSpeed's "
-                "pipeline engine supports ZeRO 0/1 only"
-            )
+        problems = layout_problems(self.world_size, self.pp_stages, self.zero_stage)
+        if problems:
+            raise ValueError("; ".join(f"{path}: {msg}" for path, msg in problems))
 
     @property
     def dp(self) -> int:
@@ -51,15 +44,6 @@ class Layout:
         ProcessTopology(axes=['pipe', 'data'])), so rank = stage * dp + dp_rank.
         """
         return world_rank % self.dp
-
-
-def resolve_precision(train: TrainSpec, *, has_gpu: bool) -> str:
-    """``auto`` -> fp16 on GPUs, bf16 elsewhere (DeepSpeed's CPU accelerator refuses fp16)."""
-    if train.precision != "auto":
-        return train.precision
-    choice = "fp16" if has_gpu else "bf16"
-    log.info("train.precision: auto -> %s (%s)", choice, "GPU" if has_gpu else "CPU workers")
-    return choice
 
 
 def check_precision_supported(precision: str, *, fp16_supported: bool, device: str) -> None:

@@ -1,38 +1,36 @@
-"""The train stage, driver side: Ray's own config objects built from the spec, then fit."""
+"""The train stage, driver side: Ray's own config objects built from the resolved job, then fit.
+
+Ray Train runs ``bigopt.train.loop.train`` on every worker through ``ray_train_entry``, which
+is the only place that reads Ray Train's context (rank, world size, dataset shards,
+checkpoint) and hands it to the trainer.
+"""
 
 from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
-from bigopt.data.ingest import input_columns
-from bigopt.runtime import RunDir
-from bigopt.spec import JobSpec, TrainSpec, dump_spec
-from bigopt.train.parallel import resolve_precision
+from bigopt.artifacts import DataArtifact, ModelArtifact
+from bigopt.resolve import ResolvedJob
+from bigopt.runtime import RunDir, filesystem_for
+from bigopt.stages import StageOptions
 
 log = logging.getLogger("bigopt")
 
 
-@dataclass(frozen=True)
-class TrainStageResult:
-    result: dict[str, Any]
-    checkpoint_uri: str | None
-
-
-def ray_configs(spec: JobSpec, run: RunDir) -> dict[str, Any]:
+def ray_configs(job: ResolvedJob, run: RunDir, callbacks: list[Any] | None = None) -> dict[str, Any]:
     """ScalingConfig, RunConfig (+ checkpoint/failure) and DataConfig for TorchTrainer."""
     import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 
-    cluster, train = spec.cluster, spec.train
+    cluster, train = job.spec.cluster, job.spec.train
     assert train is not None
     use_gpu = cluster.gpus_per_worker > 0
     resources = {"CPU": cluster.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = cluster.gpus_per_worker
-    deterministic = _deterministic(train)
+    deterministic = job.data_order == "deterministic"
     execution = ray.data.ExecutionOptions(preserve_order=deterministic)
     return {
         "scaling_config": ScalingConfig(
@@ -43,68 +41,69 @@ def ray_configs(spec: JobSpec, run: RunDir) -> dict[str, Any]:
             # train/checkpoints/, on local disk or S3 alike.
             name="checkpoints", storage_path=run.sub("train"), storage_filesystem=run.fs,
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_last),
-            failure_config=FailureConfig(max_failures=train.max_failures)),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            callbacks=callbacks or None),
         # Deterministic mode deals batches by rank inside the worker, so nothing is split.
         "dataset_config": DataConfig(
             datasets_to_split=[] if deterministic else ["train"], execution_options=execution),
     }
 
 
-def _deterministic(train: TrainSpec) -> bool:
-    return train.data_order == "deterministic" or (
-        train.data_order == "auto" and train.pipeline.stages > 1)
+def read_splits(job: ResolvedJob, data: DataArtifact) -> dict[str, Any]:
+    """The data artifact's train and val splits as Ray Datasets of the task's columns.
 
-
-def run_train(spec: JobSpec, run: RunDir, *, resume_from: str | None = None,
-              data: RunDir | None = None) -> TrainStageResult:
-    """Train on ``data``/data (default: the run's own) with Ray Train.
-
-    ``resume_from`` is a checkpoint directory: a local path, an ``s3://`` URI, or a path inside
-    ``run.fs`` (as ``latest_checkpoint`` returns).
+    Every worker iterates the whole validation set (and, in deterministic mode, the whole
+    training set) with its own Ray Data execution. Executions that each need a read task can
+    deadlock on a busy cluster: one worker's backpressured reader holds the CPU the other's
+    needs while both wait in an all-reduce (seen with 2 workers on 2 cores). Materialized,
+    those datasets are read from the object store with no tasks at all.
     """
-    data = data or run
+    import ray.data
+
+    missing = [s for s in ("train", "val") if s not in data.splits]
+    if missing:
+        raise FileNotFoundError(f"the data artifact of {data.run} has no {'/'.join(missing)} split: "
+                                "set data.split.val > 0 and run the data stage")
+    datasets = {}
+    for split in ("train", "val"):
+        fs, path = filesystem_for(data.splits[split].uri)
+        datasets[split] = ray.data.read_parquet(path, filesystem=fs).select_columns(
+            list(data.columns))  # pushed down into the Parquet read
+    datasets["val"] = datasets["val"].materialize()
+    if job.data_order == "deterministic":
+        datasets["train"] = datasets["train"].materialize()
+    return datasets
+
+
+def train_stage(job: ResolvedJob, inputs: dict[str, Any], run: RunDir,
+                options: StageOptions | None = None) -> ModelArtifact:
+    """The train stage (stage table entry): fit with Ray Train, return the model artifact."""
     import ray.data
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    assert spec.train is not None
-    precision = resolve_precision(spec.train, has_gpu=spec.cluster.gpus_per_worker > 0)
-    if spec.train.precision == "auto":  # record the choice in the resolved spec
-        spec = spec.model_copy(update={"train": spec.train.model_copy(update={"precision": precision})})
-        run.write_text("spec.yaml", dump_spec(spec))
+    options = options or StageOptions()
+    data: DataArtifact = inputs["data"]
+    resume = options.resume
+    if resume == "latest":
+        resume = latest_checkpoint(run)
+        if resume is None:
+            raise FileNotFoundError(f"--resume latest: no checkpoint in {run.uri}/train/checkpoints")
     # Training workers log their own progress lines; Ray Data's per-worker bars would
     # interleave on the console (the data context is captured here, in the driver).
     ray.data.DataContext.get_current().enable_progress_bars = False
-    if not (data.exists("data/train") and data.exists("data/val")):
-        raise FileNotFoundError(f"{data.uri}/data needs train/ and val/ shards: run the data stage")
-    datasets = {
-        split: ray.data.read_parquet(data.sub(f"data/{split}"), filesystem=data.fs)
-        .select_columns(list(input_columns(spec)))  # pushed down into the Parquet read
-        for split in ("train", "val")
-    }
-    # Every worker iterates the whole validation set (and, in deterministic mode, the whole
-    # training set) with its own Ray Data execution. Executions that each need a read task
-    # can deadlock on a busy cluster: one worker's backpressured reader holds the CPU the
-    # other's needs while both wait in an all-reduce (seen with 2 workers on 2 cores).
-    # Materialized, those datasets are read from the object store with no tasks at all.
-    datasets["val"] = datasets["val"].materialize()
-    if _deterministic(spec.train):
-        datasets["train"] = datasets["train"].materialize()
     trainer = TorchTrainer(
-        _entry,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "run_uri": run.uri,
-                           "precision": precision, "resume_uri": resume_uri(run, resume_from),
+        ray_train_entry,
+        train_loop_config={"job": job.model_dump(mode="json"), "data": data.model_dump(mode="json"),
+                           "run_uri": run.uri, "resume_uri": resume_uri(run, resume),
+                           "hooks": options.hooks,
                            # identifies this fit's checkpoints for a restart (checkpoint.py)
                            "session": uuid.uuid4().hex},
-        torch_config=TorchConfig(backend="nccl" if spec.cluster.gpus_per_worker > 0 else "gloo"),
-        datasets=datasets,
-        **ray_configs(spec, run),
+        torch_config=TorchConfig(backend="nccl" if job.spec.cluster.gpus_per_worker > 0 else "gloo"),
+        datasets=read_splits(job, data),
+        **ray_configs(job, run, options.extra.get("ray_callbacks")),
     )
-    result = trainer.fit()
-    checkpoint = result.checkpoint
-    return TrainStageResult(
-        result=run.read_json("train/result.json"),
-        checkpoint_uri=(("s3://" if not run.is_local else "") + checkpoint.path) if checkpoint else None,
-    )
+    trainer.fit()
+    return ModelArtifact.model_validate(run.read_json("train/result.json")["artifact"])
 
 
 def resume_uri(run: RunDir, checkpoint: str | None) -> str | None:
@@ -114,11 +113,28 @@ def resume_uri(run: RunDir, checkpoint: str | None) -> str | None:
     return "s3://" + checkpoint
 
 
-def _entry(config: dict[str, Any]) -> None:
-    # Imported on the worker, so DeepSpeed is never imported in the driver.
-    from bigopt.train.loop import train_loop_per_worker
+def ray_train_entry(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function: Ray's context in, ``loop.train`` called with it."""
+    import logging
 
-    train_loop_per_worker(config)
+    import ray.train
+    import ray.train.torch
+
+    # Imported on the worker, so DeepSpeed is never imported in the driver.
+    from bigopt.train.loop import TrainContext, train
+    from bigopt.train.reporting import RayTrainReporter
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s bigopt %(message)s", force=True)
+    job = ResolvedJob.model_validate(config["job"])  # the boundary dict becomes typed first
+    data = DataArtifact.model_validate(config["data"])
+    run = RunDir(config["run_uri"])
+    ray_ctx = ray.train.get_context()
+    ctx = TrainContext(rank=ray_ctx.get_world_rank(), world_size=ray_ctx.get_world_size(),
+                       device=ray.train.torch.get_device(),
+                       train_data=ray.train.get_dataset_shard("train"),
+                       val_data=ray.train.get_dataset_shard("val"),
+                       session=config.get("session"), resume_uri=config.get("resume_uri"))
+    train(job, data, run, ctx, RayTrainReporter(run), config.get("hooks"))
 
 
 def latest_checkpoint(run: RunDir) -> str | None:
@@ -128,3 +144,9 @@ def latest_checkpoint(run: RunDir) -> str | None:
 
     done = complete_checkpoints(run)
     return done[-1] if done else None
+
+
+def report_section(run: RunDir, artifact: ModelArtifact) -> list[str]:
+    from bigopt.report import train_section
+
+    return train_section(RunDir(artifact.run), artifact)

@@ -7,11 +7,13 @@ The compress and export stages, and the strategy-equivalence tests, need the pla
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from bigopt.spec import JobSpec
+from bigopt.models import from_arch
 from bigopt.train.engine import DeepSpeedCheckpointing
 
 
@@ -20,11 +22,10 @@ def _load(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_trained_model(spec: JobSpec, checkpoint_dir: str) -> nn.Module:
-    """The spec's model with the weights of ``checkpoint_dir`` (a local directory), in fp32."""
-    from bigopt.train.loop import build_model_from_spec
-
-    model = build_model_from_spec(spec).float()
+def load_trained_model(arch: Mapping[str, Any], checkpoint_dir: str) -> nn.Module:
+    """The model ``arch`` describes (a model artifact's or resolved job's ``arch``) with the
+    weights of ``checkpoint_dir`` (a local directory), in fp32."""
+    model = from_arch(arch).float()
     ds_dir = os.path.join(checkpoint_dir, DeepSpeedCheckpointing.TAG)
     if os.path.exists(os.path.join(checkpoint_dir, "ddp_state.pt")):
         model.load_state_dict(_load(os.path.join(checkpoint_dir, "ddp_state.pt"))["model"])

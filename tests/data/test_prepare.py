@@ -7,8 +7,11 @@ import json
 import pyarrow.parquet as pq
 
 from bigopt.data.prepare import assign_split, run_data
+from bigopt.resolve import resolve
 from bigopt.runtime import RunDir
-from bigopt.spec import SplitSpec, parse_spec
+from bigopt.spec import SplitSpec
+
+from factories import make_spec
 
 
 def test_split_is_deterministic_and_order_free():
@@ -29,12 +32,11 @@ def test_data_stage_on_stdlib_conserves_rows(ray_session, tmp_path):
         (src / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n" * (i + 1))
     (src / "bad.py").write_bytes(b"\xff\xfe not utf8")
     (src / "empty.py").write_text("")
-    spec = parse_spec({"name": "d", "storage": str(tmp_path / "runs"),
-                       "data": {"source": {"path": str(src)}, "split": {"val": 0.25},
-                                "context": 32, "rows_per_shard": 50},
-                       "model": {"kind": "gpt", "context": 32}})
+    spec = make_spec(tmp_path / "runs", name="d", train=None,
+                     data={"source": {"path": str(src), "max_files": None}, "split": {"val": 0.25},
+                           "context": 32, "rows_per_shard": 50})
     run = RunDir.create(spec.storage, spec.name)
-    manifest = run_data(spec, run).manifest
+    manifest, _ = run_data(resolve(spec), run)
     assert manifest["rows_in"] == 42
     assert manifest["rows_in"] == manifest["rows_kept"] + manifest["rows_rejected"]
     assert manifest["rows_rejected"] == 2

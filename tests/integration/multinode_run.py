@@ -12,15 +12,12 @@ usage: python multinode_run.py SPEC STORAGE OUT_JSON [--set a.b=c ...]
 from __future__ import annotations
 
 import json
-import socket
+import os
 import sys
 import time
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+from factories import free_port  # noqa: E402
 
 
 def main(spec_path: str, storage: str, out_path: str, overrides: list[str]) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,10 +26,7 @@ VENV_BIN = os.path.dirname(sys.executable)  # where `ray` and `bigopt` are insta
 TOKEN_FILE = Path.home() / ".ray" / "auth_token"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from factories import free_port  # noqa: E402,F401  (re-exported for the integration tests)
 
 
 def short_tmpdir(prefix: str) -> str:

@@ -22,6 +22,7 @@ import time
 
 import pytest
 import yaml
+
 from ray_helpers import (
     REPO,
     SHORT,

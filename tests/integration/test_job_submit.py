@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+
 from ray_helpers import (
     REPO,
     SHORT,

@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import pytest
+
 from ray_helpers import (
     REPO,
     SHORT,

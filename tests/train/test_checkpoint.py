@@ -12,14 +12,16 @@ from bigopt.train.checkpoint import (
     set_rng_state,
     step_of,
 )
+from bigopt.train.reporting import LocalReporter
 from bigopt.train.stage import latest_checkpoint
 
 
-def test_should_save_interval_extra_steps_and_last():
-    manager = CheckpointManager(engine=None, every=10, world_rank=0, at=[1])
+def test_should_save_interval_extra_steps_and_last(tmp_path):
+    reporter = LocalReporter(RunDir.create(str(tmp_path), "r"))
+    manager = CheckpointManager(None, reporter, every=10, world_rank=0, at=[1])
     saved = [s for s in range(1, 26) if manager.should_save(s, last=s == 25)]
     assert saved == [1, 10, 20, 25]
-    never = CheckpointManager(engine=None, every=0, world_rank=0)
+    never = CheckpointManager(None, reporter, every=0, world_rank=0)
     assert [s for s in range(1, 6) if never.should_save(s, last=s == 5)] == [5]
 
 
@@ -60,3 +62,31 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     torch.manual_seed(4)
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert torch.equal(torch.rand(5), expected)
+
+
+def test_local_reporter_saves_loads_and_keeps_last(tmp_path):
+    """One process, no Ray Train: checkpoints land in the run dir, keep_last applies, and load()
+    restores the engine's weights and the trainer state from the newest one."""
+    import torch
+
+    from bigopt.models import MLP
+    from bigopt.spec import TrainSpec
+    from bigopt.train.engine import DDPEngine
+
+    run = RunDir.create(str(tmp_path), "r")
+    torch.manual_seed(0)
+    engine = DDPEngine(MLP(in_features=4, hidden=[8], num_classes=2), TrainSpec(), "fp32",
+                       torch.device("cpu"))
+    manager = CheckpointManager(engine, LocalReporter(run, keep_last=2), every=1, world_rank=0)
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            next(engine.module.parameters()).fill_(float(step))
+        assert manager.save(step, {"step": step, "samples_seen": 0}, {"loss": 1.0})
+    kept = sorted({p.split("/")[2] for p in run.list("train/checkpoints")})
+    assert kept == ["step_000002", "step_000003"]
+    assert manager.uri_of(3) == run.uri_of("train/checkpoints/step_000003")
+    with torch.no_grad():
+        next(engine.module.parameters()).zero_()
+    state = manager.load(manager.uri_of(3))
+    assert state["step"] == 3
+    assert torch.all(next(engine.module.parameters()) == 3.0)

@@ -14,8 +14,9 @@ import pytest
 
 import bigopt
 from bigopt.runtime import RunDir
-from bigopt.spec import parse_spec
 from bigopt.train.checkpoint import COMPLETE_FILE
+
+from factories import make_spec
 
 pytestmark = pytest.mark.slow
 
@@ -35,16 +36,10 @@ def newest_complete_step(run_root) -> int:
 
 def test_worker_sigkill_resumes_and_completes(ray_session, tmp_path):
     steps, every = 100, 20  # steps: room for the kill to land before the run ends
-    spec = parse_spec({
-        "name": "ft", "storage": str(tmp_path),
-        "cluster": {"num_workers": 2},
-        "data": {"source": {"path": "stdlib", "max_files": 30}, "split": {"val": 0.1}},
-        "model": {"kind": "gpt", "n_layer": 2, "n_head": 2, "d_model": 32, "context": 32},
-        "train": {"zero": {"stage": 2}, "precision": "fp32", "batch_size": 4,
-                  "max_steps": steps, "log_every": 1, "eval_every": 0, "eval_batches": 1,
-                  "checkpoint_every": every, "keep_last": 2, "max_failures": 2,
-                  "data_order": "deterministic"},
-    })
+    spec = make_spec(tmp_path, name="ft", data={"source": {"max_files": 30}},
+                     train={"zero": {"stage": 2}, "max_steps": steps, "eval_batches": 1,
+                            "checkpoint_every": every, "max_failures": 2,
+                            "data_order": "deterministic"})
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(run=bigopt.run(spec)))
     thread.start()

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from bigopt.spec import parse_spec
-from bigopt.train.parallel import (
-    Layout,
-    build_deepspeed_config,
-    check_precision_supported,
-    resolve_precision,
-)
+from bigopt.resolve import resolve_precision
+from bigopt.train.parallel import Layout, build_deepspeed_config, check_precision_supported
+
+from factories import BARE, free_port, make_spec
 
 
 def spec_with(**train):
-    return parse_spec({"name": "t", "cluster": {"num_workers": 4}, "model": {"kind": "gpt"},
-                       "train": train})
+    return make_spec(base=BARE, cluster={"num_workers": 4}, train=train)
 
 
 def test_layout_validates_itself():
@@ -23,7 +19,7 @@ def test_layout_validates_itself():
     assert [Layout(4, 2).dp_rank(r) for r in range(4)] == [0, 1, 0, 1]
     with pytest.raises(ValueError, match="must divide"):
         Layout(3, 2)
-    with pytest.raises(ValueError, match="ZeRO 0/1"):
+    with pytest.raises(ValueError, match="ZeRO 0 and 1"):
         Layout(4, 2, zero_stage=2)
 
 
@@ -61,9 +57,9 @@ def test_pipeline_multiplies_micro_batches_into_accumulation():
 
 def test_auto_precision_is_fp16_on_gpu_and_bf16_on_cpu():
     train = spec_with().train
-    assert resolve_precision(train, has_gpu=True) == "fp16"
-    assert resolve_precision(train, has_gpu=False) == "bf16"
-    assert resolve_precision(spec_with(precision="fp32").train, has_gpu=True) == "fp32"
+    assert resolve_precision(train.precision, has_gpu=True) == "fp16"
+    assert resolve_precision(train.precision, has_gpu=False) == "bf16"
+    assert resolve_precision(spec_with(precision="fp32").train.precision, has_gpu=True) == "fp32"
 
 
 def test_fp16_where_refused_names_the_fix():
@@ -77,15 +73,11 @@ def test_dynamic_loss_scaler_follows_our_fp16_fields():
     """DeepSpeed's own dynamic loss scaler, built from the fields bigopt hands it: halves on
     overflow only after `hysteresis` overflows, doubles after `loss_scale_window` clean steps,
     never drops below `min_loss_scale`. (fp16 itself only runs on GPUs.)"""
-    import socket
-
     import deepspeed
     import torch.distributed as dist
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
 
-    with socket.socket() as sock:  # a 1-process group: the scaler logs through deepspeed.comm
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # a 1-process group: the scaler logs through deepspeed.comm
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, rank=0,
                                world_size=1, init_method=f"tcp://127.0.0.1:{port}")
     ds = build_deepspeed_config(spec_with(fp16={"initial_scale_power": 4, "loss_scale_window": 3,

@@ -6,21 +6,18 @@ import pytest
 
 import bigopt
 from bigopt.runtime import RunDir
-from bigopt.spec import parse_spec
+
+from factories import make_spec
 
 pytestmark = pytest.mark.slow
 
 
 def test_run_with_s3_storage(ray_session, s3_server):
-    spec = parse_spec({
-        "name": "s3run", "storage": f"{s3_server}/runs",
-        "cluster": {"num_workers": 2},
-        "data": {"source": {"path": "stdlib", "max_files": 20}, "split": {"val": 0.2}},
-        "model": {"kind": "gpt", "n_layer": 1, "n_head": 2, "d_model": 32, "context": 32},
-        "train": {"zero": {"stage": 2}, "precision": "bf16", "batch_size": 4, "max_steps": 6,
-                  "log_every": 1, "eval_every": 0, "eval_batches": 1, "checkpoint_every": 3,
-                  "keep_last": 2},
-    })
+    spec = make_spec(f"{s3_server}/runs", name="s3run",
+                     data={"source": {"max_files": 20}, "split": {"val": 0.2}},
+                     model={"n_layer": 1},
+                     train={"zero": {"stage": 2}, "precision": "bf16", "max_steps": 6,
+                            "eval_batches": 1, "checkpoint_every": 3})
     run = RunDir(bigopt.run(spec).run_uri)
     assert run.uri.startswith("s3://")
     files = run.list("")

@@ -13,9 +13,11 @@ import pytest
 import torch
 
 import bigopt
+from bigopt.resolve import resolve
 from bigopt.runtime import RunDir
-from bigopt.spec import parse_spec
 from bigopt.train.weights import load_trained_model
+
+from factories import make_spec
 
 pytestmark = pytest.mark.slow
 
@@ -23,27 +25,13 @@ STEPS = 20
 
 
 def tiny_spec(storage: str, *, workers: int = 2, dropout: float = 0.0, **train) -> bigopt.JobSpec:
-    base_train = {
-        "strategy": "deepspeed", "zero": {"stage": 0}, "precision": "fp32",
-        "batch_size": 4, "max_steps": STEPS, "lr": 3e-3, "clip_grad": 1.0,
-        "schedule": {"kind": "cosine", "warmup_steps": 3}, "log_every": 1, "eval_every": 0,
-        "eval_batches": 2, "checkpoint_every": 10, "checkpoint_at": [1], "keep_last": 3,
-        "data_order": "deterministic", "shuffle_buffer": 0, "seed": 0,
-    }
-    for key, value in train.items():
-        if isinstance(value, dict):
-            base_train[key] = {**base_train.get(key, {}), **value}
-        else:
-            base_train[key] = value
-    return parse_spec({
-        "name": "strategies", "storage": storage,
-        "cluster": {"num_workers": workers, "cpus_per_worker": 2 / workers if workers > 2 else 1},
-        "data": {"source": {"kind": "text_tree", "path": "stdlib", "max_files": 40},
-                 "split": {"val": 0.1}},
-        "model": {"kind": "gpt", "n_layer": 2, "n_head": 2, "d_model": 32, "context": 32,
-                  "dropout": dropout},
-        "train": base_train,
-    })
+    return make_spec(
+        storage, name="strategies",
+        cluster={"num_workers": workers, "cpus_per_worker": 2 / workers if workers > 2 else 1},
+        model={"dropout": dropout},
+        train={"max_steps": STEPS, "lr": 3e-3, "clip_grad": 1.0,
+               "schedule": {"kind": "cosine", "warmup_steps": 3}, "checkpoint_at": [1],
+               "keep_last": 3, "data_order": "deterministic", "shuffle_buffer": 0, **train})
 
 
 class Runs:
@@ -73,7 +61,7 @@ def runs(ray_session, tmp_path_factory):
 
 
 def params_at(spec, run: RunDir, step: int) -> list[torch.Tensor]:
-    model = load_trained_model(spec, run.sub(f"train/checkpoints/step_{step:06d}"))
+    model = load_trained_model(resolve(spec).arch, run.sub(f"train/checkpoints/step_{step:06d}"))
     return [p.detach() for p in model.parameters()]
 
 

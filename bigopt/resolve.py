@@ -1,0 +1,129 @@
+"""``resolve(spec)``: everything derived from a spec, decided once in the driver.
+
+The spec says what the user asked for; the resolved job says what will run: the task, the
+token context (preset-aware), the model's architecture dict, the parallel layout, the data
+order, the precision and the DeepSpeed config. It is written to the run dir as
+``resolved.json`` and is what Ray Train workers and Tune trials receive, so no worker
+re-derives a rule (and no two places can disagree about one).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from bigopt.spec import GPTModelSpec, JobSpec, SpecError
+from bigopt.tasks import TASK_OF_MODEL, TASK_OF_SOURCE, get_task
+
+log = logging.getLogger("bigopt")
+
+
+class LayoutInfo(BaseModel):
+    """How the training workers are arranged (``bigopt.train.parallel.Layout`` checks it)."""
+
+    model_config = ConfigDict(frozen=True)
+    world_size: int
+    pp_stages: int = 1
+    zero_stage: int = 0
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // self.pp_stages
+
+
+class ResolvedJob(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    spec: JobSpec
+    stages: list[str]
+    task: str
+    #: tokens per training window (language models), None otherwise
+    context: int | None = None
+    #: ``{"kind": ..., **constructor args}``: ``bigopt.models.from_arch`` builds it
+    arch: dict[str, Any] | None = None
+    layout: LayoutInfo | None = None
+    data_order: Literal["streaming", "deterministic"] | None = None
+    precision: Literal["fp32", "bf16", "fp16"] | None = None
+    deepspeed_config: dict[str, Any] | None = None
+
+    @property
+    def columns(self) -> tuple[str, str]:
+        return get_task(self.task).columns
+
+    def with_spec(self, spec: JobSpec) -> ResolvedJob:
+        """Resolve again after a change to the spec (a search trial's config, say)."""
+        return resolve(spec)
+
+    def dumps(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    @classmethod
+    def loads(cls, text: str) -> ResolvedJob:
+        return cls.model_validate_json(text)
+
+
+def _task(spec: JobSpec) -> str:
+    if spec.model is not None:
+        return TASK_OF_MODEL[spec.model.kind]
+    if spec.data is not None:
+        return TASK_OF_SOURCE[spec.data.source.kind]
+    raise SpecError([("model", "a spec needs a model or a data section")])
+
+
+def _arch(spec: JobSpec) -> dict[str, Any] | None:
+    m = spec.model
+    if m is None:
+        return None
+    if isinstance(m, GPTModelSpec):
+        cfg = m.config()
+        cfg["activation_checkpointing"] = spec.train.activation_checkpointing if spec.train else False
+    else:
+        cfg = m.model_dump(exclude={"kind"})
+    return {"kind": m.kind, **cfg}
+
+
+def resolve_precision(precision: str, *, has_gpu: bool) -> str:
+    """``auto`` -> fp16 on GPUs, bf16 elsewhere (DeepSpeed's CPU accelerator refuses fp16)."""
+    if precision != "auto":
+        return precision
+    choice = "fp16" if has_gpu else "bf16"
+    log.info("train.precision: auto -> %s (%s)", choice, "GPU" if has_gpu else "CPU workers")
+    return choice
+
+
+def resolve_data_order(spec: JobSpec) -> Literal["streaming", "deterministic"]:
+    """``auto``: deterministic when pipeline stages need identical batches, else streaming."""
+    train = spec.train
+    assert train is not None
+    if train.data_order != "auto":
+        return train.data_order
+    return "deterministic" if train.pipeline.stages > 1 else "streaming"
+
+
+def resolve(spec: JobSpec) -> ResolvedJob:
+    """The resolved job for ``spec`` (raises SpecError naming the field on a problem)."""
+    from bigopt.train.parallel import Layout, build_deepspeed_config
+
+    task = _task(spec)
+    fields: dict[str, Any] = {"spec": spec, "stages": spec.stages(), "task": task,
+                              "context": spec.context if get_task(task).is_sequence else None,
+                              "arch": _arch(spec)}
+    train = spec.train
+    if train is not None:
+        zero_stage = train.zero.stage if train.strategy == "deepspeed" else 0
+        try:
+            layout = Layout(spec.cluster.num_workers, train.pipeline.stages, zero_stage)
+        except ValueError as exc:
+            raise SpecError([("train.pipeline.stages", str(exc))]) from None
+        precision = resolve_precision(train.precision, has_gpu=spec.cluster.gpus_per_worker > 0)
+        if train.precision != precision:  # the spec written to the run dir says what ran
+            spec = spec.model_copy(update={"train": train.model_copy(update={"precision": precision})})
+        fields.update(spec=spec,
+            layout=LayoutInfo(world_size=layout.world_size, pp_stages=layout.pp_stages,
+                              zero_stage=layout.zero_stage),
+            data_order=resolve_data_order(spec), precision=precision,
+            deepspeed_config=(build_deepspeed_config(spec, layout, precision)
+                              if train.strategy == "deepspeed" else None))
+    return ResolvedJob(**fields)

@@ -1,0 +1,85 @@
+"""The stage table: one entry per stage, in the order ``bigopt run`` walks them.
+
+Each entry names its spec section (= its name and its run-dir folder), the artifact kinds it
+consumes and produces, its function and its report section. ``JobSpec.stages()``, the CLI's
+stage subcommands, ``bigopt run``'s order, input resolution (``--from``) and the report's
+sections are all generated from this table. Functions are named as ``module:function`` and
+imported only when the stage runs, so the table itself is cheap to import (``bigopt
+validate`` reads it without importing torch, Ray or DeepSpeed).
+
+A stage function is ``run(job, inputs, out, options) -> Artifact``: the resolved job, its input
+artifacts by kind, the run dir it writes ``<run>/<stage>/`` into, and per-invocation options
+(``StageOptions``: resume, hooks). A report function is ``section(run, artifact) -> lines``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    help: str
+    #: artifact kinds the stage needs, and ones it uses when present
+    consumes: tuple[str, ...]
+    produces: str
+    run: str
+    report: str | None = None
+    optional: tuple[str, ...] = ()
+    #: takes ``--resume CHECKPOINT|latest`` (a stage that checkpoints)
+    resumable: bool = False
+
+    def function(self) -> Callable[..., Any]:
+        return _load(self.run)
+
+    def report_function(self) -> Callable[..., list[str]] | None:
+        return _load(self.report) if self.report else None
+
+
+@dataclass
+class StageOptions:
+    """Per-invocation options a stage may use (the CLI's flags beyond the spec)."""
+
+    #: train: a checkpoint URI, or "latest" for the run dir's newest complete one
+    resume: str | None = None
+    #: train: ``bigopt.train.hooks.TrainHooks`` (model transforms, teacher loss, step callbacks)
+    hooks: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _load(ref: str) -> Callable[..., Any]:
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("data", "prepare the data: read, check, split, write Parquet shards + manifest",
+          consumes=(), produces="data",
+          run="bigopt.data.prepare:data_stage", report="bigopt.data.prepare:report_section"),
+    Stage("train", "train the model with Ray Train + DeepSpeed (or DDP)",
+          consumes=("data",), produces="model",
+          run="bigopt.train.stage:train_stage", report="bigopt.train.stage:report_section",
+          resumable=True),
+)
+
+
+def stage_names() -> list[str]:
+    return [s.name for s in STAGES]
+
+
+def get_stage(name: str) -> Stage:
+    for stage in STAGES:
+        if stage.name == name:
+            return stage
+    raise KeyError(f"unknown stage {name!r}; stages: {', '.join(stage_names())}")
+
+
+def producers_before(stage: Stage, kind: str) -> list[Stage]:
+    """Stages before ``stage`` that produce ``kind``, nearest first (compress will consume
+    the model that train produced, export the newest model of the two)."""
+    before = STAGES[: STAGES.index(stage)]
+    return [s for s in reversed(before) if s.produces == kind]
