@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from factories import BARE, TINY, make_spec, spec_dict
 
 from bigopt.models import GPT_PRESETS as MODEL_PRESETS
 from bigopt.models import from_arch
 from bigopt.presets import GPT_PRESETS
 from bigopt.resolve import ResolvedJob, resolve
 from bigopt.spec import SpecError, parse_spec
+
+from factories import BARE, TINY, make_spec, spec_dict
 
 
 def test_a_preset_alone_resolves_to_the_presets_context_and_shape():

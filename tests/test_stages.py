@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-from factories import make_spec
 
 from bigopt.artifacts import DataArtifact, SplitInfo, read_artifact, write_artifact
 from bigopt.cli import _parser
@@ -14,6 +13,8 @@ from bigopt.pipeline import parse_from, plan
 from bigopt.resolve import resolve
 from bigopt.runtime import RunDir
 from bigopt.stages import STAGES, stage_names
+
+from factories import make_spec
 
 
 def test_spec_stages_follow_the_table_order():

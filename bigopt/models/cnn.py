@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bigopt.models.base import Device, LayeredModel, count_forward_flops, require_positive_int
+from bigopt.models.base import Device, LayeredModel, RngSnapshot, require_positive_int
 
 #: Default for 28x28 Fashion-MNIST: a residual block at full resolution, a dense block that
 #: grows 32 -> 96 channels, a transition that compresses to 64 and halves to 14x14, then a
@@ -160,6 +160,8 @@ class CNN(LayeredModel):
         self.stem_channels = stem_channels
         self.blocks_config = [_validate_block(i, b) for i, b in enumerate(blocks)]
 
+        rng = RngSnapshot()  # before any layer draws its default init; see _finish_init
+
         self.stem = nn.Sequential(
             _conv3x3(in_channels, stem_channels), nn.BatchNorm2d(stem_channels), nn.ReLU()
         )
@@ -185,6 +187,8 @@ class CNN(LayeredModel):
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)
         )
         self._flops: float | None = None
+        # Default PyTorch init only; _finish_init makes it exact under deepspeed.zero.Init too.
+        self._finish_init(rng)
 
     def layers(self) -> list[nn.Module]:
         return [self.stem, *self.body, self.head]
@@ -192,8 +196,7 @@ class CNN(LayeredModel):
     def flops_per_sample(self) -> float:
         """3 x forward FLOPs (backward ~ 2x forward) of all convs and linears, measured once."""
         if self._flops is None:
-            x, _ = self.example_input(1, device=self._param_device())
-            self._flops = 3.0 * count_forward_flops(self, x)
+            self._flops = 3.0 * self._forward_flops_per_sample()
         return self._flops
 
     def example_input(self, batch_size: int, *, device: Device = None) -> tuple[Tensor, Tensor]:

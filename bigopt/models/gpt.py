@@ -11,6 +11,7 @@ through its TiedLayerSpec machinery. The cost is one extra ``vocab_size x d_mode
 """
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,20 +22,16 @@ from torch.utils.checkpoint import checkpoint
 from bigopt.models.base import (
     Device,
     LayeredModel,
+    RngSnapshot,
     check_config_keys,
+    full_numel,
     require_dropout,
     require_positive_int,
 )
 
-#: Named sizes. "gpt-1m" equals the constructor defaults (a byte-level model for smoke tests);
-#: "gpt-10m" is nanoGPT's shakespeare-char "baby GPT"; the gpt2-* entries are GPT-2 small and
-#: medium with the vocabulary padded to 50304 (a multiple of 128, faster matmuls as in nanoGPT).
-GPT_PRESETS: dict[str, dict[str, int]] = {
-    "gpt-1m": dict(vocab_size=256, context=256, n_layer=4, n_head=4, d_model=128),
-    "gpt-10m": dict(vocab_size=256, context=256, n_layer=6, n_head=6, d_model=384),
-    "gpt2-124m": dict(vocab_size=50304, context=1024, n_layer=12, n_head=12, d_model=768),
-    "gpt2-350m": dict(vocab_size=50304, context=1024, n_layer=24, n_head=16, d_model=1024),
-}
+# Named sizes: the one table is pure data in ``bigopt.presets``, so the spec validates
+# ``model.preset`` against it without importing torch.
+from bigopt.presets import GPT_PRESETS  # noqa: F401  (re-exported: bigopt.models.GPT_PRESETS)
 
 
 class Embedding(nn.Module):
@@ -174,13 +171,14 @@ class GPT(LayeredModel):
         self.dropout = require_dropout(dropout)
         self.activation_checkpointing = bool(activation_checkpointing)
 
+        rng = RngSnapshot()  # before any layer draws its default init; see _finish_init
         self.embedding = Embedding(vocab_size, context, d_model, self.dropout)
         self.blocks = nn.ModuleList(
             Block(d_model, n_head, self.dropout, checkpointing=self.activation_checkpointing)
             for _ in range(n_layer)
         )
         self.head = Head(d_model, vocab_size)
-        self._init_weights()
+        self._finish_init(rng)
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "GPT":
@@ -196,18 +194,22 @@ class GPT(LayeredModel):
     def _init_weights(self) -> None:
         # nanoGPT / GPT-2 init: N(0, 0.02) everywhere, and the projections that write into the
         # residual stream scaled by 1/sqrt(2 * n_layer) so the residual variance stays ~constant
-        # with depth (two residual adds per block).
+        # with depth (two residual adds per block). Through _init_param, one parameter at a
+        # time, so a ZeRO-3 partitioned model gets the same draws in the same order.
+        def normal(std: float) -> Callable[[Tensor], Tensor]:
+            return lambda t: nn.init.normal_(t, mean=0.0, std=std)
+
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                self._init_param(module.weight, normal(0.02))
                 if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+                    self._init_param(module.bias, nn.init.zeros_)
             elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                self._init_param(module.weight, normal(0.02))
         resid_std = 0.02 / math.sqrt(2 * self.n_layer)
         for block in self.blocks:
-            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=resid_std)
-            nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=resid_std)
+            self._init_param(block.attn.proj.weight, normal(resid_std))
+            self._init_param(block.mlp.proj.weight, normal(resid_std))
 
     def layers(self) -> list[nn.Module]:
         return [self.embedding, *self.blocks, self.head]
@@ -217,10 +219,11 @@ class GPT(LayeredModel):
 
         The untied output projection is kept in the non-embedding count because, unlike an
         embedding lookup, it is a real matmul whose FLOPs ``flops_per_sample`` must include.
+        Counts full sizes also when ZeRO-3 has partitioned the parameters.
         """
         n = super().num_params()
         if non_embedding:
-            n -= self.embedding.tok.weight.numel() + self.embedding.pos.weight.numel()
+            n -= full_numel(self.embedding.tok.weight) + full_numel(self.embedding.pos.weight)
         return n
 
     def flops_per_sample(self) -> float:

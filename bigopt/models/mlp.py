@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from bigopt.models.base import (
     Device,
     LayeredModel,
-    count_forward_flops,
+    RngSnapshot,
     require_dropout,
     require_positive_int,
 )
@@ -45,6 +45,7 @@ class MLP(LayeredModel):
         self.num_classes = num_classes
         self.dropout = require_dropout(dropout)
 
+        rng = RngSnapshot()  # before any layer draws its default init; see _finish_init
         groups: list[list[nn.Module]] = []
         width_in = in_features
         for width in self.hidden:
@@ -56,6 +57,8 @@ class MLP(LayeredModel):
         groups[0].insert(0, nn.Flatten())
         self.stack = nn.ModuleList(nn.Sequential(*g) for g in groups)
         self._flops: float | None = None
+        # Default PyTorch init only; _finish_init makes it exact under deepspeed.zero.Init too.
+        self._finish_init(rng)
 
     def layers(self) -> list[nn.Module]:
         return list(self.stack)
@@ -63,8 +66,7 @@ class MLP(LayeredModel):
     def flops_per_sample(self) -> float:
         """3 x forward FLOPs (backward ~ 2x forward) of all linears, measured once."""
         if self._flops is None:
-            x, _ = self.example_input(1, device=self._param_device())
-            self._flops = 3.0 * count_forward_flops(self, x)
+            self._flops = 3.0 * self._forward_flops_per_sample()
         return self._flops
 
     def example_input(self, batch_size: int, *, device: Device = None) -> tuple[Tensor, Tensor]:

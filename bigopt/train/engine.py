@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from bigopt.models.base import full_shape
 from bigopt.spec import ScheduleSpec, TrainSpec
 
 
@@ -36,8 +37,9 @@ def lr_lambda(schedule: ScheduleSpec, max_steps: int) -> Callable[[int], float]:
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices only; biases and norm gains are not decayed (as in nanoGPT/GPT-2)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    # full_shape: a ZeRO-3 partitioned matrix is a 1-d shard (dim() == 1) but still a matrix
+    decay = [p for p in model.parameters() if p.requires_grad and len(full_shape(p)) >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and len(full_shape(p)) < 2]
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
@@ -153,3 +155,27 @@ def build_deepspeed_engine(model: nn.Module, loss_fn: Callable, ds_config: dict[
             opt, lr_lambda(train.schedule, train.max_steps)),
     )
     return engine
+
+
+def model_init_context(ds_config: dict[str, Any] | None) -> contextlib.AbstractContextManager:
+    """The context to build the model in: ``deepspeed.zero.Init`` for ZeRO-3, else a no-op.
+
+    ``with model_init_context(ds_config): model = build_model(...)``, then
+    ``build_deepspeed_engine`` as usual. Without it ZeRO-3 still shards the model, but only
+    inside ``deepspeed.initialize``: until then every rank holds the whole fp32 model, so the
+    largest model that fits is bounded by one rank's memory instead of all of them together.
+    Under ``zero.Init`` each parameter is partitioned across the ranks as soon as the layer
+    owning it is built, so no rank ever holds the full model. Construction is then a
+    collective (all ranks build the same model together) and parameters are created in the
+    config's training dtype on the accelerator; the models in ``bigopt.models`` replay their
+    initialization so that the weights stay bit-identical to a plain build with the same seed
+    (``LayeredModel._finish_init``). Enter it after ``deepspeed.init_distributed`` (zero.Init
+    also reads ``LOCAL_RANK``) and call ``flops_per_sample()`` after leaving it. Every other ZeRO
+    stage keeps full parameters on each rank, so nothing changes there.
+    """
+    stage = ((ds_config or {}).get("zero_optimization") or {}).get("stage", 0)
+    if stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.Init(config_dict_or_path=ds_config)

@@ -95,8 +95,17 @@ class Trainer:
             raise ValueError("train.pipeline.stages: a distillation teacher needs stages: 1")
         # 2. Same seed on every rank: identical initial weights without a broadcast.
         seed_everything(train.seed)
-        # 3. Model (partitioned under ZeRO-3), the hooks' transforms, then the engine that owns
-        #    optimizer, schedule, precision and sharding.
+        # 3. Model (partitioned under ZeRO-3, a collective: DeepSpeed's process group first),
+        #    the hooks' transforms, then the engine that owns optimizer, schedule, precision
+        #    and sharding.
+        if train.strategy == "deepspeed":
+            import deepspeed
+            from deepspeed.accelerator import get_accelerator
+
+            check_precision_supported(self.precision,
+                                      fp16_supported=get_accelerator().is_fp16_supported(),
+                                      device=get_accelerator().device_name())
+            deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
         model = build_model(job)
         for transform in self.hooks.model_transforms:
             model = transform(model)
@@ -107,13 +116,6 @@ class Trainer:
             self.teacher = self.hooks.teacher().to(self.device).eval()
             self.loss_fn = self.hooks.loss_builder(self.task.loss)
         if train.strategy == "deepspeed":
-            import deepspeed
-            from deepspeed.accelerator import get_accelerator
-
-            check_precision_supported(self.precision,
-                                      fp16_supported=get_accelerator().is_fp16_supported(),
-                                      device=get_accelerator().device_name())
-            deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
             self.ds_config = job.deepspeed_config
             self.engine = build_deepspeed_engine(
                 model, self.task.loss, self.ds_config, train,

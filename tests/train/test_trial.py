@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from factories import make_spec
 
 import bigopt
 from bigopt.artifacts import read_artifact
@@ -17,6 +16,8 @@ from bigopt.train.hooks import TrainHooks
 from bigopt.train.reporting import LocalReporter
 from bigopt.train.trial import train_in_process, tune_trainable
 from bigopt.train.weights import load_trained_model
+
+from factories import make_spec
 
 pytestmark = pytest.mark.slow
 
