@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from bigopt.spec import GPTModelSpec, JobSpec, SpecError
+from bigopt.spec import DEFAULT_MAX_FAILURES, GPTModelSpec, JobSpec, SpecError, TrainSpec
 from bigopt.tasks import TASK_OF_MODEL, TASK_OF_SOURCE, get_task
 
 log = logging.getLogger("bigopt")
@@ -47,6 +47,8 @@ class ResolvedJob(BaseModel):
     data_order: Literal["streaming", "deterministic"] | None = None
     precision: Literal["fp32", "bf16", "fp16"] | None = None
     deepspeed_config: dict[str, Any] | None = None
+    #: worker-group restarts Ray Train may do (``train.max_failures``, defaulted)
+    max_failures: int = 0
 
     @property
     def columns(self) -> tuple[str, str]:
@@ -94,12 +96,19 @@ def resolve_precision(precision: str, *, has_gpu: bool) -> str:
 
 
 def resolve_data_order(spec: JobSpec) -> Literal["streaming", "deterministic"]:
-    """``auto``: deterministic when pipeline stages need identical batches, else streaming."""
+    """``auto``: deterministic, so the same spec and seed give the same run (pipelines need it
+    too); ``streaming`` only when asked for."""
     train = spec.train
     assert train is not None
-    if train.data_order != "auto":
-        return train.data_order
-    return "deterministic" if train.pipeline.stages > 1 else "streaming"
+    return "streaming" if train.data_order == "streaming" else "deterministic"
+
+
+def resolve_max_failures(train: TrainSpec) -> int:
+    """A run that checkpoints survives a few worker failures by default (a restart resumes
+    from the newest complete checkpoint); one that does not would start over, so it fails."""
+    if train.max_failures is not None:
+        return train.max_failures
+    return DEFAULT_MAX_FAILURES if train.checkpoint_every > 0 else 0
 
 
 def resolve(spec: JobSpec) -> ResolvedJob:
@@ -124,6 +133,7 @@ def resolve(spec: JobSpec) -> ResolvedJob:
             layout=LayoutInfo(world_size=layout.world_size, pp_stages=layout.pp_stages,
                               zero_stage=layout.zero_stage),
             data_order=resolve_data_order(spec), precision=precision,
+            max_failures=resolve_max_failures(train),
             deepspeed_config=(build_deepspeed_config(spec, layout, precision)
                               if train.strategy == "deepspeed" else None))
     return ResolvedJob(**fields)

@@ -47,6 +47,18 @@ def _address_of_local_ray_start() -> str | None:
         return None
 
 
+def cluster_answers(address: str, timeout_s: float = 2.0) -> bool:
+    """Whether something accepts TCP connections at ``host:port`` (a live GCS does at once)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> str:
     """Join a cluster (``address``, ``RAY_ADDRESS`` or one running here), else start Ray locally.
 
@@ -68,12 +80,18 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> s
         log.info("joined Ray cluster at %s", address)
         return "cluster"
     running = _address_of_local_ray_start()
+    if running is not None and not cluster_answers(running):
+        # A `ray start` cluster that died without `ray stop` leaves its address file behind;
+        # ray.init would retry that address for minutes. A refused TCP connect says it at once.
+        log.info("the Ray cluster recorded at %s (by `ray start`) does not answer: a stale "
+                 "record; starting an embedded Ray instead", running)
+        running = None
     if running is not None:  # a cluster started on this machine with `ray start`
         try:
             ray.init(address=running, log_to_driver=True)
             log.info("joined the Ray cluster `ray start` runs on this machine (%s)", running)
             return "cluster"
-        except (ConnectionError, RuntimeError) as exc:  # a stale address file
+        except (ConnectionError, RuntimeError) as exc:  # answered, then failed
             log.info("no Ray cluster answers at %s (%s); starting an embedded one", running, exc)
     # The dashboard (on 127.0.0.1) serves the state API that Ray Train's placement-group
     # cleaner polls; without it that actor retries in a busy loop.

@@ -112,6 +112,10 @@ class DataSpec(Section):
         None, ge=8, description="Tokens per training window; null: model.context."
     )
     rows_per_shard: int = Field(4096, ge=1)
+    shuffle_seed: int | None = Field(
+        0, description="Rows are written in an order shuffled by this seed (a hash of each "
+        "row's identity: the same for every run and cluster). null: source order (sorted by "
+        "path, then window), which puts the alphabetically first files first.")
 
 
 # --------------------------------------------------------------------------- model
@@ -187,6 +191,9 @@ class ScheduleSpec(Section):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of lr.")
 
 
+DEFAULT_MAX_FAILURES = 3
+
+
 class TrainSpec(Section):
     strategy: Literal["deepspeed", "ddp"] = "deepspeed"
     zero: ZeroSpec = Field(default_factory=ZeroSpec)
@@ -199,9 +206,11 @@ class TrainSpec(Section):
     batch_size: int = Field(16, ge=1, description="Micro-batch per data-parallel worker.")
     data_order: Literal["auto", "streaming", "deterministic"] = Field(
         "auto",
-        description="streaming: Ray's streaming_split (fastest). deterministic: one fixed order, "
-        "batches dealt by data-parallel rank (exact resume; required by pipelines). "
-        "auto: deterministic with pipeline stages, else streaming.",
+        description="deterministic: one order fixed by the seed (block order and a local "
+        "buffer shuffled per epoch), batches dealt by data-parallel rank: the same spec and seed "
+        "give the same loss curve, a resume skips exactly the batches already seen, and "
+        "pipeline stages see identical batches. streaming: Ray's streaming_split, rows reach "
+        "whichever worker asks first (not reproducible). auto: deterministic.",
     )
     shuffle_buffer: int = Field(1024, ge=0, description="Rows in the per-epoch local shuffle.")
     grad_accum: int = Field(1, ge=1)
@@ -225,7 +234,10 @@ class TrainSpec(Section):
         "(torchtitan's first-step checkpoint).",
     )
     keep_last: int = Field(2, ge=1)
-    max_failures: int = Field(0, ge=0, description="Worker-group restarts Ray Train may do.")
+    max_failures: int | None = Field(
+        None, ge=0, description="Worker-group restarts Ray Train may do after a failure. null: "
+        f"{DEFAULT_MAX_FAILURES} when checkpoint_every > 0 (a restart resumes from the newest "
+        "checkpoint, repeating at most one interval), else 0 (a restart would start over).")
     seed: int = 0
 
 

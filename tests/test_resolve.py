@@ -48,7 +48,8 @@ def test_task_columns_and_architecture_come_from_the_model_kind():
 def test_layout_data_order_precision_and_deepspeed_config_are_resolved():
     job = resolve(make_spec(train={"precision": "auto"}))
     assert job.precision == "bf16" and job.spec.train.precision == "bf16"  # recorded
-    assert job.data_order == "streaming" and job.layout.dp == 2
+    assert job.data_order == "deterministic" and job.layout.dp == 2  # reproducible by default
+    assert resolve(make_spec(train={"data_order": "streaming"})).data_order == "streaming"
     assert job.deepspeed_config["train_batch_size"] == 4 * 2
     pp = resolve(make_spec(train={"pipeline": {"stages": 2}}))
     assert pp.data_order == "deterministic" and pp.layout.dp == 1
@@ -73,3 +74,9 @@ def test_data_only_spec_resolves_its_task_from_the_source():
         parse_spec(raw)
     job = resolve(parse_spec({**raw, "data": {**raw["data"], "context": 64}}))
     assert job.stages == ["data"] and job.task == "language_model" and job.context == 64
+
+
+def test_a_run_that_checkpoints_survives_failures_by_default():
+    assert resolve(make_spec(train={"checkpoint_every": 10})).max_failures == 3
+    assert resolve(make_spec(train={"checkpoint_every": 0})).max_failures == 0
+    assert resolve(make_spec(train={"checkpoint_every": 10, "max_failures": 0})).max_failures == 0

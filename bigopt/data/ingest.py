@@ -34,7 +34,11 @@ def epoch_batches(shard: Any, *, batch_size: int, seed: int, dp: int = 1, dp_ran
     epoch = 0
     while True:
         kept = 0
-        it = shard.iter_torch_batches(
+        # A Dataset (deterministic mode) gets its block order shuffled per epoch, seeded; a
+        # streaming shard's order is Ray's to decide.
+        source = (shard.randomize_block_order(seed=seed + epoch)
+                  if shuffle_buffer and hasattr(shard, "randomize_block_order") else shard)
+        it = source.iter_torch_batches(
             batch_size=batch_size, drop_last=True, prefetch_batches=2,
             local_shuffle_buffer_size=shuffle_buffer or None,
             local_shuffle_seed=(seed + epoch) if shuffle_buffer else None,

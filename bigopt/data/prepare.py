@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -126,6 +127,55 @@ def _image_rows(spec: JobSpec) -> SourceRows:
         "classes": 10}, digest.hexdigest())
 
 
+ORDER_KEY = "_order"
+
+
+def _add_order_key(batch: dict[str, np.ndarray], seed: int | None,
+                   columns: list[str]) -> dict[str, np.ndarray]:
+    """A sort key from each row's identity: a seeded hash (a shuffle that does not depend on
+    how Ray Data split or ordered the blocks), or, with no seed, the identity itself."""
+    ids = ["\0".join(str(batch[c][i]) for c in columns) for i in range(len(batch[columns[0]]))]
+    if seed is None:
+        batch[ORDER_KEY] = np.array(ids, dtype=object)
+    else:
+        batch[ORDER_KEY] = np.array(
+            [int.from_bytes(hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=8).digest(), "big")
+             >> 1 for k in ids], dtype=np.int64)
+    return batch
+
+
+class _ShardNames:
+    """``<split>-00000.parquet``, ... by write task, so two runs write the same file names."""
+
+    def __init__(self, split: str):
+        self.split = split
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"{self.split}-{task_index:05d}.parquet"
+
+    def get_filename_for_row(self, row: Any, write_uuid: str, task_index: int, block_index: int,
+                             row_index: int) -> str:
+        return f"{self.split}-{task_index:05d}-{block_index:05d}-{row_index:06d}.parquet"
+
+
+def write_shards(part: Any, run: RunDir, split: str, rows: int, rows_per_shard: int) -> None:
+    """Write one split as Parquet shards: same source, spec and seed -> same rows, same order,
+    same shard boundaries and names (Ray Data keeps the sorted order and the even cut)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    previous, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    try:
+        shards = max(1, math.ceil(rows / rows_per_shard))
+        ordered = part.sort(ORDER_KEY).drop_columns([ORDER_KEY]).repartition(shards)
+        # OVERWRITE: the names are fixed (no write id in them), and a data stage run again
+        # into the same run dir replaces its shards rather than mixing old and new ones.
+        ordered.write_parquet(run.sub(f"data/{split}"), filesystem=run.fs,
+                              filename_provider=_ShardNames(split), mode=ray.data.SaveMode.OVERWRITE)
+    finally:
+        ctx.execution_options.preserve_order = previous
+
+
 def fingerprint(job: ResolvedJob, content_hash: str) -> str:
     """Same source content + same data spec + same context and task -> same fingerprint (the
     key a cache of prepared data will use)."""
@@ -145,18 +195,18 @@ def run_data(job: ResolvedJob, run: RunDir) -> tuple[dict[str, Any], str]:
         source = _text_rows(spec, job.context)
     else:
         source = _image_rows(spec)
-    rows = source.kept.materialize()
+    identity = ["path", "window"] if isinstance(spec.data.source, TextTreeSource) else ["id"]
+    rows = source.kept.map_batches(_add_order_key, fn_kwargs={
+        "seed": spec.data.shuffle_seed, "columns": identity}, batch_size=1024).materialize()
     count_column = "n_tokens" if "n_tokens" in rows.schema().names else None
 
-    fs = run.fs
     per_split: dict[str, dict[str, Any]] = {}
     for name in SPLITS:
         part = rows.filter(lambda r, name=name: r["split"] == name).drop_columns(["split"])
         n = part.count()
         if n == 0:
             continue
-        part.write_parquet(run.sub(f"data/{name}"), filesystem=fs,
-                           min_rows_per_file=spec.data.rows_per_shard)
+        write_shards(part, run, name, n, spec.data.rows_per_shard)
         key = "path" if count_column else "id"
         per_split[name] = {
             "rows": n,

@@ -73,7 +73,7 @@ def read_and_check(batch: dict[str, np.ndarray], root: str, max_bytes: int) -> d
 
 def to_windows(batch: dict[str, np.ndarray], context: int) -> dict[str, np.ndarray]:
     """Files -> fixed windows: ``input_ids``/``labels`` of shape [context], one row each."""
-    inputs, labels, paths, splits, n_tokens = [], [], [], [], []
+    inputs, labels, paths, splits, n_tokens, window = [], [], [], [], [], []
     for rel, text, split in zip(batch["path"], batch["text"], batch["split"], strict=True):
         tokens = np.frombuffer(text, dtype=np.uint8).astype(np.int32)
         # Stride `context`; the window's labels are the next token, so window k reads
@@ -89,11 +89,13 @@ def to_windows(batch: dict[str, np.ndarray], context: int) -> dict[str, np.ndarr
             paths.append(rel)
             splits.append(split)
             n_tokens.append(len(chunk) - 1)
+            window.append(start // context)
     return {
         "input_ids": np.stack(inputs) if inputs else np.zeros((0, context), np.int32),
         "labels": np.stack(labels) if labels else np.zeros((0, context), np.int32),
         "path": np.array(paths, dtype=object),
         "n_tokens": np.array(n_tokens, dtype=np.int32),
+        "window": np.array(window, dtype=np.int32),  # index within the file: a stable identity
         "split": np.array(splits, dtype=object),
     }
 

@@ -51,8 +51,11 @@ def train_section(run: RunDir, artifact: ModelArtifact) -> list[str]:
              f"- model: `{artifact.uri}` ({artifact.format}, step {artifact.step})"]
     if result.get("resumed_from") is not None:
         repeated = len(rows) - len({r["step"] for r in rows})
-        lines.append(f"- resumed from the step-{result['resumed_from']} checkpoint "
-                     f"({repeated} logged steps were run twice)")
+        restarts = result.get("restarts") or 0
+        cause = (f"after {restarts} worker-group restart{'s' * (restarts != 1)} (worker failures)"
+                 if restarts else "as asked (--resume)")
+        lines.append(f"- resumed from the step-{result['resumed_from']} checkpoint {cause}: "
+                     f"{repeated} logged steps were run twice")
     lines.append("")
     if len(val) >= 2:
         first, last = val[min(val)], val[max(val)]

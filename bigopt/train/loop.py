@@ -12,9 +12,11 @@ via ``DDPEngine``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +65,24 @@ def build_model(job: ResolvedJob) -> LayeredModel:
     assert job.arch is not None
     with model_init_context(job.deepspeed_config):
         return from_arch(job.arch)
+
+
+@contextlib.contextmanager
+def saved_activation_bytes() -> Iterator[dict[str, int]]:
+    """Bytes of the tensors autograd saves for backward inside the block (each storage once):
+    the activation memory a forward pass leaves behind."""
+    seen: set[int] = set()
+    total = {"bytes": 0}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total["bytes"] += storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield total
 
 
 def seed_everything(seed: int) -> None:
@@ -153,6 +173,7 @@ class Trainer:
                                               world_rank=self.rank, at=train.checkpoint_at,
                                               session=ctx.session)
         self.step, self.samples_seen, self.resume_uri = 0, 0, ctx.resume_uri
+        self.session = ctx.session
         self.val_losses: dict[int, float] = {}
         self.val_metrics: dict[int, dict[str, float]] = {}
         self._val_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -162,6 +183,7 @@ class Trainer:
         train = self.train_spec
         state = self.checkpointer.load(self.resume_uri)
         self.resumed_from = state["step"] if state else None
+        self.restarts = self.count_attempt() - 1
         if state:
             self.step, self.samples_seen = state["step"], state["samples_seen"]
             self.val_losses = {int(k): v for k, v in state.get("val_losses", {}).items()}
@@ -212,9 +234,15 @@ class Trainer:
             # stage, labels on the last, each from this rank's iterator.
             return float(self.engine.train_batch(data_iter=self.batches))
         losses = []
-        for _ in range(self.micro_batches):
+        for micro in range(self.micro_batches):
             x, y = next(self.batches)
-            loss = self.compute_loss(self.engine(x), y, x)
+            if self.step == 1 and micro == 0:
+                with saved_activation_bytes() as saved:
+                    output = self.engine(x)
+                self.saved_activation_mb = saved["bytes"] / 2**20
+            else:
+                output = self.engine(x)
+            loss = self.compute_loss(output, y, x)
             self.engine.backward(loss)
             self.engine.step()  # steps the optimizer only at the accumulation boundary
             losses.append(loss.item())
@@ -260,6 +288,16 @@ class Trainer:
         return value
 
     # ------------------------------------------------------------------ helpers
+    def count_attempt(self) -> int:
+        """This fit's attempt number (1 = first; Ray Train restarts the worker group after a
+        failure), counted per session in ``train/attempts.json`` by rank 0."""
+        if self.session is None or self.rank != 0:  # only rank 0 writes result.json
+            return 1
+        counts = self.run.read_json("train/attempts.json") if self.run.exists("train/attempts.json") else {}
+        counts[self.session] = counts.get(self.session, 0) + 1
+        self.run.write_json("train/attempts.json", counts)
+        return counts[self.session]
+
     @property
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
@@ -281,6 +319,21 @@ class Trainer:
             stats["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
         return stats
 
+    def engine_facts(self) -> dict[str, Any]:
+        """What the strategy actually did on this rank, so tests can check it took effect:
+        parameters held (ZeRO-3 holds ~1/N), the optimizer that steps (DeepSpeedCPUAdam with
+        offload), activation memory saved for backward at step 1 (lower with checkpointing)."""
+        from bigopt.models.base import full_numel
+
+        module = self.engine.module
+        params = list(module.parameters())
+        held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+        optimizer = getattr(self.engine, "optimizer", None)
+        inner = getattr(optimizer, "optimizer", optimizer)
+        return {"params_total": sum(full_numel(p) for p in params), "params_held": held,
+                "optimizer": type(optimizer).__name__, "inner_optimizer": type(inner).__name__,
+                "saved_activation_mb": getattr(self, "saved_activation_mb", None)}
+
     def all_reduce_mean(self, value: float) -> float:
         t = torch.tensor([value], dtype=torch.float64)
         if torch.distributed.get_backend() == "nccl":
@@ -301,9 +354,12 @@ class Trainer:
                              if "val_acc" in m},
             # the checkpoint step this (last) attempt started from: after --resume or a failure
             "resumed_from": self.resumed_from,
+            # worker-group restarts after failures in this fit (Ray Train's FailureConfig)
+            "restarts": self.restarts,
             "strategy": self.train_spec.strategy, "precision": self.precision,
             "layout": vars(self.layout) | {"dp": self.layout.dp},
             "deepspeed_config": self.ds_config,
+            "engine": self.engine_facts(),
         }
 
 

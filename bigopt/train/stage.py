@@ -41,9 +41,10 @@ def ray_configs(job: ResolvedJob, run: RunDir, callbacks: list[Any] | None = Non
             # train/checkpoints/, on local disk or S3 alike.
             name="checkpoints", storage_path=run.sub("train"), storage_filesystem=run.fs,
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_last),
-            failure_config=FailureConfig(max_failures=train.max_failures),
+            failure_config=FailureConfig(max_failures=job.max_failures),
             callbacks=callbacks or None),
-        # Deterministic mode deals batches by rank inside the worker, so nothing is split.
+        # Deterministic mode deals batches by rank inside the worker, so nothing is split
+        # (its train dataset travels in the loop config).
         "dataset_config": DataConfig(
             datasets_to_split=[] if deterministic else ["train"], execution_options=execution),
     }
@@ -91,15 +92,20 @@ def train_stage(job: ResolvedJob, inputs: dict[str, Any], run: RunDir,
     # Training workers log their own progress lines; Ray Data's per-worker bars would
     # interleave on the console (the data context is captured here, in the driver).
     ray.data.DataContext.get_current().enable_progress_bars = False
+    datasets = read_splits(job, data)
+    deterministic = job.data_order == "deterministic"
     trainer = TorchTrainer(
         ray_train_entry,
         train_loop_config={"job": job.model_dump(mode="json"), "data": data.model_dump(mode="json"),
+                           # deterministic order: every worker iterates this (materialized)
+                           # dataset itself, shuffling its block order per epoch
+                           "train_dataset": datasets.pop("train") if deterministic else None,
                            "run_uri": run.uri, "resume_uri": resume_uri(run, resume),
                            "hooks": options.hooks,
                            # identifies this fit's checkpoints for a restart (checkpoint.py)
                            "session": uuid.uuid4().hex},
         torch_config=TorchConfig(backend="nccl" if job.spec.cluster.gpus_per_worker > 0 else "gloo"),
-        datasets=read_splits(job, data),
+        datasets=datasets,
         **ray_configs(job, run, options.extra.get("ray_callbacks")),
     )
     trainer.fit()
@@ -131,7 +137,7 @@ def ray_train_entry(config: dict[str, Any]) -> None:
     ray_ctx = ray.train.get_context()
     ctx = TrainContext(rank=ray_ctx.get_world_rank(), world_size=ray_ctx.get_world_size(),
                        device=ray.train.torch.get_device(),
-                       train_data=ray.train.get_dataset_shard("train"),
+                       train_data=config.get("train_dataset") or ray.train.get_dataset_shard("train"),
                        val_data=ray.train.get_dataset_shard("val"),
                        session=config.get("session"), resume_uri=config.get("resume_uri"))
     train(job, data, run, ctx, RayTrainReporter(run), config.get("hooks"))

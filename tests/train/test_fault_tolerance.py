@@ -1,22 +1,25 @@
-"""SIGKILL one training worker mid-run: Ray Train restarts the group from the last checkpoint
-and the run completes with the same step count, repeating at most one checkpoint interval."""
+"""SIGKILL one training worker mid-run of `bigopt run` with default settings: Ray Train restarts
+the group from the last checkpoint (a run that checkpoints tolerates failures by default) and
+the run completes with the same step count, repeating at most one checkpoint interval; the
+result and the report say how many restarts happened and how many steps were repeated."""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
-import threading
+import subprocess
+import sys
 import time
 
 import psutil
 import pytest
+import yaml
 
-import bigopt
 from bigopt.runtime import RunDir
 from bigopt.train.checkpoint import COMPLETE_FILE
 
-from factories import make_spec
+from factories import spec_dict
 
 pytestmark = pytest.mark.slow
 
@@ -34,15 +37,16 @@ def newest_complete_step(run_root) -> int:
     return max(steps, default=0)
 
 
-def test_worker_sigkill_resumes_and_completes(ray_session, tmp_path):
+def test_worker_sigkill_resumes_and_completes(ray_session, tmp_path, repo_root):
     steps, every = 100, 20  # steps: room for the kill to land before the run ends
-    spec = make_spec(tmp_path, name="ft", data={"source": {"max_files": 30}},
+    # no train.max_failures: the default must survive a failure when checkpoints are on
+    spec = spec_dict(tmp_path, name="ft", data={"source": {"max_files": 30}},
                      train={"zero": {"stage": 2}, "max_steps": steps, "eval_batches": 1,
-                            "checkpoint_every": every, "max_failures": 2,
-                            "data_order": "deterministic"})
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(run=bigopt.run(spec)))
-    thread.start()
+                            "checkpoint_every": every, "data_order": "deterministic"})
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(spec))
+    log = open(tmp_path / "run.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "bigopt.cli", "run", str(tmp_path / "ft.yaml")],
+                            cwd=repo_root, stdout=log, stderr=subprocess.STDOUT)
     # Kill as soon as the first checkpoint is complete on storage: usually before Ray's
     # controller has polled the workers and registered it, the case where Ray alone would
     # restart from an older checkpoint (here: from scratch).
@@ -55,10 +59,9 @@ def test_worker_sigkill_resumes_and_completes(ray_session, tmp_path):
     victims = train_workers()
     assert victims, "no RayTrainWorker process found"
     os.kill(victims[-1].pid, signal.SIGKILL)
-    thread.join(timeout=1200)
-    assert not thread.is_alive() and "run" in result, "the run did not complete"
-
-    run = RunDir(result["run"].run_uri)
+    assert proc.wait(timeout=1200) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    (run_dir,) = (tmp_path / "ft").iterdir()
+    run = RunDir(str(run_dir))
     final = run.read_json("train/result.json")
     assert final["steps"] == steps
     logged = [r["step"] for r in run.read_jsonl("train/metrics.jsonl")]
@@ -78,3 +81,6 @@ def test_worker_sigkill_resumes_and_completes(ray_session, tmp_path):
     # keep_last holds across the restart: the resumed checkpoint is no orphan Ray forgets
     kept = sorted({p.split("/")[2] for p in run.list("train/checkpoints") if "/step_" in p})
     assert kept == ["step_000080", "step_000100"], kept
+    assert final["restarts"] == 1
+    assert (f"after 1 worker-group restart (worker failures): {repeated} logged steps were run twice"
+            in run.read_text("report.md"))
