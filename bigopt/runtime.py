@@ -95,8 +95,10 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> s
             log.info("no Ray cluster answers at %s (%s); starting an embedded one", running, exc)
     # The dashboard (on 127.0.0.1) serves the state API that Ray Train's placement-group
     # cleaner polls; without it that actor retries in a busy loop.
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             log_to_driver=True)
+    # address="local": a new instance even where a `ray start` record exists (plain ray.init()
+    # would try to join the recorded cluster, dead or not).
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
+             dashboard_host="127.0.0.1", log_to_driver=True)
     log.info("started an embedded local Ray on 127.0.0.1 with %s CPU slots",
              ray.cluster_resources().get("CPU"))
     return "embedded"

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 def test_stale_cluster_record_falls_back_to_embedded_ray_at_once(tmp_path):
     ray_tmp = short_tmpdir("bostale")
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there
-    with open(os.path.join(ray_tmp, "ray_current_cluster"), "w") as f:
+    os.makedirs(os.path.join(ray_tmp, "ray"))  # where Ray looks: $RAY_TMPDIR/ray/ray_current_cluster
+    with open(os.path.join(ray_tmp, "ray", "ray_current_cluster"), "w") as f:
         f.write(dead)
     started = time.time()
     proc = subprocess.run(
