@@ -94,6 +94,8 @@ def train_stage(job: ResolvedJob, inputs: dict[str, Any], run: RunDir,
     ray.data.DataContext.get_current().enable_progress_bars = False
     datasets = read_splits(job, data)
     deterministic = job.data_order == "deterministic"
+    if not deterministic:
+        warn_if_readers_starve(job)
     trainer = TorchTrainer(
         ray_train_entry,
         train_loop_config={"job": job.model_dump(mode="json"), "data": data.model_dump(mode="json"),
@@ -110,6 +112,21 @@ def train_stage(job: ResolvedJob, inputs: dict[str, Any], run: RunDir,
     )
     trainer.fit()
     return ModelArtifact.model_validate(run.read_json("train/result.json")["artifact"])
+
+
+def warn_if_readers_starve(job: ResolvedJob) -> None:
+    """Streaming reads run as Ray tasks beside the training workers: on a cluster whose CPUs
+    the workers take in full, nothing can read and the run waits forever (an autoscaling
+    cluster adds nodes instead, so this is a warning, not an error)."""
+    import ray
+
+    c = job.spec.cluster
+    need, have = c.num_workers * c.cpus_per_worker, ray.cluster_resources().get("CPU", 0)
+    if have < need + 1:
+        log.warning("train.data_order: streaming reads need a CPU beside the training workers, "
+                    "but cluster.num_workers x cluster.cpus_per_worker = %g of the cluster's %g "
+                    "CPUs leaves none: unless the cluster autoscales, lower them or use "
+                    "data_order: deterministic (reads before training starts)", need, have)
 
 
 def resume_uri(run: RunDir, checkpoint: str | None) -> str | None:

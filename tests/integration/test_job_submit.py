@@ -33,7 +33,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def head():
-    h = RayHead(num_cpus=3)  # 2 training workers + 1 slot for Ray Data's read tasks
+    # A full head: the 2 training workers take both CPUs, leaving none for Ray Data's read
+    # tasks. The run must still make progress (bigopt reads its data before the workers start).
+    h = RayHead(num_cpus=2)
     try:
         h.wait_ready()
         yield h
