@@ -152,6 +152,10 @@ class Trainer:
         self.columns = self.task.columns
         self.micro_batches = micro_batches_per_step(train, self.layout)
         self.deterministic = job.data_order == "deterministic"
+        if self.deterministic:  # this process's executions keep block order too
+            import ray.data
+
+            ray.data.DataContext.get_current().execution_options.preserve_order = True
         dp_rank = self.layout.dp_rank(self.rank)
         self.batches = TimedBatches(epoch_batches(
             ctx.train_data, batch_size=train.batch_size, seed=train.seed,

@@ -61,6 +61,11 @@ def read_splits(job: ResolvedJob, data: DataArtifact) -> dict[str, Any]:
     """
     import ray.data
 
+    if job.data_order == "deterministic":
+        # Datasets carry the context they were made in: keep block order in every execution
+        # (the materialize here and each epoch's in the workers), or blocks that finish first
+        # come first and the order changes from run to run.
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
     missing = [s for s in ("train", "val") if s not in data.splits]
     if missing:
         raise FileNotFoundError(f"the data artifact of {data.run} has no {'/'.join(missing)} split: "

@@ -42,7 +42,7 @@ def test_worker_sigkill_resumes_and_completes(ray_session, tmp_path, repo_root):
     # no train.max_failures: the default must survive a failure when checkpoints are on
     spec = spec_dict(tmp_path, name="ft", data={"source": {"max_files": 30}},
                      train={"zero": {"stage": 2}, "max_steps": steps, "eval_batches": 1,
-                            "checkpoint_every": every, "data_order": "deterministic"})
+                            "checkpoint_every": every})  # the default (seeded) data order
     (tmp_path / "ft.yaml").write_text(yaml.safe_dump(spec))
     log = open(tmp_path / "run.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "bigopt.cli", "run", str(tmp_path / "ft.yaml")],
@@ -77,6 +77,13 @@ def test_worker_sigkill_resumes_and_completes(ray_session, tmp_path, repo_root):
     assert logged == list(range(1, last_before + 1)) + list(range(resumed_from + 1, steps + 1)), logged
     repeated = len(logged) - len(set(logged))
     assert repeated == last_before - resumed_from
+    # The restart restores the data position, not only the weights: each repeated step saw
+    # the same batch from the same weights, so it has the same loss in both attempts.
+    rows = run.read_jsonl("train/metrics.jsonl")
+    first = {r["step"]: r["loss"] for r in rows[:restart_at]}
+    again = {r["step"]: r["loss"] for r in rows[restart_at:]}
+    for step in range(resumed_from + 1, last_before + 1):
+        assert abs(first[step] - again[step]) <= 1e-6 * abs(first[step]), (step, first[step], again[step])
     assert 0 <= repeated <= every, f"{repeated} steps repeated (interval {every})"
     # keep_last holds across the restart: the resumed checkpoint is no orphan Ray forgets
     kept = sorted({p.split("/")[2] for p in run.list("train/checkpoints") if "/step_" in p})

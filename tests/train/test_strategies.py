@@ -31,7 +31,7 @@ def tiny_spec(storage: str, *, workers: int = 2, dropout: float = 0.0, **train) 
         model={"dropout": dropout},
         train={"max_steps": STEPS, "lr": 3e-3, "clip_grad": 1.0,
                "schedule": {"kind": "cosine", "warmup_steps": 3}, "checkpoint_at": [1],
-               "keep_last": 3, "data_order": "deterministic", "shuffle_buffer": 0, **train})
+               "keep_last": 3, **train})  # the default data order: seeded, shuffled
 
 
 class Runs:
@@ -84,6 +84,13 @@ def test_zero_stages_match_zero0(runs, stage):
     losses, ref = runs.losses(run), runs.losses(base)
     assert_trajectories_close(ref, losses, 1e-4)
     assert ref[STEPS] < 0.8 * ref[1]  # and it is actually learning
+    # ... and the stage took effect: ZeRO-3 leaves each of the 2 ranks about half the params
+    engine = run.read_json("train/result.json")["engine"]
+    assert run.read_json("train/result.json")["deepspeed_config"]["zero_optimization"]["stage"] == stage
+    if stage == 3:
+        assert 0.45 < engine["params_held"] / engine["params_total"] < 0.55, engine
+    else:
+        assert engine["params_held"] == engine["params_total"], engine
 
 
 # One-step parameter checks use SGD: Adam's first update is ~lr*g/|g|, which turns the
@@ -141,6 +148,9 @@ def test_activation_checkpointing_changes_memory_not_maths(runs):
     _, base = runs.get("zero0")
     _, ac = runs.get("zero0-ac", activation_checkpointing=True, checkpoint_every=0)
     assert_trajectories_close(runs.losses(base), runs.losses(ac), 1e-4)
+    saved = {name: r.read_json("train/result.json")["engine"]["saved_activation_mb"]
+             for name, r in (("plain", base), ("checkpointed", ac))}
+    assert saved["checkpointed"] < 0.6 * saved["plain"], saved
 
 
 def test_zero3_with_cpu_offload_trains_like_zero0(runs):
@@ -149,3 +159,7 @@ def test_zero3_with_cpu_offload_trains_like_zero0(runs):
     _, off = runs.get("zero3-offload", checkpoint_every=0,
                       zero={"stage": 3, "offload_optimizer": True, "offload_params": True})
     assert_trajectories_close(runs.losses(base), runs.losses(off), 1e-3)
+    engine = off.read_json("train/result.json")["engine"]
+    assert engine["inner_optimizer"] == "DeepSpeedCPUAdam", engine  # offload ran the CPU Adam
+    assert runs.get("zero0")[1].read_json("train/result.json")["engine"]["inner_optimizer"] != \
+        "DeepSpeedCPUAdam"
