@@ -23,6 +23,15 @@ class RunResult:
     seconds: float = 0.0
 
 
+def _process_start_time() -> float:
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # no psutil (it comes with ray[default]): count from bigopt.run instead
+        return time.time()
+
+
 def parse_from(items: list[str] | None) -> dict[str, str]:
     """``["data=runs/q/1"]`` -> ``{"data": "runs/q/1"}`` (the CLI's ``--from STAGE=RUN_DIR``)."""
     out: dict[str, str] = {}
@@ -86,6 +95,9 @@ def run(spec: JobSpec, *, stages: list[str] | None = None, run_dir: str | None =
     ``TrainHooks``.
     """
     started = time.time()
+    # Start-up marks (wall clock), from this process's start: the train stage reports
+    # time_to_first_step_s and a breakdown by phase against them.
+    startup = {"process_start": _process_start_time(), "run_called": started}
     job = resolve(spec)
     inputs_from = dict(inputs_from or {})
     if data_from:
@@ -97,9 +109,11 @@ def run(spec: JobSpec, *, stages: list[str] | None = None, run_dir: str | None =
     log.info("run dir: %s; stages: %s", run.uri, ", ".join(s.name for s in todo))
     c = spec.cluster
     connect_ray(c.address, num_cpus=embedded_cpus(c.num_workers * c.cpus_per_worker, c.num_cpus))
+    startup["ray_up"] = time.time()
     result = RunResult(run.uri)
-    options = StageOptions(resume=resume, hooks=hooks)
+    options = StageOptions(resume=resume, hooks=hooks, extra={"startup": startup})
     for stage in todo:
+        startup[f"{stage.name}_stage_start"] = time.time()
         inputs = {k: artifacts[k] for k in (*stage.consumes, *stage.optional) if k in artifacts}
         artifact = stage.function()(job, inputs, run, options)
         write_artifact(run, artifact)

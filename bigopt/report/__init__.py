@@ -56,6 +56,11 @@ def train_section(run: RunDir, artifact: ModelArtifact) -> list[str]:
                  if restarts else "as asked (--resume)")
         lines.append(f"- resumed from the step-{result['resumed_from']} checkpoint {cause}: "
                      f"{repeated} logged steps were run twice")
+    if result.get("time_to_first_step_s") is not None:
+        marks = result.get("startup_s", {})
+        lines.append(f"- first optimizer step {result['time_to_first_step_s']:.1f} s after start ("
+                     + ", ".join(f"{k} {v:.1f} s" for k, v in marks.items() if k != "process_start")
+                     + ")")
     lines.append("")
     if len(val) >= 2:
         first, last = val[min(val)], val[max(val)]

@@ -58,6 +58,8 @@ class TrainContext:
     session: str | None = None
     #: an explicit checkpoint to start from (``--resume``)
     resume_uri: str | None = None
+    #: wall-clock marks of the driver's start-up (``process_start``, ``ray_up``, ...)
+    startup: dict[str, float] | None = None
 
 
 def build_model(job: ResolvedJob) -> LayeredModel:
@@ -101,6 +103,7 @@ class TrainResult:
 class Trainer:
     def __init__(self, job: ResolvedJob, out: RunDir, ctx: TrainContext, reporter: Reporter,
                  hooks: TrainHooks | None = None):
+        self.startup = {**(ctx.startup or {}), "trainer_init": time.time()}
         train = job.spec.train
         assert train is not None and job.layout is not None and job.precision is not None
         self.job, self.train_spec, self.run, self.precision = job, train, out, job.precision
@@ -145,6 +148,7 @@ class Trainer:
             self.ds_config = None
             self.engine = DDPEngine(model, train, self.precision, self.device)
             ckpt_target = self.engine
+        self.startup["engine_built"] = time.time()
         # Dropout draws differ per data-parallel rank from here on (as in Megatron): the same
         # masks on every rank would waste the noise. Restored from checkpoints on resume.
         torch.manual_seed(train.seed + 1 + self.rank)
@@ -200,6 +204,8 @@ class Trainer:
             self.step += 1
             last = self.step == train.max_steps
             loss, step_time = self.train_step()
+            if "first_step" not in self.startup:
+                self.startup["first_step"] = time.time()
             self.samples_seen += self.metrics.samples_per_step
             extra = {**self.precision_stats(), **self.memory_stats()}
             evaluated = (train.eval_every and self.step % train.eval_every == 0) or last
@@ -364,7 +370,16 @@ class Trainer:
             "layout": vars(self.layout) | {"dp": self.layout.dp},
             "deepspeed_config": self.ds_config,
             "engine": self.engine_facts(),
+            **self.startup_report(),
         }
+
+    def startup_report(self) -> dict[str, Any]:
+        """Seconds from the driver process's start to each start-up mark, and to step 1."""
+        origin = self.startup.get("process_start")
+        if origin is None or "first_step" not in self.startup:
+            return {}
+        marks = {k: round(v - origin, 2) for k, v in sorted(self.startup.items(), key=lambda kv: kv[1])}
+        return {"time_to_first_step_s": marks["first_step"], "startup_s": marks}
 
 
 def train(job: ResolvedJob, data: DataArtifact, out: RunDir, ctx: TrainContext,

@@ -109,6 +109,7 @@ def train_stage(job: ResolvedJob, inputs: dict[str, Any], run: RunDir,
                            "train_dataset": datasets.pop("train") if deterministic else None,
                            "run_uri": run.uri, "resume_uri": resume_uri(run, resume),
                            "hooks": options.hooks,
+                           "startup": options.extra.get("startup"),
                            # identifies this fit's checkpoints for a restart (checkpoint.py)
                            "session": uuid.uuid4().hex},
         torch_config=TorchConfig(backend="nccl" if job.spec.cluster.gpus_per_worker > 0 else "gloo"),
@@ -161,7 +162,8 @@ def ray_train_entry(config: dict[str, Any]) -> None:
                        device=ray.train.torch.get_device(),
                        train_data=config.get("train_dataset") or ray.train.get_dataset_shard("train"),
                        val_data=ray.train.get_dataset_shard("val"),
-                       session=config.get("session"), resume_uri=config.get("resume_uri"))
+                       session=config.get("session"), resume_uri=config.get("resume_uri"),
+                       startup=config.get("startup"))
     train(job, data, run, ctx, RayTrainReporter(run), config.get("hooks"))
 
 
