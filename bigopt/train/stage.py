@@ -8,6 +8,7 @@ checkpoint) and hands it to the trainer.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -50,14 +51,18 @@ def ray_configs(job: ResolvedJob, run: RunDir, callbacks: list[Any] | None = Non
     }
 
 
-def read_splits(job: ResolvedJob, data: DataArtifact) -> dict[str, Any]:
-    """The data artifact's train and val splits as Ray Datasets of the task's columns.
+def plan_splits(job: ResolvedJob, data: DataArtifact) -> dict[str, Any]:
+    """How each worker gets the train and val splits of ``data``: a shard-directory URI (a small
+    split: each worker reads it itself with pyarrow, see ``open_split``), a materialized
+    Dataset (a large one, read once in parallel by Ray Data), or, for ``streaming`` training
+    data, a lazy Dataset that Ray Train splits between the workers.
 
     Every worker iterates the whole validation set (and, in deterministic mode, the whole
-    training set) with its own Ray Data execution. Executions that each need a read task can
-    deadlock on a busy cluster: one worker's backpressured reader holds the CPU the other's
-    needs while both wait in an all-reduce (seen with 2 workers on 2 cores). Materialized,
-    those datasets are read from the object store with no tasks at all.
+    training set). Executions that each need a read task can deadlock on a busy cluster: one
+    worker's backpressured reader holds the CPU the other's needs while both wait in an
+    all-reduce (seen with 2 workers on 2 cores), and a head whose CPUs the workers take in full
+    has none left for readers at all. Read by the workers themselves, or materialized before
+    they start, those splits need no Ray task during training.
     """
     import ray.data
 
@@ -70,15 +75,49 @@ def read_splits(job: ResolvedJob, data: DataArtifact) -> dict[str, Any]:
     if missing:
         raise FileNotFoundError(f"the data artifact of {data.run} has no {'/'.join(missing)} split: "
                                 "set data.split.val > 0 and run the data stage")
-    datasets = {}
+    sources: dict[str, Any] = {}
     for split in ("train", "val"):
-        fs, path = filesystem_for(data.splits[split].uri)
-        datasets[split] = ray.data.read_parquet(path, filesystem=fs).select_columns(
+        uri = data.splits[split].uri
+        fs, path = filesystem_for(uri)
+        materialize = split == "val" or job.data_order == "deterministic"
+        if materialize and _total_bytes(fs, path) <= WORKER_READ_MAX_BYTES:
+            sources[split] = uri
+            continue
+        ds = ray.data.read_parquet(path, filesystem=fs).select_columns(
             list(data.columns))  # pushed down into the Parquet read
-    datasets["val"] = datasets["val"].materialize()
-    if job.data_order == "deterministic":
-        datasets["train"] = datasets["train"].materialize()
-    return datasets
+        sources[split] = ds.materialize() if materialize else ds
+    return sources
+
+
+#: A split every worker iterates in full that is smaller than this is read by each worker
+#: itself with pyarrow (a fraction of a second) instead of by Ray Data tasks started from the
+#: driver (seconds of start-up on the critical path, BENCHMARKS.md). Larger splits are read
+#: once, in parallel, and materialized in the object store.
+WORKER_READ_MAX_BYTES = 256 * 2**20
+
+
+def _total_bytes(fs: Any, path: str) -> int:
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sum(i.size or 0 for i in infos if i.type == pafs.FileType.File)
+
+
+def open_split(source: Any, columns: tuple[str, str] | list[str]) -> Any:
+    """A split as ``plan_splits`` planned it, as a Dataset in this process. A URI is read here:
+    one block per shard, in shard-name order (the order the data stage wrote them)."""
+    if not isinstance(source, str):
+        return source
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+    import ray.data
+
+    fs, path = filesystem_for(source)
+    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                   if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+    if not files:
+        raise FileNotFoundError(f"no Parquet shards under {source}")
+    return ray.data.from_arrow([pq.read_table(f, columns=list(columns), filesystem=fs) for f in files])
 
 
 def train_stage(job: ResolvedJob, inputs: dict[str, Any], run: RunDir,
@@ -97,16 +136,21 @@ def train_stage(job: ResolvedJob, inputs: dict[str, Any], run: RunDir,
     # Training workers log their own progress lines; Ray Data's per-worker bars would
     # interleave on the console (the data context is captured here, in the driver).
     ray.data.DataContext.get_current().enable_progress_bars = False
-    datasets = read_splits(job, data)
-    deterministic = job.data_order == "deterministic"
-    if not deterministic:
+    splits = plan_splits(job, data)
+    startup = options.extra.get("startup")
+    if startup is not None:
+        startup["data_planned"] = time.time()
+    # streaming: Ray Train splits the training data between the workers (DataConfig)
+    datasets = {"train": splits.pop("train")} if job.data_order == "streaming" else {}
+    if datasets:
         warn_if_readers_starve(job)
     trainer = TorchTrainer(
         ray_train_entry,
         train_loop_config={"job": job.model_dump(mode="json"), "data": data.model_dump(mode="json"),
-                           # deterministic order: every worker iterates this (materialized)
-                           # dataset itself, shuffling its block order per epoch
-                           "train_dataset": datasets.pop("train") if deterministic else None,
+                           # what each worker opens itself (open_split): val, and train in the
+                           # deterministic order (every worker iterates it, block order and a
+                           # local buffer shuffled per epoch)
+                           "splits": splits,
                            "run_uri": run.uri, "resume_uri": resume_uri(run, resume),
                            "hooks": options.hooks,
                            "startup": options.extra.get("startup"),
@@ -157,11 +201,13 @@ def ray_train_entry(config: dict[str, Any]) -> None:
     job = ResolvedJob.model_validate(config["job"])  # the boundary dict becomes typed first
     data = DataArtifact.model_validate(config["data"])
     run = RunDir(config["run_uri"])
+    splits = config["splits"]
     ray_ctx = ray.train.get_context()
     ctx = TrainContext(rank=ray_ctx.get_world_rank(), world_size=ray_ctx.get_world_size(),
                        device=ray.train.torch.get_device(),
-                       train_data=config.get("train_dataset") or ray.train.get_dataset_shard("train"),
-                       val_data=ray.train.get_dataset_shard("val"),
+                       train_data=(open_split(splits["train"], data.columns) if "train" in splits
+                                   else ray.train.get_dataset_shard("train")),
+                       val_data=open_split(splits["val"], data.columns),
                        session=config.get("session"), resume_uri=config.get("resume_uri"),
                        startup=config.get("startup"))
     train(job, data, run, ctx, RayTrainReporter(run), config.get("hooks"))
