@@ -52,17 +52,18 @@ def ray_configs(job: ResolvedJob, run: RunDir, callbacks: list[Any] | None = Non
 
 
 def plan_splits(job: ResolvedJob, data: DataArtifact) -> dict[str, Any]:
-    """How each worker gets the train and val splits of ``data``: a shard-directory URI (a small
-    split: each worker reads it itself with pyarrow, see ``open_split``), a materialized
-    Dataset (a large one, read once in parallel by Ray Data), or, for ``streaming`` training
-    data, a lazy Dataset that Ray Train splits between the workers.
+    """The train and val splits of ``data`` as the workers get them: materialized Datasets
+    (read before the workers start: by the driver itself with pyarrow when small, by Ray Data
+    read tasks when large), or, for ``streaming`` training data, a lazy Dataset that Ray Train
+    splits between the workers.
 
     Every worker iterates the whole validation set (and, in deterministic mode, the whole
-    training set). Executions that each need a read task can deadlock on a busy cluster: one
-    worker's backpressured reader holds the CPU the other's needs while both wait in an
-    all-reduce (seen with 2 workers on 2 cores), and a head whose CPUs the workers take in full
-    has none left for readers at all. Read by the workers themselves, or materialized before
-    they start, those splits need no Ray task during training.
+    training set). Anything that needs a Ray task once training runs can deadlock on a busy
+    cluster: one worker's backpressured reader holds the CPU the other's needs while both wait
+    in an all-reduce (seen with 2 workers on 2 cores), and a head whose CPUs the workers take
+    in full has none left at all (even ``ray.data.from_arrow`` in a worker waits on a metadata
+    task there: seen with a TorchTrainer inside a Tune trial). Materialized before the workers
+    start, these splits are read from the object store with no task at all.
     """
     import ray.data
 
@@ -80,8 +81,8 @@ def plan_splits(job: ResolvedJob, data: DataArtifact) -> dict[str, Any]:
         uri = data.splits[split].uri
         fs, path = filesystem_for(uri)
         materialize = split == "val" or job.data_order == "deterministic"
-        if materialize and _total_bytes(fs, path) <= WORKER_READ_MAX_BYTES:
-            sources[split] = uri
+        if materialize and _total_bytes(fs, path) <= DRIVER_READ_MAX_BYTES:
+            sources[split] = _read_in_driver(fs, path, list(data.columns))
             continue
         ds = ray.data.read_parquet(path, filesystem=fs).select_columns(
             list(data.columns))  # pushed down into the Parquet read
@@ -89,11 +90,10 @@ def plan_splits(job: ResolvedJob, data: DataArtifact) -> dict[str, Any]:
     return sources
 
 
-#: A split every worker iterates in full that is smaller than this is read by each worker
-#: itself with pyarrow (a fraction of a second) instead of by Ray Data tasks started from the
-#: driver (seconds of start-up on the critical path, BENCHMARKS.md). Larger splits are read
-#: once, in parallel, and materialized in the object store.
-WORKER_READ_MAX_BYTES = 256 * 2**20
+#: A split to materialize that is smaller than this is read by the driver itself with pyarrow
+#: (a fraction of a second) instead of by Ray Data read tasks (seconds of task start-up on the
+#: way to the first step, BENCHMARKS.md section 4a). Larger ones are read in parallel.
+DRIVER_READ_MAX_BYTES = 256 * 2**20
 
 
 def _total_bytes(fs: Any, path: str) -> int:
@@ -103,21 +103,17 @@ def _total_bytes(fs: Any, path: str) -> int:
     return sum(i.size or 0 for i in infos if i.type == pafs.FileType.File)
 
 
-def open_split(source: Any, columns: tuple[str, str] | list[str]) -> Any:
-    """A split as ``plan_splits`` planned it, as a Dataset in this process. A URI is read here:
-    one block per shard, in shard-name order (the order the data stage wrote them)."""
-    if not isinstance(source, str):
-        return source
+def _read_in_driver(fs: Any, path: str, columns: list[str]) -> Any:
+    """One block per shard, in shard-name order (the order the data stage wrote them)."""
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
     import ray.data
 
-    fs, path = filesystem_for(source)
     files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
                    if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
     if not files:
-        raise FileNotFoundError(f"no Parquet shards under {source}")
-    return ray.data.from_arrow([pq.read_table(f, columns=list(columns), filesystem=fs) for f in files])
+        raise FileNotFoundError(f"no Parquet shards under {path}")
+    return ray.data.from_arrow([pq.read_table(f, columns=columns, filesystem=fs) for f in files])
 
 
 def train_stage(job: ResolvedJob, inputs: dict[str, Any], run: RunDir,
@@ -147,9 +143,9 @@ def train_stage(job: ResolvedJob, inputs: dict[str, Any], run: RunDir,
     trainer = TorchTrainer(
         ray_train_entry,
         train_loop_config={"job": job.model_dump(mode="json"), "data": data.model_dump(mode="json"),
-                           # what each worker opens itself (open_split): val, and train in the
-                           # deterministic order (every worker iterates it, block order and a
-                           # local buffer shuffled per epoch)
+                           # materialized splits every worker iterates itself: val, and train
+                           # in the deterministic order (block order and a local buffer
+                           # shuffled per epoch, batches dealt by data-parallel rank)
                            "splits": splits,
                            "run_uri": run.uri, "resume_uri": resume_uri(run, resume),
                            "hooks": options.hooks,
@@ -205,9 +201,8 @@ def ray_train_entry(config: dict[str, Any]) -> None:
     ray_ctx = ray.train.get_context()
     ctx = TrainContext(rank=ray_ctx.get_world_rank(), world_size=ray_ctx.get_world_size(),
                        device=ray.train.torch.get_device(),
-                       train_data=(open_split(splits["train"], data.columns) if "train" in splits
-                                   else ray.train.get_dataset_shard("train")),
-                       val_data=open_split(splits["val"], data.columns),
+                       train_data=splits.get("train") or ray.train.get_dataset_shard("train"),
+                       val_data=splits["val"],
                        session=config.get("session"), resume_uri=config.get("resume_uri"),
                        startup=config.get("startup"))
     train(job, data, run, ctx, RayTrainReporter(run), config.get("hooks"))

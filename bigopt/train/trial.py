@@ -37,7 +37,7 @@ def train_in_process(job: ResolvedJob, data: DataArtifact, out: RunDir, reporter
     import torch.distributed as dist
 
     from bigopt.train.loop import TrainContext, train
-    from bigopt.train.stage import open_split, plan_splits
+    from bigopt.train.stage import plan_splits
 
     created = not dist.is_initialized()
     if created:
@@ -46,7 +46,7 @@ def train_in_process(job: ResolvedJob, data: DataArtifact, out: RunDir, reporter
                           LOCAL_RANK="0", WORLD_SIZE="1")
         dist.init_process_group("gloo", rank=0, world_size=1)
     try:
-        splits = {k: open_split(v, data.columns) for k, v in plan_splits(job, data).items()}
+        splits = plan_splits(job, data)
         device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
         ctx = TrainContext(rank=0, world_size=1, device=device, train_data=splits["train"],
                            val_data=splits["val"], session=None, resume_uri=resume_uri)

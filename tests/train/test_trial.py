@@ -5,6 +5,9 @@ Real Ray Data (the session Ray), real engines, real digits data prepared once pe
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 
@@ -140,3 +143,31 @@ def resolve_lr(run) -> float:
     from bigopt.resolve import ResolvedJob
 
     return ResolvedJob.loads((run / "resolved.json").read_text()).spec.train.lr
+
+
+def test_a_large_trial_runs_a_torchtrainer_inside_the_trial(digits):
+    """cluster.num_workers > 1: the trial starts a TorchTrainer of its own; its reports (every
+    eval's val_loss) reach Tune through Ray's TuneReportCallback."""
+    from ray import tune
+
+    storage, data = digits
+    spec = make_spec(storage, name="big", **{**DIGITS, "cluster": {"num_workers": 2}},
+                     train={"strategy": "deepspeed", "zero": {"stage": 2}, "lr": 1e-2,
+                            "batch_size": 16, "max_steps": 20, "eval_every": 10,
+                            "checkpoint_every": 0})
+    tuner = tune.Tuner(
+        # 1 CPU for the trial (it waits on its TorchTrainer) + 2 for the trainer's workers: the
+        # session Ray's 3
+        tune.with_resources(tune_trainable(spec, data), {"CPU": 1}),
+        param_space={"train.lr": tune.grid_search([1e-2])},
+        tune_config=tune.TuneConfig(metric="val_loss", mode="min"),
+        run_config=tune.RunConfig(storage_path=str(storage / "tune"), name="big"))
+    results = tuner.fit()
+    assert not results.errors, results.errors
+    (result,) = list(results)
+    assert list(result.metrics_dataframe.dropna(subset=["val_loss"])["step"]) == [10, 20]
+    (run,) = (storage / "big-trials").iterdir()
+    final = json.loads((run / "train" / "result.json").read_text())
+    assert final["layout"]["world_size"] == 2 and final["artifact"]["step"] == 20
+    shards = os.listdir(run / "train" / "checkpoints" / "step_000020" / "state")
+    assert any("zero_pp_rank_1" in s for s in shards)  # both ranks' ZeRO shards
