@@ -54,10 +54,6 @@ class ResolvedJob(BaseModel):
     def columns(self) -> tuple[str, str]:
         return get_task(self.task).columns
 
-    def with_spec(self, spec: JobSpec) -> ResolvedJob:
-        """Resolve again after a change to the spec (a search trial's config, say)."""
-        return resolve(spec)
-
     def dumps(self) -> str:
         return self.model_dump_json(indent=2)
 

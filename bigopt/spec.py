@@ -212,7 +212,9 @@ class TrainSpec(Section):
         "pipeline stages see identical batches. streaming: Ray's streaming_split, rows reach "
         "whichever worker asks first (not reproducible). auto: deterministic.",
     )
-    shuffle_buffer: int = Field(1024, ge=0, description="Rows in the per-epoch local shuffle.")
+    shuffle_buffer: int = Field(
+        1024, ge=0, description="Rows in the local shuffle buffer, reseeded per epoch; with the "
+        "deterministic order the block order is shuffled per epoch too. 0: read in shard order.")
     grad_accum: int = Field(1, ge=1)
     max_steps: int = Field(300, ge=1)
     optimizer: Literal["adamw", "sgd"] = Field(
