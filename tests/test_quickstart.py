@@ -47,8 +47,18 @@ def test_quickstart_end_to_end(ray_session, repo_root, tmp_path):
     assert set(val) == {0, 20, 40}
     assert val[40] < 0.8 * val[0], f"validation loss did not fall clearly: {val}"
 
+    # the stage chain: each stage's artifact, the resolved job, the start-up record
+    data_art = json.load(open(os.path.join(run_dir, "data", "artifact.json")))
+    model_art = json.load(open(os.path.join(run_dir, "train", "artifact.json")))
+    resolved = json.load(open(os.path.join(run_dir, "resolved.json")))
+    assert data_art["kind"] == "data" and data_art["context"] == resolved["context"] == 128
+    assert model_art["kind"] == "model" and model_art["step"] == 40
+    assert model_art["uri"].endswith("train/checkpoints/step_000040") and model_art["arch"]["n_layer"] == 4
+    assert 0 < result["time_to_first_step_s"] < 900 and result["restarts"] == 0
+
     report = open(os.path.join(run_dir, "report.md")).read()
     assert "validation loss" in report and "perplexity" in report
+    assert "## Data" in report and "## Training" in report and "first optimizer step" in report
     assert os.path.getsize(os.path.join(run_dir, "train", "loss.png")) > 5000
 
 
