@@ -1,0 +1,133 @@
+"""Searchers as plain Ray Tune ``Searcher``s: usable in any ``Tuner``, testable without Tune.
+
+Each keeps ``trial_id -> config``, returns ``Searcher.FINISHED`` when its budget is spent,
+treats ``error=True`` or a missing metric as a failed trial (never a result), draws only from
+its own seeded generator, and saves/restores its whole state (``save``/``restore``), so an
+interrupted search resumes with the same next suggestions.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from typing import Any
+
+import numpy as np
+from ray.tune.search import Searcher
+
+from bigopt.search.space import Space
+
+
+class _SeededSearcher(Searcher):
+    def __init__(self, space: dict[str, Any], metric: str, mode: str, *, seed: int = 0,
+                 max_trials: int | None = None):
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode: {mode!r} must be 'min' or 'max'")
+        super().__init__(metric=metric, mode=mode)
+        self.space, self.seed, self.max_trials = Space(space), seed, max_trials
+        self.rng = np.random.default_rng(seed)
+        self.live: dict[str, dict[str, Any]] = {}
+        self.history: list[tuple[dict[str, Any], float | None]] = []  # completed, in order
+        self.suggested = 0
+
+    def _budget_spent(self) -> bool:
+        return self.max_trials is not None and self.suggested >= self.max_trials
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if self._budget_spent():
+            return Searcher.FINISHED
+        config = self._next_config()
+        self.live[trial_id] = config
+        self.suggested += 1
+        return dict(config)
+
+    def _next_config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def score(self, result: dict[str, Any] | None) -> float | None:
+        """The metric oriented so that larger is better, or None for a failed trial."""
+        if not result or self.metric not in result or result[self.metric] is None:
+            return None
+        value = float(result[self.metric])
+        return value if self.mode == "max" else -value
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
+                          error: bool = False) -> None:
+        config = self.live.pop(trial_id, None)
+        if config is None:
+            return
+        self.history.append((config, None if error else self.score(result)))
+
+    STATE = ("seed", "max_trials", "live", "history", "suggested")
+
+    def get_state(self) -> dict[str, Any]:
+        """Everything that decides the next suggestions, as JSON (the space comes from the
+        constructor: restore into a searcher built with the same arguments)."""
+        state = {k: getattr(self, k) for k in self.STATE}
+        state["rng"] = self.rng.bit_generator.state
+        return state
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        for k in self.STATE:
+            setattr(self, k, state[k])
+        self.history = [(config, score) for config, score in state["history"]]
+        self.rng = np.random.default_rng(self.seed)
+        self.rng.bit_generator.state = state["rng"]
+
+    def save(self, checkpoint_path: str) -> None:
+        # JSON, not pickle: a restore never executes what the file holds.
+        tmp = checkpoint_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.get_state(), f)
+        os.replace(tmp, checkpoint_path)  # atomic, as Tune's save_to_dir
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path) as f:
+            self.set_state(json.load(f))
+
+
+class RandomSearcher(_SeededSearcher):
+    """Independent draws from the space: the baseline every searcher is compared with."""
+
+    def _next_config(self) -> dict[str, Any]:
+        return self.space.sample(self.rng)
+
+
+class EvolutionSearcher(_SeededSearcher):
+    """Regularized (aging) evolution (Real et al. 2019): a population of the newest
+    ``population`` completed trials; each new trial mutates the best of ``tournament`` of them
+    drawn at random, and the oldest member leaves as each new one joins. Until the population
+    is full, trials are random draws."""
+
+    def __init__(self, space: dict[str, Any], metric: str, mode: str, *, seed: int = 0,
+                 max_trials: int | None = None, population: int = 20, tournament: int = 5,
+                 mutations: int = 1):
+        super().__init__(space, metric, mode, seed=seed, max_trials=max_trials)
+        if not 1 <= tournament <= population:
+            raise ValueError(f"tournament: {tournament} must be between 1 and population={population}")
+        self.population_size, self.tournament, self.mutations = population, tournament, mutations
+        self.population: collections.deque[tuple[dict[str, Any], float]] = collections.deque(
+            maxlen=population)
+
+    def get_state(self) -> dict[str, Any]:
+        return {**super().get_state(), "population": list(self.population)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        self.population = collections.deque(((c, s) for c, s in state["population"]),
+                                            maxlen=self.population_size)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
+                          error: bool = False) -> None:
+        known = trial_id in self.live
+        super().on_trial_complete(trial_id, result, error)
+        if known and self.history[-1][1] is not None:
+            self.population.append(self.history[-1])  # the oldest member ages out
+
+    def _next_config(self) -> dict[str, Any]:
+        if len(self.population) < self.population_size:
+            return self.space.sample(self.rng)
+        picks = self.rng.choice(len(self.population), size=self.tournament, replace=False)
+        parent = max((self.population[int(i)] for i in picks), key=lambda member: member[1])[0]
+        return self.space.mutate(parent, self.rng, n=self.mutations)

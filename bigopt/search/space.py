@@ -1,0 +1,111 @@
+"""Tune search spaces as something a searcher can sample and mutate with its own seeded RNG.
+
+Tune's domains (``tune.choice``, ``randint``, ``uniform``, ``loguniform``, ``quniform``, ...)
+sample with NumPy's global state; a searcher that must give the same suggestions for the same
+seed draws from its own ``numpy.random.Generator`` instead. ``Space`` flattens a (nested)
+param space into dotted paths (``{"train": {"lr": ...}}`` -> ``"train.lr"``, the keys
+``bigopt.train.trial.tune_trainable`` applies to a spec) and raises on anything it cannot
+express (grid search, sample_from), as Tune's own translators do.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from ray.tune.search.sample import Categorical, Domain, Float, Integer, LogUniform, Quantized
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One searchable value: a categorical choice, or an integer/float range."""
+
+    path: str
+    domain: Domain
+
+    def sample(self, rng: np.random.Generator) -> Any:
+        d = self.domain
+        if isinstance(d, Categorical):
+            return d.categories[int(rng.integers(len(d.categories)))]
+        if isinstance(d, Integer):
+            return self._quantize(int(rng.integers(d.lower, d.upper)))
+        lo, hi = self._bounds()
+        return self._quantize(self._from_unit(rng.uniform(lo, hi)))
+
+    def mutate(self, value: Any, rng: np.random.Generator, scale: float = 0.2) -> Any:
+        """A nearby value: another category, or a Gaussian step of ``scale`` x the range (in log
+        space for log-uniform domains), clipped and quantized."""
+        d = self.domain
+        if isinstance(d, Categorical):
+            others = [c for c in d.categories if c != value] or list(d.categories)
+            return others[int(rng.integers(len(others)))]
+        if isinstance(d, Integer):
+            step = max(1, round(rng.normal(0, scale * (d.upper - 1 - d.lower))))
+            moved = int(value) + int(step if rng.random() < 0.5 else -step)
+            return self._quantize(min(max(moved, d.lower), d.upper - 1))
+        lo, hi = self._bounds()
+        unit = self._to_unit(float(value)) + rng.normal(0, scale * (hi - lo))
+        return self._quantize(self._from_unit(min(max(unit, lo), hi)))
+
+    def _log(self) -> bool:
+        sampler = self.domain.get_sampler()
+        inner = sampler.sampler if isinstance(sampler, Quantized) else sampler
+        return isinstance(inner, LogUniform)
+
+    def _bounds(self) -> tuple[float, float]:
+        d = self.domain
+        return (math.log(d.lower), math.log(d.upper)) if self._log() else (d.lower, d.upper)
+
+    def _to_unit(self, x: float) -> float:
+        return math.log(x) if self._log() else x
+
+    def _from_unit(self, u: float) -> float:
+        return math.exp(u) if self._log() else u
+
+    def _quantize(self, x: Any) -> Any:
+        sampler = self.domain.get_sampler()
+        if not isinstance(sampler, Quantized):
+            return x
+        q = sampler.q
+        value = round(x / q) * q
+        return int(value) if isinstance(self.domain, Integer) else float(value)
+
+
+class Space:
+    """A flat list of ``Dim``s from a nested Tune param space; constants pass through."""
+
+    def __init__(self, param_space: dict[str, Any]):
+        self.dims: list[Dim] = []
+        self.constants: dict[str, Any] = {}
+        self._flatten(param_space, "")
+        if not self.dims:
+            raise ValueError("search space: no tune domain (tune.choice, tune.uniform, ...) in it")
+
+    def _flatten(self, node: dict[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            if isinstance(value, dict) and "grid_search" in value:
+                raise ValueError(f"{path}: grid_search cannot be searched by a sampling searcher")
+            if isinstance(value, dict):
+                self._flatten(value, path + ".")
+            elif isinstance(value, (Categorical, Integer, Float)):
+                self.dims.append(Dim(path, value))
+            elif isinstance(value, Domain):
+                raise ValueError(f"{path}: {type(value).__name__} domains are not supported; use "
+                                 "tune.choice / randint / uniform / loguniform / quniform")
+            else:
+                self.constants[path] = value
+
+    def sample(self, rng: np.random.Generator) -> dict[str, Any]:
+        return {**self.constants, **{d.path: d.sample(rng) for d in self.dims}}
+
+    def mutate(self, config: dict[str, Any], rng: np.random.Generator, *, n: int = 1) -> dict[str, Any]:
+        """``config`` with ``n`` of its searchable values changed."""
+        child = dict(config)
+        for i in rng.choice(len(self.dims), size=min(n, len(self.dims)), replace=False):
+            dim = self.dims[int(i)]
+            child[dim.path] = dim.mutate(config[dim.path], rng)
+        return child
+

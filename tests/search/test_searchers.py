@@ -1,0 +1,107 @@
+"""Searchers as Tune Searchers, driven directly (suggest / on_trial_complete), no Tune run."""
+
+from __future__ import annotations
+
+import pytest
+from ray import tune
+
+from bigopt.search import EvolutionSearcher, RandomSearcher
+from bigopt.search.space import Space
+
+SPACE = {"model": {"depth": tune.choice([1, 2, 3, 4, 5, 6, 7, 8]),
+                   "width": tune.choice([16, 32, 64, 128, 256])},
+         "train": {"lr": tune.loguniform(1e-4, 1e-1), "batch_size": tune.randint(8, 65),
+                   "warmup": tune.quniform(0, 100, 10)},
+         "name": "fixed"}
+
+
+def objective(config) -> float:
+    """A toy 'accuracy' with one best cell (depth 6, width 128, lr 1e-2)."""
+    import math
+
+    return (-abs(config["model.depth"] - 6) - abs(math.log2(config["model.width"] / 128))
+            - abs(math.log10(config["train.lr"]) + 2))
+
+
+def drive(searcher, trials: int, *, stop_after: int | None = None) -> list[dict]:
+    configs = []
+    for i in range(trials if stop_after is None else stop_after):
+        config = searcher.suggest(f"t{i}")
+        configs.append(config)
+        searcher.on_trial_complete(f"t{i}", {"acc": objective(config)})
+    return configs
+
+
+def test_space_samples_within_domains_and_keeps_constants():
+    import numpy as np
+
+    space, rng = Space(SPACE), np.random.default_rng(0)
+    for _ in range(200):
+        c = space.sample(rng)
+        assert c["name"] == "fixed" and 1e-4 <= c["train.lr"] <= 1e-1
+        assert 8 <= c["train.batch_size"] < 65 and c["train.warmup"] % 10 == 0
+        m = space.mutate(c, rng)
+        assert sum(m[k] != c[k] for k in c) <= 1 and 8 <= m["train.batch_size"] < 65
+    with pytest.raises(ValueError, match="grid_search"):
+        Space({"lr": tune.grid_search([1, 2])})
+
+
+@pytest.mark.parametrize("cls", [RandomSearcher, EvolutionSearcher])
+def test_same_seed_same_suggestions_and_budget(cls):
+    a = drive(cls(SPACE, metric="acc", mode="max", seed=3, max_trials=40), 40)
+    b = drive(cls(SPACE, metric="acc", mode="max", seed=3, max_trials=40), 40)
+    c = drive(cls(SPACE, metric="acc", mode="max", seed=4, max_trials=40), 40)
+    assert a == b and a != c
+    searcher = cls(SPACE, metric="acc", mode="max", seed=3, max_trials=2)
+    drive(searcher, 2)
+    assert searcher.suggest("t2") == "FINISHED"
+
+
+@pytest.mark.parametrize("cls", [RandomSearcher, EvolutionSearcher])
+def test_save_restore_resumes_with_the_same_next_suggestions(cls, tmp_path):
+    whole = drive(cls(SPACE, metric="acc", mode="max", seed=1, population=10, tournament=3)
+                  if cls is EvolutionSearcher else cls(SPACE, metric="acc", mode="max", seed=1), 30)
+    kwargs = {"population": 10, "tournament": 3} if cls is EvolutionSearcher else {}
+    first = cls(SPACE, metric="acc", mode="max", seed=1, **kwargs)
+    drive(first, 30, stop_after=17)
+    first.save(str(tmp_path / "s.json"))
+    again = cls(SPACE, metric="acc", mode="max", seed=99, **kwargs)  # seed comes from the file
+    again.restore(str(tmp_path / "s.json"))
+    rest = []
+    for i in range(17, 30):
+        config = again.suggest(f"t{i}")
+        rest.append(config)
+        again.on_trial_complete(f"t{i}", {"acc": objective(config)})
+    assert whole[17:] == rest
+
+
+def test_failed_trials_are_not_results_and_evolution_beats_random_on_the_toy_objective():
+    evo = EvolutionSearcher(SPACE, metric="acc", mode="max", seed=0, population=5, tournament=2)
+    config = evo.suggest("x")
+    evo.on_trial_complete("x", None, error=True)
+    assert evo.history == [(config, None)] and len(evo.population) == 0
+    # over 10 seeds at 60 trials, regularized evolution's best beats random search's on average
+    best = {"evo": [], "random": []}
+    for seed in range(10):
+        for name, cls in (("evo", EvolutionSearcher), ("random", RandomSearcher)):
+            kwargs = {"population": 10, "tournament": 3} if cls is EvolutionSearcher else {}
+            searcher = cls(SPACE, metric="acc", mode="max", seed=seed, **kwargs)
+            best[name].append(max(objective(c) for c in drive(searcher, 60)))
+    assert sum(best["evo"]) > sum(best["random"]), best
+
+
+@pytest.mark.slow
+def test_evolution_searcher_drives_a_real_tuner(ray_session, tmp_path):
+    def trainable(config):
+        tune.report({"acc": objective(config)})
+
+    searcher = EvolutionSearcher(SPACE, metric="acc", mode="max", seed=0, max_trials=12,
+                                 population=4, tournament=2)
+    results = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=2),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name="evo")).fit()
+    assert len(results) == 12 and not results.errors
+    assert {r.config["name"] for r in results} == {"fixed"}
+    assert results.get_best_result("acc", "max").metrics["acc"] == max(
+        r.metrics["acc"] for r in results)
