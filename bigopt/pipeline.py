@@ -52,7 +52,8 @@ def plan(job: ResolvedJob, requested: list[str] | None, *, run: RunDir,
     in the run dir gets its producing stage added when the spec has that section (``bigopt
     train`` on a fresh run dir prepares the data first); otherwise it is an error naming both.
     """
-    wanted = set(requested or job.stages)
+    # a stage whose artifact comes from another run is not run again (`bigopt run --from data=X`)
+    wanted = set(requested or job.stages) - set(inputs_from)
     given: dict[str, Artifact] = {}
     for stage_name, where in inputs_from.items():
         art = read_artifact(RunDir(where), stage_name)

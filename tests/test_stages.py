@@ -57,6 +57,9 @@ def test_plan_takes_inputs_from_another_run_or_adds_their_stage(tmp_path):
     # --from data=RUN: only train runs, on that run's artifact
     todo, given = plan(job, ["train"], run=fresh, inputs_from=parse_from([f"data={prepared.uri}"]))
     assert [s.name for s in todo] == ["train"] and given["data"].run == prepared.uri
+    # ... also when every stage of the spec runs (`bigopt run --from data=RUN`)
+    todo, _ = plan(job, None, run=fresh, inputs_from=parse_from([f"data={prepared.uri}"]))
+    assert [s.name for s in todo] == ["train"]
     # a fresh run dir and a spec with a data section: the data stage is added
     todo, given = plan(job, ["train"], run=fresh, inputs_from={})
     assert [s.name for s in todo] == ["data", "train"] and not given
