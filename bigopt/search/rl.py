@@ -1,0 +1,259 @@
+"""A reinforcement-learning controller (Zoph & Le 2017; NNI's policy-gradient strategy) as a
+Tune ``Searcher``.
+
+A small policy network emits one decision per searchable ``Dim``, autoregressively: the input
+at step ``i`` is the decision taken at step ``i - 1`` (a start token at step 0), so later
+choices can depend on earlier ones. Two policies: an ``nn.LSTMCell`` (the original
+controller) and a small causal ``nn.TransformerEncoder`` over the same token sequence.
+
+Choices per dim (``choices_for``): a categorical dim's categories; an integer or float range
+is cut into at most ``bins`` evenly spaced values between its bounds, endpoints included (in
+log space for log domains), passed through the dim's own quantization and de-duplicated, so
+a quantized or small integer range gives exactly its distinct grid points. A policy-gradient
+controller needs a finite action set, and 8 values span a range finely enough for the
+coarse early search RL is used for.
+
+Learning is REINFORCE after every completed trial (batch of one, as Tune delivers trials one
+at a time; the policy the next suggestion comes from has seen every result so far):
+
+* reward: the trial's ``score()`` (larger is better);
+* advantage: ``(reward - baseline) / std``, the baseline an exponential moving average of the
+  rewards (``baseline_decay``) and ``std`` a moving average of the squared deviations with
+  the same decay; the division makes one learning rate fit accuracies in percent (~70-95) and
+  toy objectives (~0-1) alike; clipped to ``+-advantage_clip``;
+* loss: ``-advantage * log p(decisions) - entropy_weight * entropy``, Adam with ``lr``.
+
+The first completed trial only starts the baseline (no update: its advantage would be 0).
+A failed trial (``error=True``, or no metric) is not a reward and changes nothing: giving it
+"the worst reward seen" would teach the policy about crashes, not about the objective.
+
+Randomness: decisions are drawn from the searcher's own NumPy generator (inverse CDF on the
+policy's probabilities in float64), the one generator ``_SeededSearcher`` already saves, and
+the policy is initialised under ``torch.manual_seed(seed)`` inside ``torch.random.fork_rng``
+so Torch's global generator is untouched; all policy arithmetic runs on one CPU thread (the
+global thread count restored after), so the same seed gives the same suggestions when
+trials complete in the same order. ``get_state`` holds the policy's weights, Adam's state and
+the baseline as base64 of the raw tensor bytes (JSON, no pickle): restoring resumes
+bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from ray.tune.search.sample import Categorical, Integer
+from torch import nn
+
+from bigopt.search.searchers import _SeededSearcher
+from bigopt.search.space import Dim
+
+
+def choices_for(dim: Dim, bins: int = 8) -> list[Any]:
+    """The finite action set of one dim (see the module docstring)."""
+    d = dim.domain
+    if isinstance(d, Categorical):
+        return list(d.categories)
+    if bins < 2:
+        raise ValueError(f"bins: {bins} must be at least 2")
+    if isinstance(d, Integer):
+        grid = np.linspace(d.lower, d.upper - 1, bins)  # randint's upper bound is exclusive
+        raw = [dim._quantize(int(round(x))) for x in grid]
+    else:
+        lo, hi = dim._bounds()
+        # exp(log(x)) can land a hair outside the range: clamp before quantizing
+        raw = [dim._quantize(min(max(dim._from_unit(float(u)), d.lower), d.upper))
+               for u in np.linspace(lo, hi, bins)]
+    out: list[Any] = []
+    for value in raw:
+        if value not in out:
+            out.append(value)
+    return out
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run the policy on one thread: identical arithmetic whatever the machine's core count,
+    and no oversubscription next to Tune's workers. The global setting is restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Policy(nn.Module):
+    """Embeds decision tokens and emits, per step, logits over that step's choices."""
+
+    def __init__(self, sizes: list[int], hidden: int, kind: str, layers: int, heads: int,
+                 tanh_constant: float | None):
+        super().__init__()
+        self.sizes, self.kind, self.tanh_constant = sizes, kind, tanh_constant
+        # token 0 is "start"; dim i's choices are tokens offsets[i] + 1 .. offsets[i] + sizes[i]
+        self.offsets = [int(x) for x in np.cumsum([0, *sizes[:-1]])]
+        self.embed = nn.Embedding(1 + sum(sizes), hidden)
+        self.heads = nn.ModuleList(nn.Linear(hidden, n) for n in sizes)
+        if kind == "lstm":
+            self.cell = nn.LSTMCell(hidden, hidden)
+        elif kind == "transformer":
+            self.position = nn.Embedding(len(sizes), hidden)
+            layer = nn.TransformerEncoderLayer(hidden, heads, dim_feedforward=2 * hidden, dropout=0.0,
+                                               batch_first=True, norm_first=True)
+            # the final LayerNorm bounds the heads' input, as the LSTM's tanh does
+            self.encoder = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(hidden),
+                                                 enable_nested_tensor=False)
+        else:
+            raise ValueError(f"policy: {kind!r} must be 'lstm' or 'transformer'")
+
+    def tokens(self, actions: list[int]) -> torch.Tensor:
+        """The input sequence for ``actions``: start, then each decision but the last."""
+        ids = [0] + [self.offsets[i] + 1 + a for i, a in enumerate(actions[: len(self.sizes) - 1])]
+        return torch.tensor(ids, dtype=torch.long)
+
+    def logits(self, actions: list[int]) -> list[torch.Tensor]:
+        """Logits for steps ``0 .. len(actions)`` given the decisions so far (teacher forcing)."""
+        steps = min(len(actions) + 1, len(self.sizes))
+        x = self.embed(self.tokens(actions)[:steps])
+        if self.kind == "lstm":
+            h = c = torch.zeros(1, x.shape[-1])
+            outs = []
+            for t in range(steps):
+                h, c = self.cell(x[t : t + 1], (h, c))
+                outs.append(h[0])
+            hidden = torch.stack(outs)
+        else:
+            x = x + self.position(torch.arange(steps))
+            mask = nn.Transformer.generate_square_subsequent_mask(steps)
+            hidden = self.encoder(x.unsqueeze(0), mask=mask, is_causal=True)[0]
+        out = [self.heads[t](hidden[t]) for t in range(steps)]
+        if self.tanh_constant is not None:  # ENAS: logits in +-c, so no choice's odds run away
+            out = [self.tanh_constant * torch.tanh(o / self.tanh_constant) for o in out]
+        return out
+
+
+def _encode(obj: Any) -> Any:
+    """Tensors -> ``{"tensor": base64 of the raw bytes, "dtype", "shape"}``, recursively."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        return {"tensor": base64.b64encode(t.numpy().tobytes()).decode(), "dtype": str(t.numpy().dtype),
+                "shape": list(t.shape)}
+    if isinstance(obj, dict):
+        return {"keys": [_encode(k) for k in obj], "values": [_encode(v) for v in obj.values()]}
+    if isinstance(obj, (list, tuple)):
+        return [_encode(v) for v in obj]
+    return obj
+
+
+def _decode(obj: Any) -> Any:
+    if isinstance(obj, dict) and "tensor" in obj:
+        array = np.frombuffer(base64.b64decode(obj["tensor"]), dtype=obj["dtype"])
+        return torch.from_numpy(array.reshape(obj["shape"]).copy())
+    if isinstance(obj, dict):
+        return {_decode(k): _decode(v) for k, v in zip(obj["keys"], obj["values"], strict=True)}
+    if isinstance(obj, list):
+        return [_decode(v) for v in obj]
+    return obj
+
+
+class RLSearcher(_SeededSearcher):
+    """Policy-gradient (REINFORCE) controller over the space's dims; see the module docstring.
+
+    ``policy``: "lstm" or "transformer"; ``hidden``: width of either; ``layers``/``heads``: the
+    transformer's depth and attention heads; ``bins``: values per integer/float dim;
+    ``lr``: Adam's step; ``entropy_weight``: bonus that keeps the policy from collapsing onto
+    one config early; ``baseline_decay``: EMA decay of the reward baseline and of its spread;
+    ``advantage_clip``: bound on one trial's normalised advantage.
+    """
+
+    def __init__(self, space: dict[str, Any], metric: str, mode: str, *, seed: int = 0,
+                 max_trials: int | None = None, policy: str = "lstm", hidden: int = 32, layers: int = 1,
+                 heads: int = 2, bins: int = 8, lr: float = 0.01, entropy_weight: float = 0.01,
+                 baseline_decay: float = 0.9, advantage_clip: float = 3.0,
+                 tanh_constant: float | None = None):
+        super().__init__(space, metric, mode, seed=seed, max_trials=max_trials)
+        if not 0.0 <= baseline_decay < 1.0:
+            raise ValueError(f"baseline_decay: {baseline_decay} must be in [0, 1)")
+        self.choices = [choices_for(dim, bins) for dim in self.space.dims]
+        self.lr, self.entropy_weight = lr, entropy_weight
+        self.baseline_decay, self.advantage_clip = baseline_decay, advantage_clip
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.policy = _Policy([len(c) for c in self.choices], hidden, policy, layers, heads,
+                                  tanh_constant)
+        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=lr)
+        self.actions: dict[str, list[int]] = {}  # live trial -> its decisions
+        self.baseline: float | None = None
+        self.spread = 0.0  # moving average of (reward - baseline) ** 2
+        self.updates = 0
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        config = super().suggest(trial_id)
+        if isinstance(config, dict):
+            self.actions[trial_id] = self._last_actions
+        return config
+
+    def _next_config(self) -> dict[str, Any]:
+        actions: list[int] = []
+        with _one_thread(), torch.no_grad():
+            for _ in self.choices:
+                probs = torch.softmax(self.policy.logits(actions)[-1].double(), -1).numpy()
+                cdf = np.cumsum(probs)
+                pick = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
+                actions.append(min(pick, len(probs) - 1))
+        self._last_actions = actions
+        values = {dim.path: self.choices[i][a] for i, (dim, a) in enumerate(zip(self.space.dims, actions,
+                                                                               strict=True))}
+        return {**self.space.constants, **values}
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
+                          error: bool = False) -> None:
+        known = trial_id in self.live
+        super().on_trial_complete(trial_id, result, error)
+        actions = self.actions.pop(trial_id, None)
+        if not known or actions is None or self.history[-1][1] is None:
+            return
+        reward = float(self.history[-1][1])
+        if self.baseline is None:
+            self.baseline = reward
+            return
+        deviation = reward - self.baseline
+        # the spread starts at the first deviation, so the first update's advantage is +-1
+        self.spread = deviation**2 if self.updates == 0 else self.spread
+        advantage = deviation / math.sqrt(self.spread + 1e-12) if self.spread > 0 else 0.0
+        advantage = max(-self.advantage_clip, min(self.advantage_clip, advantage))
+        self._update(actions, advantage)
+        d = self.baseline_decay
+        self.baseline = d * self.baseline + (1 - d) * reward
+        self.spread = d * self.spread + (1 - d) * deviation**2
+        self.updates += 1
+
+    def _update(self, actions: list[int], advantage: float) -> None:
+        with _one_thread():
+            logits = self.policy.logits(actions[:-1])
+            log_prob = torch.zeros(())
+            entropy = torch.zeros(())
+            for step, a in zip(logits, actions, strict=True):
+                logp = torch.log_softmax(step, -1)
+                log_prob = log_prob + logp[a]
+                entropy = entropy - (logp.exp() * logp).sum()
+            loss = -advantage * log_prob - self.entropy_weight * entropy
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+
+    STATE = (*_SeededSearcher.STATE, "actions", "baseline", "spread", "updates")
+
+    def get_state(self) -> dict[str, Any]:
+        return {**super().get_state(), "policy": _encode(self.policy.state_dict()),
+                "optimizer": _encode(self.optimizer.state_dict())}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        self.policy.load_state_dict(_decode(state["policy"]))
+        self.optimizer.load_state_dict(_decode(state["optimizer"]))
