@@ -76,6 +76,31 @@ class ImageSource(Section):
     kind: Literal["digits"] = "digits"
     max_rows: int | None = Field(None, ge=1)
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of every image this source yields."""
+        return (1, 8, 8)
+
+
+#: where Debian's ``dataset-fashion-mnist`` package installs its IDX files
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+IDX_FILES = [f"{part}-{kind}-ubyte" for part in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
+
+
+class IdxSource(Section):
+    """Labelled 28x28 grey images in IDX files (MNIST's format), gzip-compressed or raw:
+    ``train-*`` rows give train (and val, by ``data.split.val``), ``t10k-*`` rows the test split."""
+
+    kind: Literal["idx"] = "idx"
+    path: str = Field(FASHION_MNIST_DIR, description="Directory holding train-images-idx3-ubyte"
+                      "[.gz], train-labels-idx1-ubyte[.gz] and the t10k-* pair (default: "
+                      "Fashion-MNIST from `apt-get install dataset-fashion-mnist`).")
+    max_rows: int | None = Field(None, ge=1, description="Cap per file pair (train and t10k).")
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (1, 28, 28)
+
 
 def _source_kind(value: Any) -> str:
     # `kind` may be left out for the common case: a tree of text files.
@@ -85,7 +110,8 @@ def _source_kind(value: Any) -> str:
 
 
 SourceSpec = Annotated[
-    Annotated[TextTreeSource, Tag("text_tree")] | Annotated[ImageSource, Tag("digits")],
+    Annotated[TextTreeSource, Tag("text_tree")] | Annotated[ImageSource, Tag("digits")]
+    | Annotated[IdxSource, Tag("idx")],
     Discriminator(_source_kind),
 ]
 
@@ -243,6 +269,117 @@ class TrainSpec(Section):
     seed: int = 0
 
 
+# --------------------------------------------------------------------------- search
+DOMAIN_KINDS = {"choice": "a non-empty list of values", "randint": "[lower, upper) integers",
+                "qrandint": "[lower, upper, q] integers", "uniform": "[lower, upper]",
+                "loguniform": "[lower, upper], lower > 0", "quniform": "[lower, upper, q]",
+                "qloguniform": "[lower, upper, q], lower > 0"}
+
+
+def domain_problem(value: Any) -> str | None:
+    """Why ``value`` is not a search domain (``{choice: [...]}``, ``{loguniform: [a, b]}``, ...)."""
+    if not isinstance(value, dict) or len(value) != 1:
+        return ("must be one of {" + ", ".join(f"{k}: {v}" for k, v in DOMAIN_KINDS.items()) + "}")
+    (kind, args), = value.items()
+    if kind not in DOMAIN_KINDS:
+        return f"unknown domain {kind!r}; expected one of: {', '.join(DOMAIN_KINDS)}"
+    if not isinstance(args, list) or not args:
+        return f"{kind}: expects {DOMAIN_KINDS[kind]} (an empty choice has nothing to search)"
+    if kind == "choice":
+        return None
+    want = 3 if kind.startswith("q") else 2
+    if len(args) != want or not all(isinstance(a, int | float) and not isinstance(a, bool) for a in args):
+        return f"{kind}: expects {DOMAIN_KINDS[kind]}, got {args!r}"
+    if args[0] >= args[1]:
+        return f"{kind}: lower {args[0]} must be below upper {args[1]}"
+    if "log" in kind and args[0] <= 0:
+        return f"{kind}: lower must be > 0 on a log scale"
+    return None
+
+
+class ArchSpaceSpec(Section):
+    """An architecture space over the model zoo (``bigopt.search.arch``). Every list is a choice.
+
+    Images: a model is a stem and ``depth`` stages; each stage picks its block type, width,
+    kernel size (resnet/plain) and heads (transformer), and all but the first halve the
+    resolution. ``plain`` is ``resnet`` without its skip connection (the skip pattern as a
+    choice). ``mlp`` is a family of its own (depth x width). Text: GPT depth, width, heads.
+    Choices that do not apply (a kernel for a dense block, the stages past ``depth``) are
+    conditional: ignored when building the model, and shown as null in ``trials.parquet``.
+    """
+
+    families: list[Literal["cnn", "mlp", "gpt"]] = Field(
+        default_factory=lambda: ["cnn", "mlp"], min_length=1,
+        description="Model kinds to search (cnn and mlp for images, gpt for text).")
+    depth: list[int] = Field(default_factory=lambda: [1, 2, 3], min_length=1,
+                             description="Stages (cnn), hidden layers (mlp) or blocks (gpt).")
+    blocks: list[Literal["resnet", "plain", "dense", "transformer"]] = Field(
+        default_factory=lambda: ["resnet", "plain", "dense", "transformer"], min_length=1)
+    widths: list[int] = Field(default_factory=lambda: [16, 32, 64], min_length=1,
+                              description="Channels per cnn stage, d_model for gpt.")
+    stem: list[int] = Field(default_factory=lambda: [16, 32], min_length=1)
+    kernels: list[Literal[3, 5, 7]] = Field(default_factory=lambda: [3, 5], min_length=1)
+    heads: list[int] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
+    mlp_widths: list[int] = Field(default_factory=lambda: [64, 128, 256, 512], min_length=1)
+    max_params: int | None = Field(
+        None, ge=1, description="Points with more parameters are rejected before a trial starts.")
+
+
+class EvolutionOptions(Section):
+    population: int = Field(8, ge=2)
+    tournament: int = Field(3, ge=1)
+    mutations: int = Field(1, ge=1, description="Decisions changed per child.")
+
+
+class RLOptions(Section):
+    policy: Literal["lstm", "transformer"] = "lstm"
+    lr: float = Field(0.05, gt=0)
+    entropy_weight: float = Field(0.01, ge=0)
+    baseline_decay: float = Field(0.8, ge=0, lt=1)
+
+
+class SchedulerSpec(Section):
+    """Trial scheduling, in training steps. asha: stop poor trials early. pbt / pb2: every
+    ``interval_steps`` the bottom ``quantile`` of trials copies a top trial's checkpoint
+    (exploit) and changes its ``mutate`` values (explore: PBT perturbs, PB2 fits a GP bandit)."""
+
+    kind: Literal["fifo", "asha", "pbt", "pb2"] = "fifo"
+    grace_steps: int = Field(50, ge=1, description="asha: steps before a trial can be stopped.")
+    reduction_factor: float = Field(3, gt=1)
+    interval_steps: int = Field(50, ge=1, description="pbt/pb2: steps between exploit/explore.")
+    quantile: float = Field(0.25, gt=0, le=0.5)
+    mutate: dict[str, Any] = Field(
+        default_factory=dict, description="pbt/pb2: spec paths to change during training, as "
+        "domains ({loguniform: [1e-4, 1e-2]}); default: the space's train.lr and "
+        "train.batch_size.")
+
+
+class SearchSpec(Section):
+    searcher: Literal["evolution", "rl", "random", "tpe"] = Field(
+        "evolution", description="evolution (regularized), rl (REINFORCE controller), random, "
+        "or tpe (Optuna's TPE through Tune's OptunaSearch, the reference).")
+    num_trials: int = Field(16, ge=1)
+    max_concurrent: int = Field(2, ge=1)
+    metric: str = Field("auto", description="A reported metric (val_loss, val_acc); auto: "
+                        "val_acc for classifiers, val_loss otherwise.")
+    mode: Literal["min", "max", "auto"] = "auto"
+    seed: int = 0
+    space: dict[str, Any] = Field(
+        default_factory=dict, description="Hyperparameters: spec path -> domain, e.g. "
+        "train.lr: {loguniform: [1.0e-4, 1.0e-2]}.")
+    arch: ArchSpaceSpec | None = None
+    trial: dict[str, Any] = Field(
+        default_factory=lambda: {"cluster.num_workers": 1}, description="Spec paths set for "
+        "every trial (its budget: train.max_steps, ...). One worker runs in the trial process; "
+        "more run a TorchTrainer inside the trial.")
+    objectives: list[Literal["params", "flops", "latency_ms"]] = Field(
+        default_factory=lambda: ["params", "latency_ms"],
+        description="Costs the Pareto fronts weigh the metric against.")
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    evolution: EvolutionOptions = Field(default_factory=EvolutionOptions)
+    rl: RLOptions = Field(default_factory=RLOptions)
+
+
 # --------------------------------------------------------------------------- job
 class JobSpec(Section):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
@@ -250,6 +387,7 @@ class JobSpec(Section):
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     data: DataSpec | None = None
     model: ModelSpec | None = None
+    search: SearchSpec | None = None
     train: TrainSpec | None = None
 
     def stages(self) -> list[str]:
@@ -287,14 +425,27 @@ def cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
         gpt = model.config()
         if gpt["d_model"] % gpt["n_head"]:
             problems.append(("model.n_head", f"{gpt['n_head']} must divide d_model={gpt['d_model']}"))
-    if spec.data is not None and isinstance(spec.data.source, ImageSource):
+    if spec.data is not None and isinstance(spec.data.source, ImageSource | IdxSource):
+        source = spec.data.source
+        (c, h, w), kind = source.image_shape, source.kind
         if model is not None and isinstance(model, GPTModelSpec):
             problems.append(("model.kind", "an image source feeds a 'cnn' or 'mlp' model"))
-        if isinstance(model, MLPModelSpec) and model.in_features != 64:
-            problems.append(("model.in_features", "digits images have 64 pixels (8x8)"))
-        if isinstance(model, CNNModelSpec) and (model.image_size, model.in_channels) != (8, 1):
-            problems.append(("model.image_size", "digits images are 1x8x8: image_size 8, "
-                             "in_channels 1"))
+        if isinstance(model, MLPModelSpec) and model.in_features != c * h * w:
+            problems.append(("model.in_features", f"{kind} images have {c * h * w} pixels "
+                             f"({c}x{h}x{w})"))
+        if isinstance(model, CNNModelSpec) and (model.image_size, model.in_channels) != (h, c):
+            problems.append(("model.image_size", f"{kind} images are {c}x{h}x{w}: image_size {h}, "
+                             f"in_channels {c}"))
+        if isinstance(source, IdxSource):
+            root = Path(source.path).expanduser()
+            missing = [n for n in IDX_FILES if not any((root / m).is_file() for m in (n + ".gz", n))]
+            if missing:  # caught before Ray starts, like a text_tree path
+                hint = " (apt-get install dataset-fashion-mnist)" if source.path == FASHION_MNIST_DIR else ""
+                problems.append(("data.source.path", f"{source.path!r} lacks the IDX files "
+                                 f"{', '.join(m + '[.gz]' for m in missing)}{hint}"))
+            if spec.data.split.test > 0:
+                problems.append(("data.split.test", "an idx source's test split is its own t10k-* "
+                                 "files; leave data.split.test at 0 (val is carved from train)"))
     elif spec.data is not None:
         source = spec.data.source
         if source.path != "stdlib" and not Path(source.path).expanduser().is_dir():
@@ -312,6 +463,7 @@ def cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
         if spec.data.context > model.config()["context"]:
             problems.append(("data.context", f"{spec.data.context} > model.context "
                              f"({model.config()['context']})"))
+    problems += search_problems(spec)
     if train is None:
         return problems
     if model is None:
@@ -340,6 +492,58 @@ def cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
                          "deterministic or auto"))
     if pp > 1 and train.activation_checkpointing:
         problems.append(("train.activation_checkpointing", "not supported with pipeline yet"))
+    return problems
+
+
+def search_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """A search section's rules: domains well formed, every path a real spec field, the
+    architecture space fits the data, the scheduler fits the searcher."""
+    search = spec.search
+    if search is None:
+        return []
+    problems: list[tuple[str, str]] = []
+    if spec.model is None:
+        problems.append(("model", "the search stage needs a model section (the base every "
+                         "trial's architecture and hyperparameters change)"))
+    if spec.train is None:
+        problems.append(("train", "the search stage needs a train section (trials train)"))
+    if not search.space and search.arch is None:
+        problems.append(("search.space", "nothing to search: add hyperparameters or search.arch"))
+    probe: dict[str, Any] = {}
+    for group, entries in (("space", search.space), ("scheduler.mutate", search.scheduler.mutate)):
+        for path, domain in entries.items():
+            why = domain_problem(domain)
+            if why:
+                problems.append((f"search.{group}.{path}", why))
+            else:
+                (kind, args), = domain.items()
+                probe[path] = args[0]
+    for field_path in {**probe, **search.trial}:
+        if field_path.split(".")[0] in ("search", "name", "storage", "data"):
+            problems.append((f"search.space.{field_path}", "a trial may change cluster, model "
+                             "and train fields only"))
+    if problems or spec.model is None or spec.train is None:
+        return problems
+    try:
+        with_values(spec.model_copy(update={"search": None}), {**probe, **search.trial})
+    except SpecError as exc:
+        problems += [(f"search.space.{p}" if p.split(".")[0] in ("train", "model", "cluster")
+                      else p, m) for p, m in exc.problems]
+    if search.arch is not None and spec.data is not None:
+        images = not isinstance(spec.data.source, TextTreeSource)
+        wrong = [f for f in search.arch.families if (f == "gpt") == images]
+        if wrong:
+            problems.append(("search.arch.families", f"{wrong} cannot read this data source "
+                             f"({'images: cnn, mlp' if images else 'text: gpt'})"))
+    if search.scheduler.kind in ("pbt", "pb2") and search.searcher != "random":
+        problems.append(("search.searcher", f"{search.scheduler.kind} draws its own starting "
+                         "population (Tune refuses a searcher beside it): use random"))
+    if search.evolution.tournament > search.evolution.population:
+        problems.append(("search.evolution.tournament",
+                         f"{search.evolution.tournament} > population {search.evolution.population}"))
+    if search.metric not in ("auto", "val_loss", "val_acc", "loss"):
+        problems.append(("search.metric", f"{search.metric!r}: trials report val_loss, val_acc "
+                         "(classifiers) and loss"))
     return problems
 
 
@@ -387,7 +591,7 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc]
     if len(parts) >= 2 and parts[0] == "model" and parts[1] in ("gpt", "cnn", "mlp"):
         parts.pop(1)
-    if len(parts) >= 3 and parts[:2] == ["data", "source"] and parts[2] in ("text_tree", "digits"):
+    if len(parts) >= 3 and parts[:2] == ["data", "source"] and parts[2] in ("text_tree", "digits", "idx"):
         parts.pop(2)
     return ".".join(parts) or "<spec>"
 

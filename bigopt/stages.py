@@ -60,8 +60,14 @@ STAGES: tuple[Stage, ...] = (
     Stage("data", "prepare the data: read, check, split, write Parquet shards + manifest",
           consumes=(), produces="data",
           run="bigopt.data.prepare:data_stage", report="bigopt.data.prepare:report_section"),
-    Stage("train", "train the model with Ray Train + DeepSpeed (or DDP)",
-          consumes=("data",), produces="model",
+    Stage("search", "search architectures and hyperparameters with Ray Tune (trials run the "
+          "trainer); writes trials, Pareto fronts and the best configuration",
+          consumes=("data",), produces="search",
+          run="bigopt.search.stage:search_stage", report="bigopt.search.stage:report_section",
+          resumable=True),
+    Stage("train", "train the model with Ray Train + DeepSpeed (or DDP); after a search, the "
+          "best configuration at the spec's full budget",
+          consumes=("data",), produces="model", optional=("search",),
           run="bigopt.train.stage:train_stage", report="bigopt.train.stage:report_section",
           resumable=True),
 )

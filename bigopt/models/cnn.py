@@ -1,4 +1,5 @@
-"""Small image classifier mixing ResNet basic blocks and DenseNet dense blocks.
+"""Small image classifier mixing ResNet basic blocks (with or without skip), DenseNet dense
+blocks and transformer (attention) blocks.
 
 The block list is plain data (``[{"type": "resnet", "channels": 64, "stride": 2}, ...]``) so an
 architecture search can mutate it and store it per trial. Layers: the stem conv, one layer per
@@ -27,17 +28,20 @@ DEFAULT_BLOCKS: list[dict[str, Any]] = [
     {"type": "resnet", "channels": 128, "stride": 2},
 ]
 
-# required keys per block type (every key is required; anything else is an error)
+# required keys per block type, and optional ones with their defaults; anything else is an error
 BLOCK_KEYS: dict[str, tuple[str, ...]] = {
     "resnet": ("channels", "stride"),
+    "plain": ("channels", "stride"),
     "dense": ("growth", "layers"),
     "transition": ("channels",),
+    "transformer": ("channels", "heads"),
 }
+OPTIONAL_KEYS: dict[str, dict[str, int]] = {"resnet": {"kernel": 3}, "plain": {"kernel": 3}}
 
 
-def _conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
+def _conv3x3(c_in: int, c_out: int, stride: int = 1, kernel: int = 3) -> nn.Conv2d:
     # no bias: every conv here is followed (or, in dense layers, preceded) by BatchNorm
-    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+    return nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False)
 
 
 class ResidualBlock(nn.Module):
@@ -47,24 +51,56 @@ class ResidualBlock(nn.Module):
     the identity otherwise.
     """
 
-    def __init__(self, c_in: int, channels: int, stride: int) -> None:
+    def __init__(self, c_in: int, channels: int, stride: int, kernel: int = 3, skip: bool = True) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            _conv3x3(c_in, channels, stride),
+            _conv3x3(c_in, channels, stride, kernel),
             nn.BatchNorm2d(channels),
             nn.ReLU(inplace=True),
-            _conv3x3(channels, channels),
+            _conv3x3(channels, channels, 1, kernel),
             nn.BatchNorm2d(channels),
         )
+        self.skip = skip
         self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or c_in != channels:
+        if skip and (stride != 1 or c_in != channels):
             self.shortcut = nn.Sequential(
                 nn.Conv2d(c_in, channels, 1, stride=stride, bias=False), nn.BatchNorm2d(channels)
             )
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.act(self.body(x) + self.shortcut(x))
+        # skip=False is the "plain" block: the same convs without the shortcut, so a search can
+        # measure what the skip connection buys
+        return self.act(self.body(x) + self.shortcut(x) if self.skip else self.body(x))
+
+
+class AttentionBlock(nn.Module):
+    """A pre-norm transformer block over the feature map's positions (ViT-style), for hybrid
+    conv/attention models. Position comes from a depthwise 3x3 conv added to the input (a
+    conditional positional encoding, Chu et al. 2021), so it works at any resolution. A 1x1
+    conv projects to ``channels`` when the input width differs."""
+
+    def __init__(self, c_in: int, channels: int, heads: int) -> None:
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"transformer block: heads={heads} must divide channels={channels}")
+        self.proj: nn.Module = (nn.Identity() if c_in == channels
+                                else nn.Conv2d(c_in, channels, 1, bias=False))
+        self.position = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+        self.norm1, self.norm2 = nn.LayerNorm(channels), nn.LayerNorm(channels)
+        self.attn = nn.MultiheadAttention(channels, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(channels, 2 * channels), nn.GELU(),
+                                 nn.Linear(2 * channels, channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.proj(x)
+        x = x + self.position(x)
+        b, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)  # [B, H*W, C]
+        q = self.norm1(t)
+        t = t + self.attn(q, q, q, need_weights=False)[0]
+        t = t + self.mlp(self.norm2(t))
+        return t.transpose(1, 2).reshape(b, c, h, w)
 
 
 class DenseBlock(nn.Module):
@@ -110,18 +146,25 @@ def _validate_block(i: int, block: Any) -> dict[str, Any]:
             f"blocks[{i}]['type'] is {kind!r}; expected one of: {', '.join(BLOCK_KEYS)}"
         )
     expected = BLOCK_KEYS[kind]
+    optional = OPTIONAL_KEYS.get(kind, {})
     for key in block:
-        if key != "type" and key not in expected:
+        if key != "type" and key not in expected and key not in optional:
             raise ValueError(
                 f"blocks[{i}] has unknown key {key!r} for type {kind!r}; "
-                f"allowed keys are: type, {', '.join(expected)}"
+                f"allowed keys are: type, {', '.join([*expected, *optional])}"
             )
     for key in expected:
         if key not in block:
             raise ValueError(f"blocks[{i}] (type {kind!r}) is missing key {key!r}")
+    for key in (*expected, *(k for k in optional if k in block)):
         require_positive_int(f"blocks[{i}][{key!r}]", block[key])
-    if kind == "resnet" and block["stride"] not in (1, 2):
+    if kind in ("resnet", "plain") and block["stride"] not in (1, 2):
         raise ValueError(f"blocks[{i}]['stride'] must be 1 or 2, got {block['stride']!r}")
+    if block.get("kernel", 3) % 2 == 0:
+        raise ValueError(f"blocks[{i}]['kernel'] must be odd (same padding), got {block['kernel']!r}")
+    if kind == "transformer" and block["channels"] % block["heads"]:
+        raise ValueError(f"blocks[{i}]: heads={block['heads']} must divide "
+                         f"channels={block['channels']}")
     return dict(block)
 
 
@@ -168,9 +211,13 @@ class CNN(LayeredModel):
         channels, size = stem_channels, image_size
         body: list[nn.Module] = []
         for i, block in enumerate(self.blocks_config):
-            if block["type"] == "resnet":
-                body.append(ResidualBlock(channels, block["channels"], block["stride"]))
+            if block["type"] in ("resnet", "plain"):
+                body.append(ResidualBlock(channels, block["channels"], block["stride"],
+                                          block.get("kernel", 3), skip=block["type"] == "resnet"))
                 channels, size = block["channels"], (size - 1) // block["stride"] + 1
+            elif block["type"] == "transformer":
+                body.append(AttentionBlock(channels, block["channels"], block["heads"]))
+                channels = block["channels"]
             elif block["type"] == "dense":
                 body.append(DenseBlock(channels, block["growth"], block["layers"]))
                 channels += block["growth"] * block["layers"]

@@ -194,6 +194,7 @@ class Trainer:
         self.restarts = self.count_attempt() - 1
         if state:
             self.step, self.samples_seen = state["step"], state["samples_seen"]
+            self.apply_spec_lr()
             self.val_losses = {int(k): v for k, v in state.get("val_losses", {}).items()}
             if self.deterministic:
                 self.batches.skip(state["batches_consumed"])
@@ -298,6 +299,18 @@ class Trainer:
         return value
 
     # ------------------------------------------------------------------ helpers
+    def apply_spec_lr(self) -> None:
+        """Make the spec's ``train.lr`` the base lr after a checkpoint load, which restores the
+        saved scheduler's. A plain resume has the same lr (no change); a PBT exploit loads a
+        better trial's checkpoint under this trial's new, perturbed lr, which must win."""
+        sched = getattr(self.engine, "scheduler", None) or getattr(self.engine, "lr_scheduler", None)
+        if sched is None or not hasattr(sched, "base_lrs"):
+            return
+        sched.base_lrs = [self.train_spec.lr for _ in sched.base_lrs]
+        for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs,
+                                       sched.lr_lambdas, strict=True):
+            group["lr"] = base * factor(sched.last_epoch)
+
     def count_attempt(self) -> int:
         """This fit's attempt number (1 = first; Ray Train restarts the worker group after a
         failure), counted per session in ``train/attempts.json`` by rank 0."""

@@ -110,7 +110,8 @@ class TuneReporter(LocalReporter):
         checkpoint = None
         if checkpoint_dir:
             checkpoint = self._persist(checkpoint_dir, checkpoint_name or "checkpoint")
-        tune.report(metrics, checkpoint=checkpoint)
+        # the trial's own run dir travels with every result (trials.parquet lists it)
+        tune.report({**metrics, "trial_run": self.run.uri}, checkpoint=checkpoint)
 
     def get_checkpoint(self) -> Any:
         from ray import tune

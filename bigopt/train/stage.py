@@ -126,6 +126,16 @@ def train_stage(job: ResolvedJob, inputs: dict[str, Any], run: RunDir,
 
     options = options or StageOptions()
     data: DataArtifact = inputs["data"]
+    if inputs.get("search") is not None:
+        # after a search: the best configuration, at the spec's own (full) training budget
+        from bigopt.resolve import resolve
+        from bigopt.spec import with_values
+
+        best = inputs["search"].best_config
+        job = resolve(with_values(job.spec.model_copy(update={"search": None}), best))
+        run.write_text("train/resolved.json", job.dumps())
+        log.info("training the search's best configuration: %s",
+                 ", ".join(f"{k}={v}" for k, v in best.items() if k != "model") or "its model")
     resume = options.resume
     if resume == "latest":
         resume = latest_checkpoint(run)

@@ -56,17 +56,20 @@ def train_in_process(job: ResolvedJob, data: DataArtifact, out: RunDir, reporter
             dist.destroy_process_group()
 
 
-def tune_trainable(spec: JobSpec, data: DataArtifact, *,
-                   hooks: TrainHooks | None = None) -> Callable[[dict[str, Any]], None]:
+def tune_trainable(spec: JobSpec, data: DataArtifact, *, hooks: TrainHooks | None = None,
+                   to_values: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                   trials_dir: str | None = None) -> Callable[[dict[str, Any]], None]:
     """A Tune function trainable: ``config`` holds spec paths (``{"train.lr": 3e-4}``) applied
-    to ``spec``; the trial trains on ``data`` into a run dir of its own under
-    ``<storage>/<name>-trials/``."""
+    to ``spec`` (after ``to_values``, which e.g. turns architecture decisions into a model
+    section); the trial trains on ``data`` into a run dir of its own under ``trials_dir``
+    (``<trials_dir>/trials/<id>``; default ``<storage>/<name>-trials/<id>``)."""
 
     def trainable(config: dict[str, Any]) -> None:
         from bigopt.train.reporting import TuneReporter
 
-        job = resolve(with_values(spec, config))
-        out = RunDir.create(job.spec.storage, f"{job.spec.name}-trials")
+        job = resolve(with_values(spec, to_values(config) if to_values else config))
+        out = (RunDir.create(trials_dir, "trials") if trials_dir
+               else RunDir.create(job.spec.storage, f"{job.spec.name}-trials"))
         out.write_text("resolved.json", job.dumps())
         assert job.spec.train is not None
         if job.spec.cluster.num_workers == 1:
