@@ -1,11 +1,22 @@
 """Image classification sources as rows: scikit-learn's bundled ``digits`` (1,797 real 8x8
-scans of handwritten digits, shipped inside the package, so nothing is downloaded)."""
+scans of handwritten digits, shipped inside the package, so nothing is downloaded), and IDX
+files such as Fashion-MNIST (70,000 28x28 photos of clothing, from the Debian package
+``dataset-fashion-mnist``).
+
+Both give rows ``{id, inputs [1, H, W] float32 in [0, 1], labels}``; the IDX source builds them
+as one Arrow table with vectorised numpy (70k rows in well under a second) instead of a list
+of dicts, and carries the files' own train/test division in a ``split`` column."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from bigopt.spec import SplitSpec
 
 
 def load_digits_rows(max_rows: int | None = None) -> list[dict[str, Any]]:
@@ -27,3 +38,54 @@ def check_image_row(row: dict[str, Any]) -> str:
     if row["labels"] is None or int(row["labels"]) < 0:
         return "incomplete: no label"
     return ""
+
+
+def check_image_arrays(images: np.ndarray, labels: np.ndarray, num_classes: int) -> list[str]:
+    """``check_image_row`` for whole arrays at once: one reject reason per row ('' = usable)."""
+    flat = images.reshape(len(images), -1)
+    finite = np.isfinite(flat).all(axis=1) if np.issubdtype(flat.dtype, np.floating) else \
+        np.ones(len(flat), dtype=bool)
+    bad_label = (labels < 0) | (labels >= num_classes)
+    reasons = np.full(len(images), "", dtype=object)
+    reasons[~finite] = "incomplete: missing or non-finite pixels"
+    reasons[finite & bad_label] = f"bad_label: outside 0..{num_classes - 1}"
+    return reasons.tolist()
+
+
+def idx_table(root: str, max_rows: int | None, split: SplitSpec, prefix: str = "fmnist",
+              num_classes: int = 10) -> tuple[pa.Table, list[dict[str, str]], dict[str, Any]]:
+    """The IDX data set under ``root`` as one Arrow table of model-ready rows with a ``split``
+    column: ``t10k`` rows go to ``test``; ``train`` rows to ``train`` or ``val`` by the usual
+    hash of the row id (``data.split.val``). ``max_rows`` caps each part (train and t10k), so a
+    small cap keeps a test split. Returns (kept rows, rejected ``{key, reason}``, info)."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    from bigopt.data.idx import PARTS, read_part
+    from bigopt.data.prepare import assign_split
+
+    tables, rejected, info = [], [], {"parts": {}, "hashes": []}
+    for part in PARTS:
+        data = read_part(root, part, max_rows)
+        name = data.split  # "train" or "test"
+        ids = np.array([f"{prefix}-{name}-{i:05d}" for i in range(1, len(data.labels) + 1)],
+                       dtype=object)
+        if name == "test":
+            splits = np.full(len(ids), "test", dtype=object)
+        else:  # val carved from train by the hash split; the files' test set is the only test
+            carve = split.model_copy(update={"test": 0.0})
+            splits = np.array([assign_split(k, carve) for k in ids], dtype=object)
+        reasons = check_image_arrays(data.images, data.labels, num_classes)
+        keep = np.array([not r for r in reasons], dtype=bool)
+        rejected += [{"key": k, "reason": r} for k, r in zip(ids, reasons, strict=True) if r]
+        pixels = (data.images[keep].astype(np.float32) / 255.0)[:, None, :, :]
+        tables.append(pa.table({
+            "id": pa.array(ids[keep].tolist(), type=pa.string()),
+            "inputs": ArrowTensorArray.from_numpy(pixels),
+            "labels": pa.array(data.labels[keep].astype(np.int64)),
+            "split": pa.array(splits[keep].tolist(), type=pa.string()),
+        }))
+        info["parts"][part] = {"split": name, "rows": len(ids), "files": list(data.files),
+                               "image_size": list(data.images.shape[1:])}
+        info["hashes"].append(data.sha256)
+    return pa.concat_tables(tables), rejected, info
