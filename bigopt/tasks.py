@@ -41,16 +41,24 @@ def _lm_report(result: dict[str, Any]) -> list[str]:
     if len(val) < 2:
         return []
     first, last = val[min(val)], val[max(val)]
-    return [f"- perplexity {math.exp(first):.2f} -> {math.exp(last):.2f} "
-            f"(step {min(val)} -> {max(val)})"]
+    lines = [f"- perplexity {math.exp(first):.2f} -> {math.exp(last):.2f} "
+             f"(step {min(val)} -> {max(val)})"]
+    if result.get("test_loss") is not None:
+        lines.append(f"- test loss {result['test_loss']:.4f} (perplexity "
+                     f"{math.exp(result['test_loss']):.2f}, {result['test_rows']} test windows)")
+    return lines
 
 
 def _classifier_report(result: dict[str, Any]) -> list[str]:
     acc = {int(k): v for k, v in result.get("val_accuracy", {}).items()}
-    if not acc:
-        return []
-    return [f"- **validation accuracy {100 * acc[min(acc)]:.1f} % -> {100 * acc[max(acc)]:.1f} %** "
-            f"(step {min(acc)} -> {max(acc)})"]
+    lines = []
+    if acc:
+        lines.append(f"- **validation accuracy {100 * acc[min(acc)]:.1f} % -> "
+                     f"{100 * acc[max(acc)]:.1f} %** (step {min(acc)} -> {max(acc)})")
+    if result.get("test_accuracy") is not None:
+        lines.append(f"- **test accuracy {100 * result['test_accuracy']:.2f} %** (test loss "
+                     f"{result['test_loss']:.4f}, all {result['test_rows']} test rows, final weights)")
+    return lines
 
 
 @dataclass(frozen=True)
@@ -87,7 +95,7 @@ TASKS: dict[str, Task] = {
 #: the task each model kind trains for
 TASK_OF_MODEL = {"gpt": "language_model", "cnn": "classifier", "mlp": "classifier"}
 #: the task each data source feeds (a data-only spec has no model section)
-TASK_OF_SOURCE = {"text_tree": "language_model", "digits": "classifier"}
+TASK_OF_SOURCE = {"text_tree": "language_model", "digits": "classifier", "idx": "classifier"}
 
 
 def get_task(name: str) -> Task:
