@@ -75,9 +75,8 @@ def build_searcher(search: SearchSpec, space: dict[str, Any], metric: str, mode:
     if search.searcher == "rl":
         from bigopt.search.rl import RLSearcher
 
-        r = search.rl
-        return RLSearcher(space, metric, mode, seed=search.seed, policy=r.policy, lr=r.lr,
-                          entropy_weight=r.entropy_weight, baseline_decay=r.baseline_decay)
+        options = {k: v for k, v in search.rl.model_dump().items() if v is not None}
+        return RLSearcher(space, metric, mode, seed=search.seed, **options)
     if search.searcher == "random":
         return RandomSearcher(space, metric, mode, seed=search.seed)
     from ray.tune.search.optuna import OptunaSearch

@@ -101,6 +101,7 @@ class CheckpointManager:
         # on a restart (None: only the reporter's own checkpoint, e.g. PBT's exploit target)
         self.run, self.session = reporter.run, session
         self.last_saved: int | None = None
+        self.loaded_from: str | None = None  # the checkpoint ``load`` restored, if any
 
     def should_save(self, step: int, last: bool) -> bool:
         return last or step in self.at or (self.every > 0 and step % self.every == 0)
@@ -173,6 +174,7 @@ class CheckpointManager:
             with open(os.path.join(directory, STATE_FILE)) as f:
                 state = json.load(f)
         log.info("resumed from %s at step %d", checkpoint.path, state["step"])
+        self.loaded_from = checkpoint.path
         if unregistered:
             self.reporter.register(checkpoint, state["step"])
         return state
