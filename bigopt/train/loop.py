@@ -54,6 +54,8 @@ class TrainContext:
     #: anything with ``iter_torch_batches`` (a Ray Data shard iterator or a Dataset)
     train_data: Any
     val_data: Any
+    #: the data artifact's test split (materialized), evaluated in full after the last step
+    test_data: Any = None
     #: identifies this fit's own checkpoints for a restart (checkpoint.py); None in Tune trials
     session: str | None = None
     #: an explicit checkpoint to start from (``--resume``)
@@ -166,7 +168,7 @@ class Trainer:
             dp=self.layout.dp if self.deterministic else 1,
             dp_rank=dp_rank if self.deterministic else 0,
             shuffle_buffer=train.shuffle_buffer, columns=self.columns, device=self.device))
-        self.val_data = ctx.val_data
+        self.val_data, self.test_data = ctx.val_data, ctx.test_data
         # 5. Metrics (rank 0 writes) and checkpoints (every rank saves its shard).
         sinks: list[MetricsSink] = [JsonlSink(out), ConsoleSink(train.max_steps)] if self.rank == 0 else []
         device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
@@ -298,6 +300,54 @@ class Trainer:
         self.val_losses[self.step] = value
         return value
 
+    @torch.no_grad()
+    def evaluate_test(self) -> dict[str, float]:
+        """The whole test split once (every row, batches dealt by data-parallel rank):
+        ``test_loss`` and ``test_rows``, plus ``test_accuracy`` for classifiers. Empty with no
+        test split, and under pipeline parallelism (whose engine evaluates whole micro-batch
+        groups only)."""
+        if self.test_data is None or self.layout.pp_enabled:
+            return {}
+        dp, dp_rank = self.layout.dp, self.layout.dp_rank(self.rank)
+        x_col, y_col = self.columns
+        sums = {"loss": 0.0, "rows": 0.0, "correct": 0.0}
+        self.engine.eval()
+        batches = self.test_data.iter_torch_batches(batch_size=self.train_spec.batch_size,
+                                                    drop_last=False)
+        mine, first = 0, None
+        for i, batch in enumerate(batches):
+            if i % dp != dp_rank:
+                continue
+            x, y = batch[x_col], batch[y_col].long()
+            x = (x if torch.is_floating_point(x) else x.long()).to(self.device)
+            y = y.to(self.device)
+            out = self.engine(x)
+            mine, first = mine + 1, first if first is not None else x
+            counts = self.task.eval_counts(out, y)
+            rows = counts.get("rows", float(y.numel()))
+            sums["loss"] += self.task.loss(out, y).item() * rows
+            sums["rows"] += rows
+            sums["correct"] += counts.get("correct", 0.0)
+        # Every rank runs as many forwards as the busiest (ZeRO-3 gathers parameters, DDP may
+        # sync buffers, in collectives): a rank dealt fewer batches repeats one, uncounted.
+        most = torch.tensor([mine], dtype=torch.float64)
+        if torch.distributed.get_backend() == "nccl":
+            most = most.to(self.device)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        for _ in range(int(most.item()) - mine):
+            if first is None:  # no batch at all here: a one-row stand-in of the model's input
+                first = self.engine.module.example_input(1, device=self.device)[0]
+            self.engine(first)
+        self.engine.train()
+        world = torch.distributed.get_world_size()
+        total = {k: self.all_reduce_mean(v) * world for k, v in sums.items()}  # sums over ranks
+        if not total["rows"]:
+            return {}
+        metrics = {"test_loss": total["loss"] / total["rows"], "test_rows": int(round(total["rows"]))}
+        if self.task.name == "classifier":
+            metrics["test_accuracy"] = total["correct"] / total["rows"]
+        return metrics
+
     # ------------------------------------------------------------------ helpers
     def apply_spec_lr(self) -> None:
         """Make the spec's ``train.lr`` the base lr after a checkpoint load, which restores the
@@ -400,13 +450,15 @@ def train(job: ResolvedJob, data: DataArtifact, out: RunDir, ctx: TrainContext,
     """Train ``job`` on ``data`` into ``out``; every rank returns the same model artifact.
 
     ``data`` is only checked here (task and columns must match the job); the caller has turned
-    its splits into ``ctx.train_data``/``ctx.val_data``.
+    its splits into ``ctx.train_data``/``ctx.val_data`` (and ``ctx.test_data``: when given, the
+    whole test split is evaluated once after the last step, into ``test_loss``/``test_accuracy``).
     """
     if data.task != job.task or (job.context and data.context != job.context):
         raise ValueError(f"data: the artifact from {data.run} holds {data.task} data with context "
                          f"{data.context}; this job trains a {job.task} with context {job.context}")
     trainer = Trainer(job, out, ctx, reporter, hooks)
     fit = trainer.fit()
+    test = trainer.evaluate_test()
     step = trainer.checkpointer.last_saved
     assert step is not None  # the last step always checkpoints
     last_val = {"val_loss": fit.val_losses[max(fit.val_losses)]} if fit.val_losses else {}
@@ -414,9 +466,10 @@ def train(job: ResolvedJob, data: DataArtifact, out: RunDir, ctx: TrainContext,
         stage="train", run=out.uri, uri=trainer.checkpointer.uri_of(step), task=job.task,
         arch=job.arch or {}, format="deepspeed" if job.spec.train.strategy == "deepspeed" else "ddp",
         step=step, metrics={"final_loss": fit.final_loss, **last_val,
-                            **trainer.val_metrics.get(max(trainer.val_metrics, default=-1), {})})
+                            **trainer.val_metrics.get(max(trainer.val_metrics, default=-1), {}),
+                            **test})
     if trainer.rank == 0:
         # the driver of a Ray Train fit reads the artifact from here (workers return nothing)
-        out.write_json("train/result.json", {**trainer.result(fit),
+        out.write_json("train/result.json", {**trainer.result(fit), **test,
                                              "artifact": artifact.model_dump(mode="json")})
     return artifact

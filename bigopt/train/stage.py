@@ -51,7 +51,7 @@ def ray_configs(job: ResolvedJob, run: RunDir, callbacks: list[Any] | None = Non
     }
 
 
-def plan_splits(job: ResolvedJob, data: DataArtifact) -> dict[str, Any]:
+def plan_splits(job: ResolvedJob, data: DataArtifact, *, test: bool = False) -> dict[str, Any]:
     """The train and val splits of ``data`` as the workers get them: materialized Datasets
     (read before the workers start: by the driver itself with pyarrow when small, by Ray Data
     read tasks when large), or, for ``streaming`` training data, a lazy Dataset that Ray Train
@@ -77,10 +77,12 @@ def plan_splits(job: ResolvedJob, data: DataArtifact) -> dict[str, Any]:
         raise FileNotFoundError(f"the data artifact of {data.run} has no {'/'.join(missing)} split: "
                                 "set data.split.val > 0 and run the data stage")
     sources: dict[str, Any] = {}
-    for split in ("train", "val"):
+    # test (when asked and the artifact has one): evaluated once, after the last step
+    extra = ["test"] if test and "test" in data.splits else []
+    for split in ("train", "val", *extra):
         uri = data.splits[split].uri
         fs, path = filesystem_for(uri)
-        materialize = split == "val" or job.data_order == "deterministic"
+        materialize = split != "train" or job.data_order == "deterministic"
         if materialize and _total_bytes(fs, path) <= DRIVER_READ_MAX_BYTES:
             sources[split] = _read_in_driver(fs, path, list(data.columns))
             continue
@@ -144,7 +146,7 @@ def train_stage(job: ResolvedJob, inputs: dict[str, Any], run: RunDir,
     # Training workers log their own progress lines; Ray Data's per-worker bars would
     # interleave on the console (the data context is captured here, in the driver).
     ray.data.DataContext.get_current().enable_progress_bars = False
-    splits = plan_splits(job, data)
+    splits = plan_splits(job, data, test=True)
     startup = options.extra.get("startup")
     if startup is not None:
         startup["data_planned"] = time.time()
@@ -214,7 +216,7 @@ def ray_train_entry(config: dict[str, Any]) -> None:
     ctx = TrainContext(rank=ray_ctx.get_world_rank(), world_size=ray_ctx.get_world_size(),
                        device=ray.train.torch.get_device(),
                        train_data=splits.get("train") or ray.train.get_dataset_shard("train"),
-                       val_data=splits["val"],
+                       val_data=splits["val"], test_data=splits.get("test"),
                        session=config.get("session"), resume_uri=config.get("resume_uri"),
                        startup=config.get("startup"))
     train(job, data, run, ctx, RayTrainReporter(run), config.get("hooks"))
