@@ -139,10 +139,12 @@ class InvalidPoint(ValueError):
 class PointCosts:
     params: int
     flops: float  # forward FLOPs per sample
-    latency_ms: float  # median CPU forward latency, batch of one
+    latency_ms: float  # fastest CPU forward, batch of one
 
 
-def measure_latency_ms(model: Any, x: Any, repeats: int = 10) -> float:
+def measure_latency_ms(model: Any, x: Any, repeats: int = 20) -> float:
+    """The fastest of ``repeats`` forward passes (batch of one, no grad): the minimum is what
+    the model costs; slower runs measure whatever else the machine was doing."""
     import torch
 
     model.eval()
@@ -153,7 +155,7 @@ def measure_latency_ms(model: Any, x: Any, repeats: int = 10) -> float:
             start = time.perf_counter()
             model(x)
             times.append(time.perf_counter() - start)
-    return 1000 * sorted(times)[len(times) // 2]
+    return 1000 * min(times)
 
 
 def check_point(point: dict[str, Any], spec: JobSpec, *, max_params: int | None = None,

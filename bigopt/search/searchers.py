@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -98,12 +99,20 @@ class EvolutionSearcher(_SeededSearcher):
     """Regularized (aging) evolution (Real et al. 2019): a population of the newest
     ``population`` completed trials; each new trial mutates the best of ``tournament`` of them
     drawn at random, and the oldest member leaves as each new one joins. Until the population
-    is full, trials are random draws."""
+    is full, trials are random draws.
+
+    ``canonical`` (optional) maps a config to the form that decides the trained model (for an
+    architecture space, ``bigopt.search.arch.active``: decisions that do not shape the model
+    nulled). With it, a child whose canonical form was already tried is mutated again (up to
+    ``MAX_REDRAWS`` times): a mutation of an inactive decision would re-train a known model."""
+
+    MAX_REDRAWS = 20
 
     def __init__(self, space: dict[str, Any], metric: str, mode: str, *, seed: int = 0,
                  max_trials: int | None = None, population: int = 20, tournament: int = 5,
-                 mutations: int = 1):
+                 mutations: int = 1, canonical: Callable[[dict[str, Any]], Any] | None = None):
         super().__init__(space, metric, mode, seed=seed, max_trials=max_trials)
+        self.canonical = canonical
         if not 1 <= tournament <= population:
             raise ValueError(f"tournament: {tournament} must be between 1 and population={population}")
         self.population_size, self.tournament, self.mutations = population, tournament, mutations
@@ -130,4 +139,14 @@ class EvolutionSearcher(_SeededSearcher):
             return self.space.sample(self.rng)
         picks = self.rng.choice(len(self.population), size=self.tournament, replace=False)
         parent = max((self.population[int(i)] for i in picks), key=lambda member: member[1])[0]
-        return self.space.mutate(parent, self.rng, n=self.mutations)
+        child = self.space.mutate(parent, self.rng, n=self.mutations)
+        if self.canonical is not None:
+            def key(config: dict[str, Any]) -> str:
+                return json.dumps(self.canonical(config), sort_keys=True, default=str)
+
+            seen = {key(c) for c, _ in self.history} | {key(c) for c in self.live.values()}
+            for _ in range(self.MAX_REDRAWS):
+                if key(child) not in seen:
+                    break
+                child = self.space.mutate(child, self.rng, n=self.mutations)
+        return child

@@ -20,7 +20,7 @@ from typing import Any
 from bigopt.artifacts import DataArtifact, SearchArtifact
 from bigopt.resolve import ResolvedJob
 from bigopt.runtime import RunDir
-from bigopt.search.arch import InvalidPoint, arch_space, check_point, spec_values
+from bigopt.search.arch import InvalidPoint, active, arch_space, check_point, spec_values
 from bigopt.search.pareto import pareto_front
 from bigopt.spec import JobSpec, SearchSpec, dump_spec, with_values
 from bigopt.stages import StageOptions
@@ -71,7 +71,7 @@ def build_searcher(search: SearchSpec, space: dict[str, Any], metric: str, mode:
     if search.searcher == "evolution":
         e = search.evolution
         return EvolutionSearcher(space, metric, mode, seed=search.seed, population=e.population,
-                                 tournament=e.tournament, mutations=e.mutations)
+                                 tournament=e.tournament, mutations=e.mutations, canonical=active)
     if search.searcher == "rl":
         from bigopt.search.rl import RLSearcher
 
@@ -236,7 +236,10 @@ def search_stage(job: ResolvedJob, inputs: dict[str, Any], run: RunDir,
             tune_config=tune.TuneConfig(
                 search_alg=searcher or BasicVariantGenerator(random_state=search.seed),
                 scheduler=scheduler, num_samples=search.num_trials,
-                max_concurrent_trials=search.max_concurrent),
+                max_concurrent_trials=search.max_concurrent,
+                # a finished trial's process runs the next one: no new actor importing torch,
+                # Ray and DeepSpeed per trial (about 10 s each on 2 cores)
+                reuse_actors=True),
             run_config=tune.RunConfig(
                 name="tune", storage_path=storage, storage_filesystem=run.fs,
                 failure_config=tune.FailureConfig(max_failures=0),
@@ -292,8 +295,6 @@ def finish(job: ResolvedJob, run: RunDir, rows: list[dict[str, Any]], rejected: 
     """Costs, the tables, Pareto fronts, best.yaml, plots and the artifact."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from bigopt.search.arch import active
 
     search, spec = job.spec.search, job.spec
     assert search is not None

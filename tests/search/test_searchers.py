@@ -105,3 +105,29 @@ def test_evolution_searcher_drives_a_real_tuner(ray_session, tmp_path):
     assert {r.config["name"] for r in results} == {"fixed"}
     assert results.get_best_result("acc", "max").metrics["acc"] == max(
         r.metrics["acc"] for r in results)
+
+
+def test_evolution_with_a_canonical_form_does_not_retrain_a_known_model():
+    # "noise" never shapes the model: without a canonical form, mutating it re-trains a parent
+    space = {"a": tune.choice(list(range(6))), "b": tune.choice(list(range(6))),
+             "noise": tune.choice(list(range(50)))}
+
+    def canonical(config):
+        return {"a": config["a"], "b": config["b"]}
+
+    def repeats(searcher):
+        seen, dup = set(), 0
+        for i in range(30):
+            config = searcher.suggest(f"t{i}")
+            key = (config["a"], config["b"])
+            dup += key in seen
+            seen.add(key)
+            searcher.on_trial_complete(f"t{i}", {"acc": config["a"] + config["b"]})
+        return dup
+
+    plain = EvolutionSearcher(space, metric="acc", mode="max", seed=0, population=4, tournament=2)
+    deduped = EvolutionSearcher(space, metric="acc", mode="max", seed=0, population=4, tournament=2,
+                                canonical=canonical)
+    assert repeats(deduped) < repeats(plain)
+    assert repeats(EvolutionSearcher(space, metric="acc", mode="max", seed=1, population=4,
+                                     tournament=2, canonical=canonical)) <= 4  # random-phase only
