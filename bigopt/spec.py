@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 
 from bigopt.presets import GPT_PRESETS
 
@@ -332,10 +332,12 @@ class EvolutionOptions(Section):
 
 
 class RLOptions(Section):
+    """REINFORCE controller settings; null: ``bigopt.search.RLSearcher``'s defaults."""
+
     policy: Literal["lstm", "transformer"] = "lstm"
-    lr: float = Field(0.05, gt=0)
-    entropy_weight: float = Field(0.01, ge=0)
-    baseline_decay: float = Field(0.8, ge=0, lt=1)
+    lr: float | None = Field(None, gt=0)
+    entropy_weight: float | None = Field(None, ge=0)
+    baseline_decay: float | None = Field(None, ge=0, lt=1)
 
 
 class SchedulerSpec(Section):
@@ -372,6 +374,24 @@ class SearchSpec(Section):
         default_factory=lambda: {"cluster.num_workers": 1}, description="Spec paths set for "
         "every trial (its budget: train.max_steps, ...). One worker runs in the trial process; "
         "more run a TorchTrainer inside the trial.")
+    @field_validator("trial", mode="before")
+    @classmethod
+    def _flatten_trial(cls, value: Any) -> Any:
+        # `--set search.trial.train.max_steps=100` arrives nested: {"train": {"max_steps": 100}}
+        if not isinstance(value, dict):
+            return value
+        flat: dict[str, Any] = {}
+
+        def walk(node: dict[str, Any], prefix: str) -> None:
+            for key, item in node.items():
+                if isinstance(item, dict):
+                    walk(item, f"{prefix}{key}.")
+                else:
+                    flat[f"{prefix}{key}"] = item
+
+        walk(value, "")
+        return flat
+
     objectives: list[Literal["params", "flops", "latency_ms"]] = Field(
         default_factory=lambda: ["params", "latency_ms"],
         description="Costs the Pareto fronts weigh the metric against.")
