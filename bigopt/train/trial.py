@@ -46,10 +46,13 @@ def train_in_process(job: ResolvedJob, data: DataArtifact, out: RunDir, reporter
                           LOCAL_RANK="0", WORLD_SIZE="1")
         dist.init_process_group("gloo", rank=0, world_size=1)
     try:
-        splits = plan_splits(job, data)
+        # the test split, when there is one, is evaluated after the last step into result.json
+        # only: searchers and schedulers see validation metrics, never test ones
+        splits = plan_splits(job, data, test=True)
         device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
         ctx = TrainContext(rank=0, world_size=1, device=device, train_data=splits["train"],
-                           val_data=splits["val"], session=None, resume_uri=resume_uri)
+                           val_data=splits["val"], test_data=splits.get("test"), session=None,
+                           resume_uri=resume_uri)
         return train(job, data, out, ctx, reporter, hooks)
     finally:
         if created:
