@@ -205,3 +205,24 @@ def test_default_path_is_the_debian_package_dir():
     from bigopt.spec import IdxSource
 
     assert IdxSource().path == "/usr/share/datasets/fashion-mnist" == FASHION_MNIST_DIR
+
+
+@pytest.mark.slow
+def test_train_stage_evaluates_the_whole_test_split(ray_session, tmp_path):
+    """data + train on written IDX files: the t10k rows (33: batches of 8 deal 3 to one rank
+    and 2 to the other) are all evaluated once, and test metrics reach result.json, the model
+    artifact and the report."""
+    import bigopt
+    from bigopt.runtime import RunDir
+
+    small_set(tmp_path / "src", n_train=160, n_test=33)
+    raw = idx_spec(tmp_path, tmp_path / "src", model={"kind": "mlp", "in_features": 784,
+                                                      "hidden": [32]})
+    raw["train"] = {"strategy": "ddp", "precision": "fp32", "batch_size": 8, "max_steps": 4,
+                    "eval_every": 0, "eval_batches": 1, "checkpoint_every": 0, "log_every": 1}
+    run = RunDir(bigopt.run(parse_spec(raw)).run_uri)
+    result = run.read_json("train/result.json")
+    assert result["test_rows"] == 33
+    assert 0 <= result["test_accuracy"] <= 1 and result["test_loss"] > 0
+    assert result["artifact"]["metrics"]["test_accuracy"] == result["test_accuracy"]
+    assert "test accuracy" in run.read_text("report.md")
