@@ -88,7 +88,7 @@ def fmnist(args: argparse.Namespace) -> dict[str, Any]:
         m, se = _mean_se(test)
         vm, vse = _mean_se([e["best_val_acc"] for e in entries])
         am, _ = _mean_se([e["mean_val_acc"] for e in entries])
-        wins = (f"{sum(t > r for t, r in zip(test, rand))}/{len(test)}"
+        wins = (f"{sum(t > r for t, r in zip(test, rand, strict=False))}/{len(test)}"
                 if rand and searcher != "random" else "-")
         print(f"| {searcher} | {100 * m:.2f} +- {100 * se:.2f} | {100 * vm:.2f} +- {100 * vse:.2f} | "
               f"{100 * am:.2f} | {wins} |")

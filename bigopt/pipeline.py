@@ -104,6 +104,12 @@ def run(spec: JobSpec, *, stages: list[str] | None = None, run_dir: str | None =
     if data_from:
         inputs_from["data"] = data_from
     run = RunDir(run_dir) if run_dir else RunDir.create(spec.storage, spec.name)
+    if resume == "latest" and run_dir and stages is None:
+        # resuming a whole run: stages that finished keep their artifacts; the one that was cut
+        # short resumes (a search from its Tune state, training from its newest checkpoint)
+        done = [s.name for s in STAGES if s.name in job.stages and has_artifact(run, s.name)]
+        stages = [s for s in job.stages if s not in done] or job.stages
+        log.info("resuming %s: %s already done", run.uri, ", ".join(done) or "no stage")
     todo, artifacts = plan(job, stages, run=run, inputs_from=inputs_from)
     run.write_text("spec.yaml", dump_spec(job.spec))
     run.write_text("resolved.json", job.dumps())
@@ -112,7 +118,8 @@ def run(spec: JobSpec, *, stages: list[str] | None = None, run_dir: str | None =
     connect_ray(c.address, num_cpus=embedded_cpus(c.num_workers * c.cpus_per_worker, c.num_cpus))
     startup["ray_up"] = time.time()
     result = RunResult(run.uri)
-    options = StageOptions(resume=resume, hooks=hooks, extra={"startup": startup})
+    options = StageOptions(resume=resume, hooks=hooks,
+                           extra={"startup": startup, "stages_run": [s.name for s in todo]})
     for stage in todo:
         startup[f"{stage.name}_stage_start"] = time.time()
         inputs = {k: artifacts[k] for k in (*stage.consumes, *stage.optional) if k in artifacts}

@@ -350,6 +350,10 @@ class SchedulerSpec(Section):
     reduction_factor: float = Field(3, gt=1)
     interval_steps: int = Field(50, ge=1, description="pbt/pb2: steps between exploit/explore.")
     quantile: float = Field(0.25, gt=0, le=0.5)
+    synch: bool = Field(
+        True, description="pbt/pb2: trials meet at every interval (Tune's synch PBT), so each "
+        "exploit finds the donor's checkpoint of that interval. false: asynchronous PBT, which "
+        "skips an exploit whose donor ran ahead (measured here with few trials on 2 cores).")
     mutate: dict[str, Any] = Field(
         default_factory=dict, description="pbt/pb2: spec paths to change during training, as "
         "domains ({loguniform: [1e-4, 1e-2]}); default: the space's train.lr and "

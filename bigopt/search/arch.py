@@ -124,11 +124,22 @@ def model_section(point: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]
 def spec_values(point: dict[str, Any], spec: JobSpec) -> dict[str, Any]:
     """A trial's config as spec paths: hyperparameters as they are, the ``arch.*`` decisions
     replaced by a whole ``model`` section."""
-    values = {k: v for k, v in point.items() if not k.startswith(PREFIX)}
+    values = {k: _like_spec(v, k, spec) for k, v in point.items() if not k.startswith(PREFIX)}
     if any(k.startswith(PREFIX) for k in point):
         assert spec.model is not None
         values["model"] = model_section(point, spec.model.model_dump(mode="json"))
     return values
+
+
+def _like_spec(value: Any, path: str, spec: JobSpec) -> Any:
+    """An integer field gets an integer: PB2 explores a continuous range even for
+    ``train.batch_size``, and 37.4 rows per batch means 37."""
+    node: Any = spec.model_dump(mode="json")
+    for part in path.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, int) and not isinstance(node, bool) and isinstance(value, float):
+        return int(round(value))
+    return value
 
 
 class InvalidPoint(ValueError):

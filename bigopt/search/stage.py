@@ -102,7 +102,7 @@ def build_scheduler(search: SearchSpec, space: dict[str, Any], metric: str, mode
     if s.kind == "pbt":
         return PopulationBasedTraining(
             time_attr="step", metric=metric, mode=mode, perturbation_interval=s.interval_steps,
-            quantile_fraction=s.quantile, hyperparam_mutations=mutate, synch=False)
+            quantile_fraction=s.quantile, hyperparam_mutations=mutate, synch=s.synch)
     from ray.tune.schedulers.pb2 import PB2
 
     bounds = {}
@@ -111,7 +111,7 @@ def build_scheduler(search: SearchSpec, space: dict[str, Any], metric: str, mode
             raise ValueError(f"search.scheduler.mutate.{path}: pb2 needs a numeric range")
         bounds[path] = [domain.lower, domain.upper]
     return PB2(time_attr="step", metric=metric, mode=mode, perturbation_interval=s.interval_steps,
-               quantile_fraction=s.quantile, hyperparam_bounds=bounds, synch=False)
+               quantile_fraction=s.quantile, hyperparam_bounds=bounds, synch=s.synch)
 
 
 class ValidatingSearcher:
@@ -238,8 +238,9 @@ def search_stage(job: ResolvedJob, inputs: dict[str, Any], run: RunDir,
                 scheduler=scheduler, num_samples=search.num_trials,
                 max_concurrent_trials=search.max_concurrent,
                 # a finished trial's process runs the next one: no new actor importing torch,
-                # Ray and DeepSpeed per trial (about 10 s each on 2 cores)
-                reuse_actors=True),
+                # Ray and DeepSpeed per trial (about 10 s each on 2 cores). Not under PBT/PB2:
+                # PBT's pause/exploit restarts trial functions, not measured with reuse.
+                reuse_actors=not population_based),
             run_config=tune.RunConfig(
                 name="tune", storage_path=storage, storage_filesystem=run.fs,
                 failure_config=tune.FailureConfig(max_failures=0),

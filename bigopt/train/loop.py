@@ -197,6 +197,7 @@ class Trainer:
         if state:
             self.step, self.samples_seen = state["step"], state["samples_seen"]
             self.apply_spec_lr()
+            self.resumed_weights = self.weights_digest()
             self.val_losses = {int(k): v for k, v in state.get("val_losses", {}).items()}
             if self.deterministic:
                 self.batches.skip(state["batches_consumed"])
@@ -228,6 +229,12 @@ class Trainer:
                 reported.update(val_loss=extra["val_loss"], **self.val_metrics.get(self.step, {}))
             if not self.checkpointer.save(self.step, self.state_dict(), reported, last=last) and evaluated:
                 self.reporter.report(reported)
+        if self.checkpointer.last_saved is None:
+            # resumed from a checkpoint at max_steps (a PBT trial paused at its end, a resume
+            # of a finished run): no step ran, so save the restored state as this run's own
+            reported = {"step": self.step, "val_loss": self.evaluate(),
+                        **self.val_metrics.get(self.step, {})}  # a scheduler needs its metric
+            self.checkpointer.save(self.step, self.state_dict(), reported, last=True)
         self.metrics.close()
         return TrainResult(self.step, loss, self.val_losses)
 
@@ -349,6 +356,19 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------ helpers
+    def weights_digest(self) -> str:
+        """SHA-256 of the model's state (tensors by name, in name order): what a restore loaded,
+        comparable with the checkpoint's own file (tests check that PBT's exploit continued
+        from the donor's weights)."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        state = self.engine.module.state_dict()
+        for name in sorted(state):
+            digest.update(name.encode())
+            digest.update(state[name].detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
     def apply_spec_lr(self) -> None:
         """Make the spec's ``train.lr`` the base lr after a checkpoint load, which restores the
         saved scheduler's. A plain resume has the same lr (no change); a PBT exploit loads a
@@ -427,6 +447,8 @@ class Trainer:
                              if "val_acc" in m},
             # the checkpoint step this (last) attempt started from: after --resume or a failure
             "resumed_from": self.resumed_from,
+            "resumed_weights_sha256": getattr(self, "resumed_weights", None),
+            "resumed_checkpoint": self.checkpointer.loaded_from,
             # worker-group restarts after failures in this fit (Ray Train's FailureConfig)
             "restarts": self.restarts,
             "strategy": self.train_spec.strategy, "precision": self.precision,

@@ -141,8 +141,10 @@ def train_stage(job: ResolvedJob, inputs: dict[str, Any], run: RunDir,
     resume = options.resume
     if resume == "latest":
         resume = latest_checkpoint(run)
-        if resume is None:
+        if resume is None and len(options.extra.get("stages_run", [])) <= 1:
             raise FileNotFoundError(f"--resume latest: no checkpoint in {run.uri}/train/checkpoints")
+        if resume is None:  # a resumed run whose training had not started: start it
+            log.info("--resume latest: no checkpoint in %s yet; training starts fresh", run.uri)
     # Training workers log their own progress lines; Ray Data's per-worker bars would
     # interleave on the console (the data context is captured here, in the driver).
     ray.data.DataContext.get_current().enable_progress_bars = False

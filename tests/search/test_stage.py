@@ -131,12 +131,16 @@ def _digest(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def test_pbt_exploit_continues_from_the_donor_checkpoint_step_and_weights(ray_session, tmp_path):
-    # two trials; one lr far too small: at each interval the worse copies the better
+@pytest.mark.parametrize("kind", ["pbt", "pb2"])
+def test_pbt_exploit_continues_from_the_donor_checkpoint_step_and_weights(ray_session, tmp_path, kind):
+    # two trials; one lr far too small: at each interval the worse copies the better, then
+    # changes lr and batch size (PBT: perturbs or resamples; PB2: a GP bandit's pick)
+    mutate = {"train.lr": {"loguniform": [1e-6, 3e-2]}, "train.batch_size": {"randint": [16, 64]}}
     spec = parse_spec(search_spec(
         tmp_path, searcher="random", num_trials=2, max_concurrent=2,
-        space={"train.lr": {"choice": [1e-6, 2e-2]}},
-        scheduler={"kind": "pbt", "interval_steps": 10, "quantile": 0.5},
+        space={"train.lr": {"choice": [1e-6, 2e-2]}, "train.batch_size": {"choice": [32]}},
+        scheduler={"kind": kind, "interval_steps": 10, "quantile": 0.5, "mutate": mutate,
+                   "synch": True},  # both trials meet at each interval: an exploit every time
         trial={"train.max_steps": 40, "train.eval_every": 10, "train.checkpoint_every": 10,
                "train.keep_last": 10, "cluster.num_workers": 1}))
     run = bigopt.run(spec, stages=["data", "search"]).run_uri
@@ -153,6 +157,10 @@ def test_pbt_exploit_continues_from_the_donor_checkpoint_step_and_weights(ray_se
         saved = torch.load(os.path.join(donor, "ddp_state.pt"), weights_only=True)["model"]
         assert result["resumed_weights_sha256"] == _digest(saved)
         assert result["steps"] == 40  # and it went on to the end from there
+    # the explored values reached the trials as valid spec values (an int batch size)
+    for resolved in glob.glob(os.path.join(run, "search", "trials", "*", "resolved.json")):
+        train = json.load(open(resolved))["spec"]["train"]
+        assert isinstance(train["batch_size"], int) and 16 <= train["batch_size"] <= 64
 
 
 def test_a_killed_search_resumes_without_losing_or_repeating_a_trial(ray_session, repo_root, tmp_path):
