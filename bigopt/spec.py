@@ -128,6 +128,64 @@ class SplitSpec(Section):
     seed: int = 0
 
 
+class IncompleteStep(Section):
+    """Rows with a missing or empty field, text that is not UTF-8, non-finite pixels, or a
+    missing label."""
+
+    kind: Literal["incomplete"]
+
+
+class NoiseStep(Section):
+    """Text noise filters: length bounds, share of non-printable characters, share of repeated
+    lines, and rows matching a regular expression (the configurable predicate)."""
+
+    kind: Literal["noise"]
+    min_chars: int = Field(1, ge=0)
+    max_chars: int | None = Field(None, ge=1)
+    max_nonprintable: float = Field(0.05, ge=0, le=1, description="Share of characters that are "
+                                    "neither printable nor whitespace (binary or mojibake).")
+    max_repeated_lines: float = Field(0.5, ge=0, le=1, description="Share of non-blank lines "
+                                      "that repeat an earlier line of the same row.")
+    reject_patterns: list[str] = Field(
+        default_factory=list, description="Regular expressions: a row matching any is rejected "
+        "(e.g. 'DO NOT EDIT' for generated code).")
+
+
+class ExactDedupStep(Section):
+    """Rows whose content hashes equal an earlier row's (smallest key kept)."""
+
+    kind: Literal["exact_dedup"]
+
+
+class NearDedupStep(Section):
+    """Near duplicates by MinHash + LSH: signatures in Ray Data map tasks, candidate pairs from
+    LSH bands grouped by Ray Data, clusters by connected components."""
+
+    kind: Literal["near_dedup"]
+    threshold: float = Field(0.8, gt=0, le=1, description="Estimated Jaccard similarity.")
+    shingle: int = Field(5, ge=1, description="Shingle length.")
+    num_perm: int = Field(128, ge=16, le=1024)
+    action: Literal["drop", "group"] = Field(
+        "drop", description="drop: keep one row per cluster; group: keep all, and keep each "
+        "cluster on one side of the split.")
+
+
+class LabelStep(Section):
+    """Unknown or malformed labels rejected; suspected label errors flagged or dropped by
+    confident learning (cleanlab) on out-of-fold predictions of a quick model."""
+
+    kind: Literal["labels"]
+    action: Literal["flag", "drop"] = "flag"
+    folds: int = Field(5, ge=2)
+    num_classes: int | None = Field(None, ge=2)
+    model: Literal["logistic", "mlp"] = "logistic"
+
+
+STEP_KINDS = ("incomplete", "noise", "exact_dedup", "near_dedup", "labels")
+StepSpec = Annotated[IncompleteStep | NoiseStep | ExactDedupStep | NearDedupStep | LabelStep,
+                     Field(discriminator="kind")]
+
+
 class DataSpec(Section):
     source: SourceSpec = Field(default_factory=TextTreeSource)
     split: SplitSpec = Field(default_factory=SplitSpec)
@@ -137,6 +195,9 @@ class DataSpec(Section):
     context: int | None = Field(
         None, ge=8, description="Tokens per training window; null: model.context."
     )
+    steps: list[StepSpec] = Field(
+        default_factory=list, description="Cleaning steps, run in this order on the source rows "
+        "before the split; each writes its rejected rows to data/rejects/ with the reason.")
     rows_per_shard: int = Field(4096, ge=1)
     shuffle_seed: int | None = Field(
         0, description="Rows are written in an order shuffled by this seed (a hash of each "
@@ -481,6 +542,13 @@ def cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
             problems.append(("model.kind", "a text_tree data source feeds a 'gpt' model only"))
         if spec.context is None:
             problems.append(("data.context", "set it, or add a gpt model section with context"))
+    if spec.data is not None:
+        text = isinstance(spec.data.source, TextTreeSource)
+        for i, step in enumerate(spec.data.steps):
+            if step.kind in ("near_dedup", "noise") and not text:
+                problems.append((f"data.steps.{i}.kind", f"{step.kind} works on text sources"))
+            if step.kind == "labels" and text:
+                problems.append((f"data.steps.{i}.kind", "labels needs a labelled (image) source"))
     if spec.data is not None and spec.data.split.val + spec.data.split.test >= 1:
         problems.append(("data.split.val", "val + test must leave rows for training (< 1)"))
     if isinstance(model, GPTModelSpec) and spec.data is not None and spec.data.context:
@@ -617,6 +685,8 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
         parts.pop(1)
     if len(parts) >= 3 and parts[:2] == ["data", "source"] and parts[2] in ("text_tree", "digits", "idx"):
         parts.pop(2)
+    if len(parts) >= 4 and parts[:2] == ["data", "steps"] and parts[3] in STEP_KINDS:
+        parts.pop(3)
     return ".".join(parts) or "<spec>"
 
 

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from bigopt.artifacts import DataArtifact, SplitInfo
 from bigopt.data.images import check_image_row, idx_table, load_digits_rows
+from bigopt.data.steps import StepContext, run_steps
 from bigopt.data.text import list_files, read_and_check, resolve_root, to_windows
 from bigopt.resolve import ResolvedJob
 from bigopt.runtime import RunDir
@@ -75,9 +76,19 @@ class SourceRows:
     info: dict[str, Any]
     #: hash of the source's content, computed from what was read (see ``fingerprint``)
     content_hash: str
+    #: per-step counts of ``data.steps`` (``bigopt.data.steps.run_steps``)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    #: source rows left after reading and the steps, counted on the data (not derived)
+    rows_kept: int | None = None
 
 
-def _text_rows(spec: JobSpec, context: int) -> SourceRows:
+def _clean(spec: JobSpec, ds: Any, run: RunDir, ctx: StepContext) -> tuple[Any, list[dict[str, Any]], int]:
+    """Run ``data.steps`` on the source rows; returns (kept rows, step records, kept count)."""
+    kept, records = run_steps(ds, spec.data.steps, ctx, run)
+    return kept, records, kept.count()
+
+
+def _text_rows(spec: JobSpec, context: int, run: RunDir) -> SourceRows:
     import ray
 
     src = spec.data.source
@@ -94,7 +105,11 @@ def _text_rows(spec: JobSpec, context: int) -> SourceRows:
     rejected = [{"key": r["path"], "reason": r["reject_reason"]} for r in
                 checked.filter(lambda r: r["reject_reason"] != "").drop_columns(["text"]).take_all()]
     kept = checked.filter(lambda r: r["reject_reason"] == "").drop_columns(["reject_reason"])
-    kept = kept.map_batches(_add_split, fn_kwargs={"split": spec.data.split, "key": split_key(spec)},
+    kept, steps, n_kept = _clean(spec, kept, run, StepContext(
+        key="path", content="text", label=None, modality="text", seed=spec.data.split.seed))
+    # near-duplicate clusters kept together (near_dedup action: group) split as one key
+    key = "group" if "group" in kept.schema().names else split_key(spec)
+    kept = kept.map_batches(_add_split, fn_kwargs={"split": spec.data.split, "key": key},
                             batch_size=256)
     windows = kept.map_batches(to_windows, fn_kwargs={"context": context}, batch_size=8)
     digest = hashlib.sha256()  # sorted: Ray Data may hand blocks back in any order
@@ -104,10 +119,10 @@ def _text_rows(spec: JobSpec, context: int) -> SourceRows:
     return SourceRows(windows, rejected, len(files), {
         "source": {"kind": src.kind, "root": str(root), "include": src.include},
         "tokenizer": {"kind": spec.data.tokenizer, "vocab_size": 256}, "context": context},
-        digest.hexdigest())
+        digest.hexdigest(), steps, n_kept)
 
 
-def _image_rows(spec: JobSpec) -> SourceRows:
+def _image_rows(spec: JobSpec, run: RunDir) -> SourceRows:
     import ray
 
     src = spec.data.source
@@ -117,6 +132,8 @@ def _image_rows(spec: JobSpec) -> SourceRows:
     rejected = [{"key": r["id"], "reason": why} for r, why in zip(rows, reasons, strict=True) if why]
     bad = {r["key"] for r in rejected}
     kept = ds.filter(lambda r: r["id"] not in bad) if bad else ds
+    kept, steps, n_kept = _clean(spec, kept, run, StepContext(
+        key="id", content="inputs", label="labels", modality="image", seed=spec.data.split.seed))
     kept = kept.map_batches(_add_split, fn_kwargs={"split": spec.data.split, "key": split_key(spec)},
                             batch_size=256)
     digest = hashlib.sha256()
@@ -124,10 +141,10 @@ def _image_rows(spec: JobSpec) -> SourceRows:
         digest.update(json.dumps(r, sort_keys=True, default=str).encode())
     return SourceRows(kept, rejected, len(rows), {
         "source": {"kind": src.kind, "root": "sklearn.datasets.load_digits", "include": ["8x8"]},
-        "classes": 10}, digest.hexdigest())
+        "classes": 10}, digest.hexdigest(), steps, n_kept)
 
 
-def _idx_rows(spec: JobSpec) -> SourceRows:
+def _idx_rows(spec: JobSpec, run: RunDir) -> SourceRows:
     """IDX files (Fashion-MNIST): read and checked with vectorised numpy in the driver, handed
     to Ray Data as Arrow blocks; the split column comes with them (t10k -> test)."""
     import ray
@@ -142,11 +159,13 @@ def _idx_rows(spec: JobSpec) -> SourceRows:
     blocks = max(1, min(4, table.num_rows // 4096))
     rows = table.num_rows // blocks + 1
     ds = ray.data.from_arrow([table.slice(i * rows, rows) for i in range(blocks)])
+    ds, steps, n_kept = _clean(spec, ds, run, StepContext(
+        key="id", content="inputs", label="labels", modality="image", seed=spec.data.split.seed))
     digest = hashlib.sha256("".join(info["hashes"]).encode())
     return SourceRows(ds, rejected, sum(p["rows"] for p in info["parts"].values()), {
         "source": {"kind": src.kind, "root": src.path, "include": [
             f.rsplit("/", 1)[-1] for p in info["parts"].values() for f in p["files"]]},
-        "classes": 10, "parts": info["parts"]}, digest.hexdigest())
+        "classes": 10, "parts": info["parts"]}, digest.hexdigest(), steps, n_kept)
 
 
 ORDER_KEY = "_order"
@@ -247,11 +266,11 @@ def run_data(job: ResolvedJob, run: RunDir) -> tuple[dict[str, Any], str]:
     started = time.time()
     if isinstance(spec.data.source, TextTreeSource):
         assert job.context is not None
-        source = _text_rows(spec, job.context)
+        source = _text_rows(spec, job.context, run)
     elif isinstance(spec.data.source, IdxSource):
-        source = _idx_rows(spec)
+        source = _idx_rows(spec, run)
     else:
-        source = _image_rows(spec)
+        source = _image_rows(spec, run)
     identity = ["path", "window"] if isinstance(spec.data.source, TextTreeSource) else ["id"]
     rows = source.kept.map_batches(_add_order_key, fn_kwargs={
         "seed": spec.data.shuffle_seed, "columns": identity}, batch_size=1024).materialize()
@@ -279,21 +298,33 @@ def run_data(job: ResolvedJob, run: RunDir) -> tuple[dict[str, Any], str]:
         reasons[kind] = reasons.get(kind, 0) + 1
     if source.rejected:
         run.write_text("data/quarantine.jsonl", "".join(json.dumps(r) + "\n" for r in source.rejected))
-    rows_kept = source.rows_in - len(source.rejected)
+    step_rejected = sum(r["rejected"] for r in source.steps)
+    for record in source.steps:
+        for kind, n in record["rejected_by_reason"].items():
+            reasons[kind] = reasons.get(kind, 0) + n
+    rows_rejected = len(source.rejected) + step_rejected
+    # counted on the kept rows themselves; the check below compares it with rows_in
+    rows_kept = source.rows_kept if source.rows_kept is not None else source.rows_in - rows_rejected
     manifest = {
         **source.info,
         "rows_in": source.rows_in,
         "rows_kept": rows_kept,
-        "rows_rejected": len(source.rejected),
+        "rows_rejected": rows_rejected,
         "rejected_by_reason": reasons,
+        "steps": [{"step": "read", "rows_in": source.rows_in,
+                   "kept": source.rows_in - len(source.rejected), "rejected": len(source.rejected),
+                   "rejects": "data/quarantine.jsonl" if source.rejected else None},
+                  *source.steps],
         "split": {**spec.data.split.model_dump(), "key": split_key(spec)},
         "splits": per_split,
         "seconds": round(time.time() - started, 2),
     }
-    assert manifest["rows_in"] == rows_kept + len(source.rejected)
+    if manifest["rows_in"] != rows_kept + rows_rejected:
+        raise RuntimeError(f"data: {source.rows_in} rows in != {rows_kept} kept + {rows_rejected} "
+                           "rejected: rows were lost")
     manifest["fingerprint"] = fingerprint(job, source.content_hash)
     run.write_json("data/manifest.json", manifest)
-    log.info("data: %d rows kept, %d quarantined; per split %s", rows_kept, len(source.rejected),
+    log.info("data: %d rows kept, %d rejected; per split %s", rows_kept, rows_rejected,
              {k: v["rows"] for k, v in per_split.items()})
     return manifest, manifest["fingerprint"]
 
@@ -325,4 +356,42 @@ def report_section(run: RunDir, artifact: DataArtifact) -> list[str]:
              "", "| split | rows | tokens | files | shards |", "|---|---|---|---|---|"]
     for name, s in manifest["splits"].items():
         lines.append(f"| {name} | {s['rows']} | {s['tokens']} | {s['files']} | {len(s['shards'])} |")
+    steps = manifest.get("steps") or []
+    if len(steps) > 1:
+        lines += ["", "### Data quality", "",
+                  "| step | rows in | kept | rejected | reasons | rejected rows |",
+                  "|---|---|---|---|---|---|"]
+        for r in steps:
+            lines.append(f"| {r['step']} | {r['rows_in']} | {r['kept']} | {r['rejected']} | "
+                         f"{r.get('rejected_by_reason') or ''} | {r.get('rejects') or ''} |")
+        for r in steps:
+            for example in (r.get("details") or {}).get("examples", [])[:3]:
+                lines.append(f"- {r['step']} example: `{json.dumps(example)[:200]}`")
+        where = RunDir(artifact.run)
+        where.write_bytes("data/steps.png", _steps_plot(steps))
+        lines += ["", "![rows per step](data/steps.png)"]
     return lines + [""]
+
+
+def _steps_plot(steps: list[dict[str, Any]]) -> bytes:
+    """Rows kept and rejected at each step, as stacked bars."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=110)
+    names = [r["step"] for r in steps]
+    ax.bar(names, [r["kept"] for r in steps], label="kept")
+    ax.bar(names, [r["rejected"] for r in steps], bottom=[r["kept"] for r in steps],
+           label="rejected", color="C3")
+    ax.set_ylabel("rows")
+    ax.set_title("rows per cleaning step")
+    ax.legend()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
