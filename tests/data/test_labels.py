@@ -1,0 +1,131 @@
+"""The ``labels`` cleaning step: bad labels rejected, flipped labels found by confident learning.
+
+Real data: scikit-learn's bundled ``digits`` (1,797 8x8 scans) with 5 % of the labels flipped
+on purpose (seeded, each to another class). Measured with the logistic model, seed 0: 87 rows
+flagged, recall 0.80, precision 0.82 (the MLP: 0.83 / 0.89); the thresholds below leave margin.
+"""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from bigopt.data.labels import label_errors, label_problem
+from bigopt.data.steps import StepContext
+
+CTX = StepContext(key="id", content="inputs", label="labels", modality="image", seed=0)
+
+
+def step(**kw):
+    base = {"kind": "labels", "action": "flag", "folds": 5, "num_classes": None, "model": "logistic"}
+    return SimpleNamespace(**{**base, **kw})
+
+
+def digits_rows(noise: float = 0.05, seed: int = 0):
+    """(rows, ids of the flipped rows)."""
+    from bigopt.data.images import load_digits_rows
+
+    rows = load_digits_rows()
+    rng = np.random.default_rng(seed)
+    flip = rng.choice(len(rows), int(round(noise * len(rows))), replace=False)
+    for i in flip:
+        rows[i]["labels"] = int((rows[i]["labels"] + rng.integers(1, 10)) % 10)
+    return rows, {rows[i]["id"] for i in flip}
+
+
+@pytest.fixture(scope="module")
+def noisy_digits(ray_session):
+    rows, flipped = digits_rows()
+    ds = ray_session.data.from_items(rows, override_num_blocks=4).materialize()
+    flagged = label_errors(ds, step(), CTX)
+    return ds, flipped, flagged
+
+
+def keys(ds) -> list[str]:
+    return sorted(r["id"] for r in ds.select_columns(["id"]).iter_rows())
+
+
+def test_flag_finds_flipped_labels_and_keeps_every_row(noisy_digits):
+    ds, flipped, out = noisy_digits
+    flagged = set(out.details["flagged_keys"])
+    hits = len(flagged & flipped)
+    assert len(flipped) == 90
+    assert hits / len(flipped) >= 0.6, (hits, len(flipped), len(flagged))
+    assert hits / len(flagged) >= 0.6, (hits, len(flipped), len(flagged))
+    assert out.details["flagged"] == len(flagged)
+    # flag: every row kept, unchanged schema; independent counts
+    assert ds.count() == out.kept.count() == 1797
+    assert out.rejected.count() == 0
+    assert out.kept.schema().names == ds.schema().names
+    ex = out.details["examples"]
+    assert 1 <= len(ex) <= 10
+    assert set(ex[0]) == {"key", "given", "predicted", "p"} and ex[0]["given"] != ex[0]["predicted"]
+
+
+def test_drop_rejects_exactly_the_flagged_rows(noisy_digits, ray_session):
+    ds, _, flagged = noisy_digits
+    out = label_errors(ds, step(action="drop"), CTX)
+    n_in, n_kept, n_rej = ds.count(), out.kept.count(), out.rejected.count()
+    assert n_in == n_kept + n_rej
+    assert n_rej == flagged.details["flagged"]
+    rejected = out.rejected.take_all()
+    assert {r["id"] for r in rejected} == set(flagged.details["flagged_keys"])
+    assert set(keys(out.kept)).isdisjoint(r["id"] for r in rejected)
+    for r in rejected:
+        assert r["step"] == "labels"
+        m = re.fullmatch(r"label_error: given (\d+), predicted (\d+) \(p=(0\.\d\d|1\.00)\)", r["reason"])
+        assert m, r["reason"]
+        assert int(m.group(1)) == r["labels"] != int(m.group(2))
+    assert set(out.rejected.schema().names) == set(ds.schema().names) | {"step", "reason"}
+    assert "flagged_keys" not in out.details
+
+
+def test_same_result_twice(noisy_digits):
+    ds, _, first = noisy_digits
+    again = label_errors(ds, step(), CTX)
+    for k in ("flagged_keys", "examples", "oof_accuracy"):
+        assert again.details[k] == first.details[k]
+
+
+def test_bad_labels_rejected_with_reasons(ray_session):
+    rows, _ = digits_rows(noise=0.0)
+    rows = rows[:300]
+    bad = {"digits-00003": None, "digits-00010": -1, "digits-00020": 10, "digits-00030": 12}
+    for r in rows:
+        if r["id"] in bad:
+            r["labels"] = bad[r["id"]]
+    ds = ray_session.data.from_items(rows, override_num_blocks=3)
+    out = label_errors(ds, step(num_classes=10, action="drop", folds=3), CTX)
+    assert ds.count() == out.kept.count() + out.rejected.count()
+    reasons = {r["id"]: r["reason"] for r in out.rejected.take_all()}
+    bad_rows = {k: v for k, v in reasons.items() if v.startswith("bad_label")}
+    assert bad_rows == {"digits-00003": "bad_label: None (missing)",
+                        "digits-00010": "bad_label: -1 (negative)",
+                        "digits-00020": "bad_label: 10 (not in 0..9)",
+                        "digits-00030": "bad_label: 12 (not in 0..9)"}
+    assert out.details["bad_labels"] == 4
+    assert not bad.keys() & set(keys(out.kept))
+    # flag keeps label errors but still rejects malformed labels
+    flag = label_errors(ds, step(num_classes=10, folds=3), CTX)
+    assert flag.rejected.count() == 4 and flag.kept.count() == 296
+
+
+def test_label_problem_values():
+    assert label_problem(3, 10) == ""
+    assert label_problem(3.0, 10) == ""
+    assert label_problem(np.int64(9), 10) == ""
+    assert label_problem(3.5, 10) == "bad_label: 3.5 (not an integer)"
+    assert label_problem("3", 10) == "bad_label: '3' (not an integer)"
+    assert label_problem(True, 10) == "bad_label: True (not an integer)"
+    assert label_problem(float("nan"), 10) == "bad_label: None (missing)"
+    assert label_problem(10, None) == ""
+
+
+def test_text_sources_are_refused(ray_session):
+    ds = ray_session.data.from_items([{"path": "a.txt", "text": b"hello"}])
+    ctx = StepContext(key="path", content="text", label=None, modality="text", seed=0)
+    with pytest.raises(ValueError, match=r"data\.steps\[.*\]\.kind.*classifier source"):
+        label_errors(ds, step(), ctx)
