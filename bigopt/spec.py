@@ -186,6 +186,21 @@ StepSpec = Annotated[IncompleteStep | NoiseStep | ExactDedupStep | NearDedupStep
                      Field(discriminator="kind")]
 
 
+class AugmentSpec(Section):
+    """Image augmentation (kornia), seeded: at prepare time (``copies`` materialised copies of
+    each training row, counted) or on the fly as training reads each batch."""
+
+    when: Literal["prepare", "train"] = "train"
+    copies: int = Field(1, ge=1, description="prepare: augmented copies per training row.")
+    crop_padding: int = Field(2, ge=0, description="Random crop after zero-padding by this.")
+    flip: bool = True
+    rotation: float = Field(10.0, ge=0, le=180, description="Degrees, either way.")
+    brightness: float = Field(0.1, ge=0, le=1)
+    contrast: float = Field(0.1, ge=0, le=1)
+    noise_std: float = Field(0.02, ge=0, le=1)
+    seed: int = 0
+
+
 class DataSpec(Section):
     source: SourceSpec = Field(default_factory=TextTreeSource)
     split: SplitSpec = Field(default_factory=SplitSpec)
@@ -198,6 +213,7 @@ class DataSpec(Section):
     steps: list[StepSpec] = Field(
         default_factory=list, description="Cleaning steps, run in this order on the source rows "
         "before the split; each writes its rejected rows to data/rejects/ with the reason.")
+    augment: AugmentSpec | None = Field(None, description="Image sources only.")
     rows_per_shard: int = Field(4096, ge=1)
     shuffle_seed: int | None = Field(
         0, description="Rows are written in an order shuffled by this seed (a hash of each "
@@ -544,6 +560,8 @@ def cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
             problems.append(("data.context", "set it, or add a gpt model section with context"))
     if spec.data is not None:
         text = isinstance(spec.data.source, TextTreeSource)
+        if spec.data.augment is not None and text:
+            problems.append(("data.augment", "augmentation is for image sources"))
         for i, step in enumerate(spec.data.steps):
             if step.kind in ("near_dedup", "noise") and not text:
                 problems.append((f"data.steps.{i}.kind", f"{step.kind} works on text sources"))

@@ -24,7 +24,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 def epoch_batches(shard: Any, *, batch_size: int, seed: int, dp: int = 1, dp_rank: int = 0,
                   shuffle_buffer: int = 0, columns: tuple[str, str] = ("input_ids", "labels"),
-                  device: torch.device | None = None) -> Iterator[Batch]:
+                  device: torch.device | None = None, augment: Any = None) -> Iterator[Batch]:
     """Endless ``(inputs, targets)`` batches; each pass over the shard is a new epoch.
 
     A local shuffle buffer reseeded per epoch gives a per-epoch shuffle that is still
@@ -38,10 +38,16 @@ def epoch_batches(shard: Any, *, batch_size: int, seed: int, dp: int = 1, dp_ran
         # streaming shard's order is Ray's to decide.
         source = (shard.randomize_block_order(seed=seed + epoch)
                   if shuffle_buffer and hasattr(shard, "randomize_block_order") else shard)
+        collate = None
+        if augment is not None:  # on the fly: Ray Data's iterator threads augment each batch
+            from bigopt.data.augment import OnTheFly
+
+            collate = OnTheFly(augment, x_col, epoch_seed=seed + epoch)
         it = source.iter_torch_batches(
             batch_size=batch_size, drop_last=True, prefetch_batches=2,
             local_shuffle_buffer_size=shuffle_buffer or None,
             local_shuffle_seed=(seed + epoch) if shuffle_buffer else None,
+            **({"collate_fn": collate} if collate else {}),
         )
         for i, batch in enumerate(it):
             if i % dp != dp_rank:

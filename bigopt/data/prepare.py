@@ -277,6 +277,7 @@ def run_data(job: ResolvedJob, run: RunDir) -> tuple[dict[str, Any], str]:
     count_column = "n_tokens" if "n_tokens" in rows.schema().names else None
 
     per_split: dict[str, dict[str, Any]] = {}
+    augmented: dict[str, Any] | None = None
     for name in SPLITS:
         # a vectorised (Arrow) filter, materialized once: count, sum and unique below and the
         # shard writer read it instead of filtering all rows again, row by row, each time
@@ -284,6 +285,20 @@ def run_data(job: ResolvedJob, run: RunDir) -> tuple[dict[str, Any], str]:
         n = part.count()
         if n == 0:
             continue
+        augment = spec.data.augment
+        if name == "train" and augment is not None and augment.when == "prepare":
+            from bigopt.data.augment import augmented_copies
+
+            copies = part.map_batches(augmented_copies, fn_kwargs={"spec": augment},
+                                      batch_size=256).materialize()
+            augmented_rows = copies.count()
+            part = part.union(copies).materialize()
+            if augmented_rows != n * augment.copies or part.count() != n + augmented_rows:
+                raise RuntimeError(f"data.augment: {n} rows x {augment.copies} copies gave "
+                                   f"{augmented_rows}, {part.count()} rows in all")
+            augmented = {"when": "prepare", "copies": augment.copies, "source_rows": n,
+                         "rows_added": augmented_rows}
+            n = part.count()
         write_shards(part, run, name, n, spec.data.rows_per_shard)
         key = "path" if count_column else "id"
         per_split[name] = {
@@ -316,6 +331,8 @@ def run_data(job: ResolvedJob, run: RunDir) -> tuple[dict[str, Any], str]:
                    "rejects": "data/quarantine.jsonl" if source.rejected else None},
                   *source.steps],
         "split": {**spec.data.split.model_dump(), "key": split_key(spec)},
+        # augmented copies are extra train rows, outside rows_in = rows_kept + rows_rejected
+        "augmented": augmented or ({"when": "train"} if spec.data.augment else None),
         "splits": per_split,
         "seconds": round(time.time() - started, 2),
     }

@@ -167,7 +167,8 @@ class Trainer:
             ctx.train_data, batch_size=train.batch_size, seed=train.seed,
             dp=self.layout.dp if self.deterministic else 1,
             dp_rank=dp_rank if self.deterministic else 0,
-            shuffle_buffer=train.shuffle_buffer, columns=self.columns, device=self.device))
+            shuffle_buffer=train.shuffle_buffer, columns=self.columns, device=self.device,
+            augment=self.train_time_augment(job)))
         self.val_data, self.test_data = ctx.val_data, ctx.test_data
         # 5. Metrics (rank 0 writes) and checkpoints (every rank saves its shard).
         sinks: list[MetricsSink] = [JsonlSink(out), ConsoleSink(train.max_steps)] if self.rank == 0 else []
@@ -356,6 +357,13 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def train_time_augment(job: ResolvedJob) -> Any:
+        """``data.augment`` when it asks for on-the-fly augmentation of training batches."""
+        data = job.spec.data
+        augment = data.augment if data is not None else None
+        return augment if augment is not None and augment.when == "train" else None
+
     def weights_digest(self) -> str:
         """SHA-256 of the model's state (tensors by name, in name order): what a restore loaded,
         comparable with the checkpoint's own file (tests check that PBT's exploit continued
