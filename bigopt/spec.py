@@ -204,9 +204,12 @@ class AugmentSpec(Section):
 class DataSpec(Section):
     source: SourceSpec = Field(default_factory=TextTreeSource)
     split: SplitSpec = Field(default_factory=SplitSpec)
-    tokenizer: Literal["bytes"] = Field(
-        "bytes", description="UTF-8 bytes as tokens (vocab 256): needs nothing from a hub."
-    )
+    tokenizer: Literal["bytes", "bpe"] = Field(
+        "bytes", description="bytes: UTF-8 bytes as tokens (vocab 256). bpe: a byte-level BPE "
+        "trained on the training split with Hugging Face tokenizers (data.vocab_size tokens), "
+        "saved as data/tokenizer.json in the data artifact; nothing comes from a hub.")
+    vocab_size: int = Field(4096, ge=260, le=262144, description="bpe: tokens in the vocabulary "
+                            "(model.vocab_size must be at least this).")
     context: int | None = Field(
         None, ge=8, description="Tokens per training window; null: model.context."
     )
@@ -569,6 +572,10 @@ def cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
                 problems.append((f"data.steps.{i}.kind", "labels needs a labelled (image) source"))
     if spec.data is not None and spec.data.split.val + spec.data.split.test >= 1:
         problems.append(("data.split.val", "val + test must leave rows for training (< 1)"))
+    if isinstance(model, GPTModelSpec) and spec.data is not None and spec.data.tokenizer == "bpe":
+        if model.config()["vocab_size"] < spec.data.vocab_size:
+            problems.append(("model.vocab_size", f"{model.config()['vocab_size']} < data.vocab_size "
+                             f"{spec.data.vocab_size} (the BPE tokenizer's)"))
     if isinstance(model, GPTModelSpec) and spec.data is not None and spec.data.context:
         if spec.data.context > model.config()["context"]:
             problems.append(("data.context", f"{spec.data.context} > model.context "

@@ -111,14 +111,34 @@ def _text_rows(spec: JobSpec, context: int, run: RunDir) -> SourceRows:
     key = "group" if "group" in kept.schema().names else split_key(spec)
     kept = kept.map_batches(_add_split, fn_kwargs={"split": spec.data.split, "key": key},
                             batch_size=256)
-    windows = kept.map_batches(to_windows, fn_kwargs={"context": context}, batch_size=8)
+    tokenizer: dict[str, Any] = {"kind": "bytes", "vocab_size": 256}
+    tokenizer_json = None
+    if spec.data.tokenizer == "bpe":
+        from ray.data.expressions import col
+
+        from bigopt.data.tokenizer import train_bpe
+
+        kept = kept.materialize()
+        train_texts = (bytes(r["text"]).decode("utf-8", "replace") for r in
+                       kept.filter(expr=col("split") == "train").select_columns(["text"]).iter_rows())
+        started = time.time()
+        bpe = train_bpe(train_texts, spec.data.vocab_size)  # streamed: the texts never all in memory
+        tokenizer_json = bpe.to_str()
+        run.write_text("data/tokenizer.json", tokenizer_json)
+        tokenizer = {"kind": "bpe", "vocab_size": bpe.get_vocab_size(), "pad_id": 0,
+                     "uri": run.uri_of("data/tokenizer.json"),
+                     "trained_on": "train split", "seconds": round(time.time() - started, 2)}
+        log.info("data: BPE tokenizer, %d tokens, trained in %.1f s", bpe.get_vocab_size(),
+                 time.time() - started)
+    windows = kept.map_batches(to_windows, fn_kwargs={"context": context,
+                                                      "tokenizer_json": tokenizer_json}, batch_size=8)
     digest = hashlib.sha256()  # sorted: Ray Data may hand blocks back in any order
     for path, text in sorted((r["path"], r["text"]) for r in
                              checked.select_columns(["path", "text"]).iter_rows()):
         digest.update(path.encode() + b"\0" + hashlib.sha256(text).digest())
     return SourceRows(windows, rejected, len(files), {
         "source": {"kind": src.kind, "root": str(root), "include": src.include},
-        "tokenizer": {"kind": spec.data.tokenizer, "vocab_size": 256}, "context": context},
+        "tokenizer": tokenizer, "context": context},
         digest.hexdigest(), steps, n_kept)
 
 

@@ -71,11 +71,20 @@ def read_and_check(batch: dict[str, np.ndarray], root: str, max_bytes: int) -> d
     return {"path": batch["path"], "text": np.array(texts, dtype=object), "reject_reason": reasons}
 
 
-def to_windows(batch: dict[str, np.ndarray], context: int) -> dict[str, np.ndarray]:
-    """Files -> fixed windows: ``input_ids``/``labels`` of shape [context], one row each."""
+def to_windows(batch: dict[str, np.ndarray], context: int,
+               tokenizer_json: str | None = None) -> dict[str, np.ndarray]:
+    """Files -> fixed windows: ``input_ids``/``labels`` of shape [context], one row each.
+    Tokens are the UTF-8 bytes, or a trained BPE's ids when ``tokenizer_json`` is given."""
     inputs, labels, paths, splits, n_tokens, window = [], [], [], [], [], []
-    for rel, text, split in zip(batch["path"], batch["text"], batch["split"], strict=True):
-        tokens = np.frombuffer(text, dtype=np.uint8).astype(np.int32)
+    if tokenizer_json is not None:
+        from bigopt.data.tokenizer import encode
+
+        ids = list(encode([bytes(t).decode("utf-8", "replace") for t in batch["text"]],
+                          tokenizer_json))
+    for i, (rel, text, split) in enumerate(zip(batch["path"], batch["text"], batch["split"],
+                                               strict=True)):
+        tokens = (np.asarray(ids[i], dtype=np.int32) if tokenizer_json is not None
+                  else np.frombuffer(text, dtype=np.uint8).astype(np.int32))
         # Stride `context`; the window's labels are the next token, so window k reads
         # tokens[k*context : k*context + context + 1]. Every label is predicted exactly once.
         for start in range(0, max(len(tokens) - 1, 1), context):
