@@ -76,6 +76,9 @@ def make_searcher(name: str, seed: int, queries: int, **overrides: Any) -> Searc
     if name == "evolution":
         return EvolutionSearcher(SPACE, METRIC, "max", seed=seed, max_trials=queries,
                                  **{"population": 20, "tournament": 5, **overrides})
+    if name == "evolution-paper":  # regularized evolution as published: may re-query a cell
+        return EvolutionSearcher(SPACE, METRIC, "max", seed=seed, max_trials=queries,
+                                 dedupe=False, **{"population": 20, "tournament": 5, **overrides})
     if name in ("rl-lstm", "rl-transformer"):
         return RLSearcher(SPACE, METRIC, "max", seed=seed, max_trials=queries,
                           policy=name.split("-")[1], **overrides)
@@ -86,7 +89,7 @@ def make_searcher(name: str, seed: int, queries: int, **overrides: Any) -> Searc
     raise ValueError(f"searcher: {name!r}")
 
 
-SEARCHERS = ["random", "evolution", "rl-lstm", "rl-transformer", "tpe"]
+SEARCHERS = ["random", "evolution", "evolution-paper", "rl-lstm", "rl-transformer", "tpe"]
 
 
 def drive(searcher: Searcher, table: Table, run_seed: int, queries: int) -> list[tuple[str, float]]:

@@ -125,7 +125,8 @@ def test_evolution_with_a_canonical_form_does_not_retrain_a_known_model():
             searcher.on_trial_complete(f"t{i}", {"acc": config["a"] + config["b"]})
         return dup
 
-    plain = EvolutionSearcher(space, metric="acc", mode="max", seed=0, population=4, tournament=2)
+    plain = EvolutionSearcher(space, metric="acc", mode="max", seed=0, population=4, tournament=2,
+                              dedupe=False)
     deduped = EvolutionSearcher(space, metric="acc", mode="max", seed=0, population=4, tournament=2,
                                 canonical=canonical)
     assert repeats(deduped) < repeats(plain)
