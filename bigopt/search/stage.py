@@ -190,7 +190,10 @@ def _trial_resources(base: JobSpec) -> dict[str, float]:
     c = base.cluster
     if c.num_workers == 1:  # the trial process trains
         return {"cpu": c.cpus_per_worker, "gpu": c.gpus_per_worker}
-    return {"cpu": 0}  # a TorchTrainer inside the trial reserves its workers itself
+    # a TorchTrainer inside the trial reserves its workers itself; the trial process takes no
+    # CPU (2 workers x 1 CPU must fit a 2-CPU machine) and a token of memory, because Tune
+    # refuses an all-zero request
+    return {"cpu": 0, "memory": 2**20}
 
 
 def search_stage(job: ResolvedJob, inputs: dict[str, Any], run: RunDir,

@@ -198,3 +198,16 @@ def test_a_killed_search_resumes_without_losing_or_repeating_a_trial(ray_session
         assert by_id[trial_id]["metric"] == pytest.approx(acc)
     assert len({json.loads(r["config"])["train.lr"] for r in rows}) == 6
     assert RunDir(run_dir).exists("search/artifact.json")
+
+
+def test_large_trials_run_a_torch_trainer_inside_the_trial(ray_session, tmp_path):
+    # two workers per trial: each trial fits a TorchTrainer (gloo DDP over 2 ranks) inside it
+    spec = parse_spec(search_spec(
+        tmp_path, searcher="random", num_trials=2, max_concurrent=1,
+        space={"train.lr": {"loguniform": [1e-3, 3e-2]}},
+        trial={"train.max_steps": 10, "train.eval_every": 5, "cluster.num_workers": 2}))
+    run = bigopt.run(spec, stages=["data", "search"]).run_uri
+    rows = trials(run)
+    assert len(rows) == 2 and all(r["status"] == "TERMINATED" and r["step"] == 10 for r in rows)
+    for result_path in glob.glob(os.path.join(run, "search", "trials", "*", "train", "result.json")):
+        assert json.load(open(result_path))["layout"]["world_size"] == 2
