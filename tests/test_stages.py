@@ -18,7 +18,7 @@ from factories import make_spec
 
 
 def test_spec_stages_follow_the_table_order():
-    assert stage_names()[:2] == ["data", "train"]
+    assert stage_names()[:3] == ["data", "search", "train"]  # DESIGN.md: data, search, train, ...
     assert make_spec().stages() == [s for s in stage_names() if s in ("data", "train")]
     assert make_spec(data=None).stages() == ["train"]
 
