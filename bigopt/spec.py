@@ -14,6 +14,7 @@ context, architecture, layout, precision, DeepSpeed config) is decided once, by
 from __future__ import annotations
 
 import copy
+import glob
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -102,6 +103,32 @@ class IdxSource(Section):
         return (1, 28, 28)
 
 
+class TableSource(Section):
+    """A text corpus in JSONL, CSV or Parquet files (local or ``s3://``): one record, one row."""
+
+    kind: Literal["table"]
+    format: Literal["jsonl", "csv", "parquet"]
+    path: str = Field(description="A file, a directory (its *.jsonl / *.csv / *.parquet files, "
+                      "recursively) or a glob; local or s3://bucket/prefix.")
+    text: str = Field("text", description="Column holding the text.")
+    id: str | None = Field(None, description="Column identifying a record (the split key); "
+                           "null: '<file>#<row index>'.")
+
+
+class ImageFolderSource(Section):
+    """PNG/JPEG images in ``<path>/<class>/``: the folder name is the label (classes sorted by
+    name -> ids); each image resized to ``image_size`` and made grey (1) or RGB (3)."""
+
+    kind: Literal["image_folder"]
+    path: str = Field(description="A directory, local or s3://bucket/prefix.")
+    image_size: int = Field(28, ge=4)
+    channels: Literal[1, 3] = 1
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
+
+
 def _source_kind(value: Any) -> str:
     # `kind` may be left out for the common case: a tree of text files.
     if isinstance(value, dict):
@@ -111,9 +138,14 @@ def _source_kind(value: Any) -> str:
 
 SourceSpec = Annotated[
     Annotated[TextTreeSource, Tag("text_tree")] | Annotated[ImageSource, Tag("digits")]
-    | Annotated[IdxSource, Tag("idx")],
+    | Annotated[IdxSource, Tag("idx")] | Annotated[TableSource, Tag("table")]
+    | Annotated[ImageFolderSource, Tag("image_folder")],
     Discriminator(_source_kind),
 ]
+#: sources of text (a language model's) and of labelled images (a classifier's)
+TEXT_SOURCES = (TextTreeSource, TableSource)
+IMAGE_SOURCES = (ImageSource, IdxSource, ImageFolderSource)
+SOURCE_TAGS = ("text_tree", "digits", "idx", "table", "image_folder")
 
 
 class SplitSpec(Section):
@@ -529,7 +561,7 @@ def cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
         gpt = model.config()
         if gpt["d_model"] % gpt["n_head"]:
             problems.append(("model.n_head", f"{gpt['n_head']} must divide d_model={gpt['d_model']}"))
-    if spec.data is not None and isinstance(spec.data.source, ImageSource | IdxSource):
+    if spec.data is not None and isinstance(spec.data.source, IMAGE_SOURCES):
         source = spec.data.source
         (c, h, w), kind = source.image_shape, source.kind
         if model is not None and isinstance(model, GPTModelSpec):
@@ -550,6 +582,23 @@ def cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
             if spec.data.split.test > 0:
                 problems.append(("data.split.test", "an idx source's test split is its own t10k-* "
                                  "files; leave data.split.test at 0 (val is carved from train)"))
+        if isinstance(source, ImageFolderSource) and not source.path.startswith("s3://") \
+                and not Path(source.path).expanduser().is_dir():
+            problems.append(("data.source.path", f"{source.path!r} is not a directory here "
+                             f"(cwd {Path.cwd()})"))
+    elif spec.data is not None and isinstance(spec.data.source, TableSource):
+        source = spec.data.source
+        local = Path(source.path).expanduser()
+        if "://" in source.path and not source.path.startswith("s3://"):
+            problems.append(("data.source.path", f"{source.path!r}: use a local path or s3://"))
+        elif not source.path.startswith("s3://") and not (
+                glob.glob(str(local)) if any(c in source.path for c in "*?[") else local.exists()):
+            problems.append(("data.source.path", f"{source.path!r} does not exist here "
+                             f"(cwd {Path.cwd()})"))
+        if model is not None and not isinstance(model, GPTModelSpec):
+            problems.append(("model.kind", "a table data source feeds a 'gpt' model only"))
+        if spec.context is None:
+            problems.append(("data.context", "set it, or add a gpt model section with context"))
     elif spec.data is not None:
         source = spec.data.source
         if source.path != "stdlib" and not Path(source.path).expanduser().is_dir():
@@ -562,7 +611,7 @@ def cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
         if spec.context is None:
             problems.append(("data.context", "set it, or add a gpt model section with context"))
     if spec.data is not None:
-        text = isinstance(spec.data.source, TextTreeSource)
+        text = isinstance(spec.data.source, TEXT_SOURCES)
         if spec.data.augment is not None and text:
             problems.append(("data.augment", "augmentation is for image sources"))
         for i, step in enumerate(spec.data.steps):
@@ -647,7 +696,7 @@ def search_problems(spec: JobSpec) -> list[tuple[str, str]]:
         problems += [(f"search.space.{p}" if p.split(".")[0] in ("train", "model", "cluster")
                       else p, m) for p, m in exc.problems]
     if search.arch is not None and spec.data is not None:
-        images = not isinstance(spec.data.source, TextTreeSource)
+        images = not isinstance(spec.data.source, TEXT_SOURCES)
         wrong = [f for f in search.arch.families if (f == "gpt") == images]
         if wrong:
             problems.append(("search.arch.families", f"{wrong} cannot read this data source "
@@ -708,7 +757,7 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc]
     if len(parts) >= 2 and parts[0] == "model" and parts[1] in ("gpt", "cnn", "mlp"):
         parts.pop(1)
-    if len(parts) >= 3 and parts[:2] == ["data", "source"] and parts[2] in ("text_tree", "digits", "idx"):
+    if len(parts) >= 3 and parts[:2] == ["data", "source"] and parts[2] in SOURCE_TAGS:
         parts.pop(2)
     if len(parts) >= 4 and parts[:2] == ["data", "steps"] and parts[3] in STEP_KINDS:
         parts.pop(3)

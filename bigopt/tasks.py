@@ -95,7 +95,8 @@ TASKS: dict[str, Task] = {
 #: the task each model kind trains for
 TASK_OF_MODEL = {"gpt": "language_model", "cnn": "classifier", "mlp": "classifier"}
 #: the task each data source feeds (a data-only spec has no model section)
-TASK_OF_SOURCE = {"text_tree": "language_model", "digits": "classifier", "idx": "classifier"}
+TASK_OF_SOURCE = {"text_tree": "language_model", "digits": "classifier", "idx": "classifier",
+                  "table": "language_model", "image_folder": "classifier"}
 
 
 def get_task(name: str) -> Task:

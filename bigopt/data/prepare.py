@@ -24,7 +24,15 @@ from bigopt.data.steps import StepContext, run_steps
 from bigopt.data.text import list_files, read_and_check, resolve_root, to_windows
 from bigopt.resolve import ResolvedJob
 from bigopt.runtime import RunDir
-from bigopt.spec import IdxSource, JobSpec, SplitSpec, TextTreeSource
+from bigopt.spec import (
+    TEXT_SOURCES,
+    IdxSource,
+    ImageFolderSource,
+    JobSpec,
+    SplitSpec,
+    TableSource,
+    TextTreeSource,
+)
 from bigopt.stages import StageOptions
 
 log = logging.getLogger("bigopt")
@@ -47,7 +55,7 @@ def split_key(spec: JobSpec) -> str:
     key = spec.data.split.key
     if key != "auto":
         return key
-    return "path" if isinstance(spec.data.source, TextTreeSource) else "id"
+    return "path" if isinstance(spec.data.source, TEXT_SOURCES) else "id"
 
 
 def _add_split(batch: dict[str, np.ndarray], split: SplitSpec, key: str) -> dict[str, np.ndarray]:
@@ -102,6 +110,26 @@ def _text_rows(spec: JobSpec, context: int, run: RunDir) -> SourceRows:
         read_and_check, fn_kwargs={"root": str(root), "max_bytes": src.max_file_bytes},
         batch_size=32,
     ).materialize()
+    return _text_source_rows(spec, context, run, checked, len(files), {
+        "source": {"kind": src.kind, "root": str(root), "include": src.include}})
+
+
+def _table_rows(spec: JobSpec, context: int, run: RunDir) -> SourceRows:
+    """JSONL / CSV / Parquet records as text rows (``bigopt.data.readers``); rows_in counts
+    every record of every file that parsed, plus one row per quarantined file."""
+    from bigopt.data.readers import table_rows
+
+    checked, files, info = table_rows(spec.data.source)
+    rows_in = checked.count()
+    log.info("data: %d records (and quarantined files) in %d %s files", rows_in, files,
+             spec.data.source.format)
+    return _text_source_rows(spec, context, run, checked, rows_in, info)
+
+
+def _text_source_rows(spec: JobSpec, context: int, run: RunDir, checked: Any, rows_in: int,
+                      info: dict[str, Any]) -> SourceRows:
+    """Text rows ``{path, text, reject_reason}`` (materialized; '' keeps a row) -> steps,
+    split by key, tokenizer, windows: shared by every text source."""
     rejected = [{"key": r["path"], "reason": r["reject_reason"]} for r in
                 checked.filter(lambda r: r["reject_reason"] != "").drop_columns(["text"]).take_all()]
     kept = checked.filter(lambda r: r["reject_reason"] == "").drop_columns(["reject_reason"])
@@ -136,10 +164,8 @@ def _text_rows(spec: JobSpec, context: int, run: RunDir) -> SourceRows:
     for path, text in sorted((r["path"], r["text"]) for r in
                              checked.select_columns(["path", "text"]).iter_rows()):
         digest.update(path.encode() + b"\0" + hashlib.sha256(text).digest())
-    return SourceRows(windows, rejected, len(files), {
-        "source": {"kind": src.kind, "root": str(root), "include": src.include},
-        "tokenizer": tokenizer, "context": context},
-        digest.hexdigest(), steps, n_kept)
+    return SourceRows(windows, rejected, rows_in, {**info, "tokenizer": tokenizer, "context": context},
+                      digest.hexdigest(), steps, n_kept)
 
 
 def _image_rows(spec: JobSpec, run: RunDir) -> SourceRows:
@@ -186,6 +212,33 @@ def _idx_rows(spec: JobSpec, run: RunDir) -> SourceRows:
         "source": {"kind": src.kind, "root": src.path, "include": [
             f.rsplit("/", 1)[-1] for p in info["parts"].values() for f in p["files"]]},
         "classes": 10, "parts": info["parts"]}, digest.hexdigest(), steps, n_kept)
+
+
+def _image_folder_rows(spec: JobSpec, run: RunDir) -> SourceRows:
+    """``<path>/<class>/<image>`` decoded by Pillow in Ray Data tasks (``bigopt.data.readers``);
+    an image that does not decode is a rejected row naming the file."""
+    from bigopt.data.readers import image_folder_rows
+
+    src = spec.data.source
+    assert isinstance(src, ImageFolderSource)
+    decoded, classes, files = image_folder_rows(src)
+    rejected = [{"key": r["id"], "reason": r["reject_reason"]} for r in
+                decoded.select_columns(["id", "reject_reason"]).filter(
+                    lambda r: r["reject_reason"] != "").take_all()]
+    digest = hashlib.sha256()
+    for key, sha in sorted((r["id"], r["sha256"]) for r in
+                           decoded.select_columns(["id", "sha256"]).iter_rows()):
+        digest.update(f"{key}\0{sha}\n".encode())
+    kept = decoded.filter(lambda r: r["reject_reason"] == "").drop_columns(["reject_reason", "sha256"])
+    kept, steps, n_kept = _clean(spec, kept, run, StepContext(
+        key="id", content="inputs", label="labels", modality="image", seed=spec.data.split.seed))
+    kept = kept.map_batches(_add_split, fn_kwargs={"split": spec.data.split, "key": split_key(spec)},
+                            batch_size=256)
+    log.info("data: %d images in %d classes under %s", files, len(classes), src.path)
+    return SourceRows(kept, rejected, files, {
+        "source": {"kind": src.kind, "root": src.path, "include": ["png", "jpg", "jpeg"],
+                   "image_shape": list(src.image_shape)},
+        "classes": classes, "num_classes": len(classes)}, digest.hexdigest(), steps, n_kept)
 
 
 ORDER_KEY = "_order"
@@ -287,11 +340,16 @@ def run_data(job: ResolvedJob, run: RunDir) -> tuple[dict[str, Any], str]:
     if isinstance(spec.data.source, TextTreeSource):
         assert job.context is not None
         source = _text_rows(spec, job.context, run)
+    elif isinstance(spec.data.source, TableSource):
+        assert job.context is not None
+        source = _table_rows(spec, job.context, run)
+    elif isinstance(spec.data.source, ImageFolderSource):
+        source = _image_folder_rows(spec, run)
     elif isinstance(spec.data.source, IdxSource):
         source = _idx_rows(spec, run)
     else:
         source = _image_rows(spec, run)
-    identity = ["path", "window"] if isinstance(spec.data.source, TextTreeSource) else ["id"]
+    identity = ["path", "window"] if isinstance(spec.data.source, TEXT_SOURCES) else ["id"]
     rows = source.kept.map_batches(_add_order_key, fn_kwargs={
         "seed": spec.data.shuffle_seed, "columns": identity}, batch_size=1024).materialize()
     count_column = "n_tokens" if "n_tokens" in rows.schema().names else None
