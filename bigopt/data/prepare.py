@@ -29,6 +29,7 @@ from bigopt.spec import (
     IdxSource,
     ImageFolderSource,
     JobSpec,
+    SpecError,
     SplitSpec,
     TableSource,
     TextTreeSource,
@@ -222,6 +223,10 @@ def _image_folder_rows(spec: JobSpec, run: RunDir) -> SourceRows:
     src = spec.data.source
     assert isinstance(src, ImageFolderSource)
     decoded, classes, files = image_folder_rows(src)
+    num_classes = getattr(spec.model, "num_classes", None)
+    if num_classes is not None and num_classes < len(classes):
+        raise SpecError([("model.num_classes", f"{num_classes} < the {len(classes)} class folders "
+                          f"under {src.path} ({', '.join(classes[:10])})")])
     rejected = [{"key": r["id"], "reason": r["reject_reason"]} for r in
                 decoded.select_columns(["id", "reject_reason"]).filter(
                     lambda r: r["reject_reason"] != "").take_all()]

@@ -79,6 +79,54 @@ def test_spec_problems_name_the_field(tmp_path):
         parse_spec(folder_spec(tmp_path, tmp_path, model={"kind": "gpt"}))
 
 
+# --------------------------------------------------------------------------- per-file readers (no Ray)
+def test_read_table_files_gz_tsv_globs_and_ids(tmp_path):
+    import gzip
+
+    from bigopt.data.readers import TABLE_SUFFIXES, list_source_files, read_table_files
+
+    root = tmp_path / "c"
+    root.mkdir()
+    with gzip.open(root / "a.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"k": 7, "body": "hello"}) + "\n" + json.dumps({"k": None, "body": "x"}) + "\n")
+    (root / "b.tsv").write_text("k\tbody\n1\tone\ttab\n")  # a row with too many fields
+    (root / "c.tsv").write_text("k\tbody\n2\ttwo\n")
+    (root / ".hidden.jsonl").write_text("{}\n")
+    fs, base, files = list_source_files(str(root), TABLE_SUFFIXES["jsonl"])
+    assert [f[len(base) + 1:] for f in files] == ["a.jsonl.gz"]
+    _, _, files = list_source_files(str(root / "*.tsv"), TABLE_SUFFIXES["csv"])
+    assert [f.rsplit("/", 1)[-1] for f in files] == ["b.tsv", "c.tsv"]
+    out = read_table_files({"file": np.array([str(root / "a.jsonl.gz")], dtype=object)},
+                           uri=str(root), base=str(root), fmt="jsonl", text="body", id_column="k")
+    assert out["path"].tolist() == ["7", "a.jsonl.gz#1"]
+    assert out["text"].tolist() == [b"hello", b""]
+    assert out["reject_reason"].tolist() == ["", "incomplete: k is null"]
+    out = read_table_files({"file": np.array(files, dtype=object)}, uri=str(root), base=str(root),
+                           fmt="csv", text="body", id_column=None)
+    assert out["path"].tolist() == ["b.tsv", "c.tsv#0"]
+    assert out["reject_reason"][0].startswith("unreadable: not valid csv")
+    assert out["text"].tolist() == [b"", b"two"]
+
+
+def test_decode_images_resizes_and_rejects(tmp_path):
+    from bigopt.data.readers import decode_images
+
+    rgb = np.zeros((6, 10, 3), dtype=np.uint8)
+    rgb[..., 0] = 255  # pure red
+    batch = {"path": np.array(["/r/red/a.png", "/r/red/b.png", "/r/loose.png"], dtype=object),
+             "bytes": np.array([png(rgb), b"garbage", png(rgb)], dtype=object)}
+    out = decode_images(batch, base="/r", classes=["blue", "red"], size=4, channels=3)
+    assert out["id"].tolist() == ["red/a.png", "red/b.png", "loose.png"]
+    assert out["inputs"].shape == (3, 3, 4, 4) and out["inputs"].dtype == np.float32
+    assert np.allclose(out["inputs"][0][0], 1) and np.allclose(out["inputs"][0][1:], 0)
+    assert out["labels"].tolist() == [1, 1, -1]
+    assert out["reject_reason"][0] == ""
+    assert out["reject_reason"][1].startswith("incomplete: undecodable image (UnidentifiedImageError")
+    assert out["reject_reason"][2].startswith("incomplete: no class folder")
+    grey = decode_images(batch, base="/r", classes=["red"], size=5, channels=1)["inputs"]
+    assert grey.shape == (3, 1, 5, 5) and np.allclose(grey[0], 76 / 255, atol=1 / 255)  # L of red
+
+
 # --------------------------------------------------------------------------- tables
 def records(offset: int, n: int) -> list[dict]:
     return [{"doc": f"d{offset + i}", "text": GOOD[offset + i], "n": i} for i in range(n)]
@@ -241,3 +289,11 @@ def test_image_folder_through_the_data_stage(ray_session, tmp_path):
         x = np.asarray(row["inputs"], dtype=np.float32)
         assert x.shape == (1, 8, 8) and x.dtype == np.float32
         assert np.allclose(x, shades[cls] / 255.0, atol=1 / 255)
+    # a model with fewer classes than there are class folders is refused, naming the field
+    from bigopt.data.prepare import run_data
+    from bigopt.resolve import resolve
+
+    small = parse_spec(folder_spec(tmp_path, root, model={"kind": "mlp", "in_features": 64,
+                                                          "num_classes": 2}, image_size=8))
+    with pytest.raises(SpecError, match=r"model.num_classes: 2 < the 3 class folders"):
+        run_data(resolve(small), RunDir.create(small.storage, small.name))
