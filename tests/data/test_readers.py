@@ -297,3 +297,36 @@ def test_image_folder_through_the_data_stage(ray_session, tmp_path):
                                                           "num_classes": 2}, image_size=8))
     with pytest.raises(SpecError, match=r"model.num_classes: 2 < the 3 class folders"):
         run_data(resolve(small), RunDir.create(small.storage, small.name))
+
+
+@pytest.mark.slow
+def test_image_folder_on_s3(ray_session, s3_server, tmp_path):
+    import os
+
+    import boto3
+
+    bucket = s3_server[len("s3://"):]
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    for name, shade in (("b", 200), ("a", 10)):
+        for i in range(3):
+            client.put_object(Bucket=bucket, Key=f"readers/images/{name}/{i}.jpg",
+                              Body=_jpeg(np.full((12, 12, 3), shade, dtype=np.uint8)))
+    client.put_object(Bucket=bucket, Key="readers/images/a/bad.jpg", Body=b"\xff\xd8 truncated")
+    spec = parse_spec(folder_spec(tmp_path, f"{s3_server}/readers/images", image_size=6))
+    run, manifest = _run_data(spec)
+    assert manifest["classes"] == ["a", "b"]
+    assert manifest["rows_in"] == 7 and manifest["rows_kept"] == 6
+    (bad,) = run.read_jsonl("data/quarantine.jsonl")
+    assert bad["key"] == "a/bad.jpg" and bad["reason"].startswith("incomplete: undecodable image")
+    rows = [row for split in manifest["splits"].values() for shard in split["shards"]
+            for row in pq.read_table(run.fs.open_input_file(run.sub(shard["path"]))).to_pylist()]
+    assert sorted((r["id"], r["labels"]) for r in rows) == [
+        (f"{c}/{i}.jpg", label) for label, c in enumerate("ab") for i in range(3)]
+
+
+def _jpeg(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG")
+    return buf.getvalue()
