@@ -98,3 +98,42 @@ def test_data_stage_with_steps_through_the_cli(ray_session, repo_root, tmp_path)
         assert s["rows_in"] == s["kept"] + s["rejected"]
     report = open(os.path.join(run_dir, "report.md")).read()
     assert "### Data quality" in report and os.path.exists(os.path.join(run_dir, "data", "steps.png"))
+
+
+@pytest.mark.slow
+def test_near_duplicate_clusters_never_straddle_the_split(ray_session, tmp_path):
+    import random
+
+    import bigopt
+    from bigopt.spec import parse_spec
+
+    corpus = tmp_path / "dups"
+    corpus.mkdir()
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta", "lambda", "zeta"]
+    clusters = {}
+    for c in range(12):  # 12 clusters of 3 near-identical files: one line changed in each copy
+        base = [f"def f{c}_{i}(x):\n    return x * {rng.randint(0, 999)} + "
+                f"{' + '.join(rng.sample(words, 4))}\n" for i in range(30)]
+        for k in range(3):
+            lines = list(base)
+            lines[rng.randrange(len(lines))] = f"# edit {k}\n"
+            name = f"c{c:02d}_{k}.py"
+            (corpus / name).write_text("".join(lines))
+            clusters[name] = c
+    spec = parse_spec({"name": "leak", "storage": str(tmp_path / "runs"),
+                       "data": {"source": {"kind": "text_tree", "path": str(corpus)},
+                                "steps": [{"kind": "near_dedup", "threshold": 0.8, "action": "group"}],
+                                "split": {"val": 0.4}, "context": 64}})
+    run = bigopt.run(spec, stages=["data"]).run_uri
+    split_of = {}
+    for split in ("train", "val"):
+        for path in glob.glob(os.path.join(run, "data", split, "*.parquet")):
+            for name in pq.read_table(path, columns=["path"]).column("path").to_pylist():
+                split_of[name] = split
+    assert set(split_of) == set(clusters)  # group: nothing dropped
+    sides = {}
+    for name, c in clusters.items():
+        sides.setdefault(c, set()).add(split_of[name])
+    assert all(len(s) == 1 for s in sides.values()), sides  # no cluster crosses train/val
+    assert {next(iter(s)) for s in sides.values()} == {"train", "val"}  # and both splits are used
