@@ -212,8 +212,12 @@ def _signatures(docs: list[bytes], k: int, a: np.ndarray, b: np.ndarray) -> np.n
     x = _mix64(h) >> np.uint64(32)  # 32-bit shingle hashes
     ends = np.cumsum(lengths)
     doc_of = np.repeat(np.arange(len(docs)), lengths)[:n_win]
-    x = x[np.arange(n_win) + k <= ends[doc_of]]  # windows inside one document
-    seg = np.concatenate([[0], np.cumsum(lengths - k + 1)[:-1]])
+    inside = np.arange(n_win) + k <= ends[doc_of]  # windows inside one document
+    # each document's distinct shingles only (sorted by document): in source code ~75 % of
+    # 5-byte shingles repeat within a file (indentation, keywords), so this is ~4x less work
+    both = np.unique((doc_of[inside].astype(np.uint64) << np.uint64(32)) | x[inside])
+    x = both & np.uint64(0xFFFFFFFF)
+    seg = np.searchsorted(both >> np.uint64(32), np.arange(len(docs), dtype=np.uint64))
     out = np.empty((len(docs), len(a)), dtype=np.uint32)
     block = max(1, min(len(a), (1 << 22) // max(1, len(x))))
     for p in range(0, len(a), block):
