@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default=FASHION_MNIST_DIR)
     ap.add_argument("--rows", type=int, default=None, help="first N training rows (default all)")
     ap.add_argument("--noise", type=float, default=0.05)
-    ap.add_argument("--model", nargs="+", default=["logistic", "mlp"], choices=["logistic", "mlp"])
+    ap.add_argument("--model", nargs="+", default=["logistic", "mlp"], choices=["logistic", "mlp", "cnn"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--cpus", type=int, default=2, help="Ray CPU slots (one fold per slot)")

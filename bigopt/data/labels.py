@@ -71,9 +71,10 @@ def label_problem(value: Any, num_classes: int | None) -> str:
     return ""
 
 
-def _step_where(step: Any) -> str:
+def _step_where(step: Any, field: str = "kind") -> str:
+    """``data.steps[i].<field>``; the runner passes no index, so ``i`` unless the step has one."""
     index = getattr(step, "index", None)
-    return f"data.steps[{index if index is not None else 'i'}].kind"
+    return f"data.steps[{index if index is not None else 'i'}].{field}"
 
 
 def _content_matrix(col: pa.ChunkedArray, n: int, name: str) -> tuple[np.ndarray, tuple]:
@@ -270,11 +271,11 @@ def label_errors(ds: ray.data.Dataset, step: Any, ctx: StepContext) -> StepOutpu
     folds = int(getattr(step, "folds", 5))
     model = getattr(step, "model", "logistic")
     if action not in ("flag", "drop"):
-        raise ValueError(f"{_step_where(step)}: action {action!r}, expected 'flag' or 'drop'")
+        raise ValueError(f"{_step_where(step, 'action')}: {action!r}, expected 'flag' or 'drop'")
     if model not in MODELS:
-        raise ValueError(f"{_step_where(step)}: model {model!r}, expected one of {MODELS}")
+        raise ValueError(f"{_step_where(step, 'model')}: {model!r}, expected one of {MODELS}")
     if folds < 2:
-        raise ValueError(f"{_step_where(step)}: folds {folds}, needs at least 2")
+        raise ValueError(f"{_step_where(step, 'folds')}: {folds}, needs at least 2")
 
     keys, labels, x, shape = _collect(ds, ctx.key, ctx.content, ctx.label)
     num_classes = getattr(step, "num_classes", None)

@@ -151,3 +151,20 @@ def test_through_run_steps_with_the_spec(noisy_digits, tmp_path):
     written = [r for f in files for r in pq.read_table(f, columns=["id", "reason"]).to_pylist()]
     assert {r["id"] for r in written} == set(flagged.details["flagged_keys"])
     assert kept.count() == 1797 - rec["rejected"]
+
+
+def test_cnn_model_runs_and_is_deterministic(ray_session):
+    rows, _ = digits_rows()
+    ds = ray_session.data.from_items(rows[:400], override_num_blocks=2)
+    first = label_errors(ds, step(model="cnn", folds=2), CTX)
+    again = label_errors(ds, step(model="cnn", folds=2), CTX)
+    assert first.details["features"] == "1x8x8 pixels"
+    assert first.details["flagged_keys"] == again.details["flagged_keys"]
+    assert first.kept.count() == 400 and first.rejected.count() == 0
+
+
+def test_bad_step_settings_name_the_field(ray_session):
+    ds = ray_session.data.from_items(digits_rows()[0][:20])
+    for kw, word in (({"model": "svm"}, "model"), ({"action": "fix"}, "action"), ({"folds": 1}, "folds")):
+        with pytest.raises(ValueError, match=rf"data\.steps\[.*{word}"):
+            label_errors(ds, step(**kw), CTX)
