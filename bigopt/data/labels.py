@@ -5,11 +5,13 @@ source rows.
    rejected first, with reason ``bad_label: <value> (...)``.
 2. Suspected label errors are found by confident learning (Northcutt et al., JAIR 2021) with
    cleanlab's ``find_label_issues``: a quick model is trained with K-fold cross-validation
-   (``step.folds``), so every row gets predicted class probabilities from a model that never
-   saw it, and rows whose given label disagrees with what the noise-calibrated thresholds
-   expect are flagged. Features are the flattened pixels, PCA-reduced to ``PCA_DIMS`` when
-   wider; the model is a scikit-learn ``LogisticRegression`` (``model: logistic``) or a
-   one-hidden-layer ``MLPClassifier`` (``model: mlp``, stronger and slower).
+   (``step.folds``), so every row gets class probabilities from a model that never saw it;
+   cleanlab's confident joint estimates how many rows are mislabeled, and that many
+   rows, lowest probability of their given label first, are flagged (``FILTER_BY``).
+   Features are the flattened pixels, PCA-reduced to ``PCA_DIMS`` when wider; the model is a
+   scikit-learn ``LogisticRegression`` (``model: logistic``), a one-hidden-layer
+   ``MLPClassifier`` (``model: mlp``, stronger and slower), or a small torch CNN on the images
+   (``model: cnn``; slow on CPU, and not yet a value ``LabelStep.model`` accepts).
    ``action: flag`` keeps every row and records the flagged keys in ``details``;
    ``action: drop`` rejects them with reason ``label_error: given 3, predicted 5 (p=0.97)``.
 
@@ -52,6 +54,7 @@ FILTER_BY = "low_self_confidence"
 MAX_EXAMPLES = 10
 #: at most this many flagged keys are listed in ``details["flagged_keys"]`` (flag action)
 MAX_FLAGGED_KEYS = 100_000
+
 
 def label_problem(value: Any, num_classes: int | None) -> str:
     """Reject reason for one label value ('' when it is a usable class id)."""
