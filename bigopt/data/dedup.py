@@ -19,7 +19,8 @@ a second ``map_batches`` keeps each group's smallest key and rejects the others 
    hash functions ``h_i(x) = ((a_i x + b_i) mod 2^64) >> 32`` (multiply-shift, ``a_i`` odd,
    drawn from a fixed seed so results never depend on the split seed) give the signature:
    ``sig[i] = min over shingles of h_i``. Vectorised in numpy over a whole batch (a segmented
-   minimum over the concatenated texts), no Python loop per shingle or per document.
+   minimum over each document's distinct shingles, concatenated), no Python loop per shingle
+   or per document.
    ``P(sig_A[i] == sig_B[i]) = J(A, B)``, so the share of equal entries estimates Jaccard.
 2. *LSH banding*: the signature is cut into ``b`` bands of ``r`` rows (``b * r <= num_perm``)
    with ``(b, r)`` minimising the (equally weighted) integrated false-positive and
