@@ -195,3 +195,19 @@ def test_near_dedup_needs_text(ray_session):
     ds = ray_session.data.from_items([{"id": 0, "inputs": np.zeros(3, np.float32), "labels": 0}])
     with pytest.raises(ValueError, match=r"data\.steps.*kind.*near_dedup needs text"):
         dedup.near_duplicates(ds, near(), IMAGE)
+
+
+def test_large_bucket_pairs_stay_linear():
+    """A bucket of m > MAX_BUCKET_PAIRS_MEMBERS keys: the smallest key paired with every other,
+    plus neighbours in key order (2m - 3 pairs), instead of m(m-1)/2; small buckets: all pairs."""
+    m = dedup.MAX_BUCKET_PAIRS_MEMBERS + 6
+    keys = [f"k{i:03d}" for i in range(m)]
+    pairs = dedup._bucket_pairs({"keys": [list(reversed(keys)), ["b", "a", "c"]]})
+    got = set(zip(pairs["a"].tolist(), pairs["b"].tolist(), strict=True))
+    assert {("a", "b"), ("a", "c"), ("b", "c")} <= got
+    big = {p for p in got if p[0].startswith("k")}
+    assert len(big) == 2 * m - 3 and all(x < y for x, y in big)
+    uf = dedup._UnionFind()
+    for x, y in big:
+        uf.union(x, y)
+    assert {uf.find(k) for k in keys} == {"k000"}
