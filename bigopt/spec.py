@@ -210,7 +210,7 @@ class LabelStep(Section):
     action: Literal["flag", "drop"] = "flag"
     folds: int = Field(5, ge=2)
     num_classes: int | None = Field(None, ge=2)
-    model: Literal["logistic", "mlp"] = "logistic"
+    model: Literal["logistic", "mlp", "cnn"] = "logistic"
 
 
 STEP_KINDS = ("incomplete", "noise", "exact_dedup", "near_dedup", "labels")
