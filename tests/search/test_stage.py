@@ -157,15 +157,22 @@ def test_pbt_exploit_continues_from_the_donor_checkpoint_step_and_weights(ray_se
         saved = torch.load(os.path.join(donor, "ddp_state.pt"), weights_only=True)["model"]
         assert result["resumed_weights_sha256"] == _digest(saved)
         assert result["steps"] == 40  # and it went on to the end from there
-    # the explored values reached the trials as valid spec values (an int batch size)
+    # the explored values reached the trials as valid spec values (an int batch size; PBT's
+    # x0.8 / x1.2 perturbations may leave the initial range, by design)
+    sizes = set()
     for resolved in glob.glob(os.path.join(run, "search", "trials", "*", "resolved.json")):
         train = json.load(open(resolved))["spec"]["train"]
-        assert isinstance(train["batch_size"], int) and 16 <= train["batch_size"] <= 64
+        assert isinstance(train["batch_size"], int) and train["batch_size"] >= 1
+        sizes.add(train["batch_size"])
+    assert len(sizes) > 1  # the batch size did change during training
 
 
 def test_a_killed_search_resumes_without_losing_or_repeating_a_trial(ray_session, repo_root, tmp_path):
+    # trials long enough (300 steps) that the driver is killed while the search is running
     raw = search_spec(tmp_path, searcher="random", num_trials=6, max_concurrent=1,
-                      space={"train.lr": {"loguniform": [1e-3, 3e-2]}})
+                      space={"train.lr": {"loguniform": [1e-3, 3e-2]}},
+                      trial={"train.max_steps": 300, "train.eval_every": 100,
+                             "cluster.num_workers": 1})
     path = tmp_path / "search.yaml"
     path.write_text(yaml.safe_dump(raw))
     cli = [sys.executable, "-m", "bigopt.cli"]
@@ -178,10 +185,10 @@ def test_a_killed_search_resumes_without_losing_or_repeating_a_trial(ray_session
     deadline = time.time() + 600
     done_before: dict[str, float] = {}
     while time.time() < deadline and len(done_before) < 2:
-        time.sleep(1)
+        time.sleep(0.2)
         for result in glob.glob(os.path.join(run_dir, "search", "tune", "*", "result.json")):
             lines = [json.loads(x) for x in open(result) if x.strip()]
-            if lines and lines[-1].get("done") or (lines and lines[-1].get("step") == 20):
+            if lines and lines[-1].get("done") or (lines and lines[-1].get("step") == 300):
                 done_before[lines[-1]["trial_id"]] = lines[-1]["val_acc"]
     os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-search
     proc.wait()
