@@ -93,8 +93,9 @@ class IdxSource(Section):
     ``train-*`` rows give train (and val, by ``data.split.val``), ``t10k-*`` rows the test split."""
 
     kind: Literal["idx"] = "idx"
-    path: str = Field(FASHION_MNIST_DIR, description="Directory holding train-images-idx3-ubyte"
-                      "[.gz], train-labels-idx1-ubyte[.gz] and the t10k-* pair (default: "
+    path: str = Field(FASHION_MNIST_DIR, description="Directory (local or s3://bucket/prefix) "
+                      "holding train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz] and the "
+                      "t10k-* pair (default: "
                       "Fashion-MNIST from `apt-get install dataset-fashion-mnist`).")
     max_rows: int | None = Field(None, ge=1, description="Cap per file pair (train and t10k).")
 
@@ -158,6 +159,12 @@ class SplitSpec(Section):
         "not depend on row order.",
     )
     seed: int = 0
+    stratify: bool = Field(
+        False,
+        description="Keep each label's share equal across train/val/test: within a label, units "
+        "are ranked by the key's hash and the first round(n*test) go to test, the next "
+        "round(n*val) to val (labelled sources only).",
+    )
 
 
 class IncompleteStep(Section):
@@ -575,6 +582,10 @@ def cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
         if isinstance(source, IdxSource):
             root = Path(source.path).expanduser()
             missing = [n for n in IDX_FILES if not any((root / m).is_file() for m in (n + ".gz", n))]
+            if source.path.startswith("s3://"):
+                missing = []  # checked when read (no network before Ray starts)
+            elif "://" in source.path:
+                problems.append(("data.source.path", f"{source.path!r}: use a local path or s3://"))
             if missing:  # caught before Ray starts, like a text_tree path
                 hint = " (apt-get install dataset-fashion-mnist)" if source.path == FASHION_MNIST_DIR else ""
                 problems.append(("data.source.path", f"{source.path!r} lacks the IDX files "
@@ -619,6 +630,8 @@ def cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
                 problems.append((f"data.steps.{i}.kind", f"{step.kind} works on text sources"))
             if step.kind == "labels" and text:
                 problems.append((f"data.steps.{i}.kind", "labels needs a labelled (image) source"))
+        if spec.data.split.stratify and text:
+            problems.append(("data.split.stratify", "stratifying needs labels: an image source"))
     if spec.data is not None and spec.data.split.val + spec.data.split.test >= 1:
         problems.append(("data.split.val", "val + test must leave rows for training (< 1)"))
     if isinstance(model, GPTModelSpec) and spec.data is not None and spec.data.tokenizer == "bpe":

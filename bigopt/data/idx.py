@@ -3,9 +3,10 @@
 An IDX file is a big-endian header then the data: two zero bytes, a type byte (0x08: unsigned
 byte, the only type these data sets use), a byte with the number of dimensions, one uint32 per
 dimension, then the values in C order. Labels are ``0x00000801`` (1 dim: N), images
-``0x00000803`` (3 dims: N, rows, cols). Everything is checked against the header, and a file
-that disagrees (wrong magic, truncated, trailing bytes, images and labels of different counts)
-raises ``IdxError`` naming the file.
+``0x00000803`` (3 dims: N, rows, cols). Files are read from a local directory or an
+``s3://`` prefix, each part (train, t10k) in its own Ray task when Ray is up. Everything is
+checked against the header, and a file that disagrees (wrong magic, truncated, trailing bytes,
+images and labels of different counts) raises ``IdxError`` naming the file.
 
 The Debian package ``dataset-fashion-mnist`` installs the four files into
 ``/usr/share/datasets/fashion-mnist``: ``train-*`` (60,000 rows) and ``t10k-*`` (10,000 rows,
@@ -18,6 +19,7 @@ import gzip
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,36 +35,53 @@ class IdxError(ValueError):
     """An IDX file that is not what its header (or its partner file) says."""
 
 
-def part_files(root: str | Path, part: str) -> tuple[Path, Path] | None:
-    """(images, labels) of ``part`` ("train" or "t10k") under ``root``: the ``.gz`` file,
-    else the uncompressed one; None when either is missing."""
+def _locate(root: str | Path) -> tuple[Any, str, str]:
+    """(pyarrow filesystem, path inside it, how to name it) for a local dir or ``s3://`` prefix."""
+    from bigopt.runtime import filesystem_for
+
+    root = str(root)
+    fs, base = filesystem_for(root)
+    return fs, base, root.rstrip("/")
+
+
+def part_files(root: str | Path, part: str) -> tuple[str, str] | None:
+    """(images, labels) of ``part`` ("train" or "t10k") under ``root`` (a local directory or an
+    ``s3://`` prefix): the ``.gz`` file, else the uncompressed one; None when either is missing."""
+    from pyarrow import fs as pafs
+
+    fs, base, shown = _locate(root)
     found = []
     for kind in ("images-idx3", "labels-idx1"):
-        stem = Path(root).expanduser() / f"{part}-{kind}-ubyte"
-        path = next((p for p in (stem.with_name(stem.name + ".gz"), stem) if p.is_file()), None)
-        if path is None:
+        names = [f"{part}-{kind}-ubyte.gz", f"{part}-{kind}-ubyte"]
+        infos = fs.get_file_info([f"{base}/{n}" for n in names])
+        name = next((n for n, i in zip(names, infos, strict=True) if i.type == pafs.FileType.File), None)
+        if name is None:
             return None
-        found.append(path)
+        found.append(f"{shown}/{name}")
     return found[0], found[1]
 
 
 def missing_files(root: str | Path) -> list[str]:
     """File names (``train-images-idx3-ubyte[.gz]``, ...) that ``root`` lacks."""
+    from pyarrow import fs as pafs
+
+    fs, base, _ = _locate(root)
     missing = []
     for part in PARTS:
         for kind in ("images-idx3", "labels-idx1"):
             name = f"{part}-{kind}-ubyte"
-            if not any((Path(root).expanduser() / n).is_file() for n in (name + ".gz", name)):
+            infos = fs.get_file_info([f"{base}/{name}.gz", f"{base}/{name}"])
+            if not any(i.type == pafs.FileType.File for i in infos):
                 missing.append(name + "[.gz]")
     return missing
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_bytes(path: str) -> bytes:
+    fs, inner, _ = _locate(path)
     try:
-        if path.name.endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
+        with fs.open_input_stream(inner, compression=None) as f:  # gzip checked below
+            raw = f.read()
+        return gzip.decompress(raw) if path.endswith(".gz") else raw
     except (OSError, EOFError, gzip.BadGzipFile) as exc:  # truncated or not gzip at all
         raise IdxError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from None
 
@@ -93,9 +112,9 @@ def parse_idx(raw: bytes, expected_magic: int, name: str = "<bytes>") -> np.ndar
 
 
 def read_idx(path: str | Path, expected_magic: int) -> np.ndarray:
-    """Read one IDX file (``.gz`` or raw) into a uint8 array."""
-    path = Path(path)
-    return parse_idx(_read_bytes(path), expected_magic, str(path))
+    """Read one IDX file (``.gz`` or raw, local or ``s3://``) into a uint8 array."""
+    path = str(path)
+    return parse_idx(_read_bytes(path), expected_magic, path)
 
 
 @dataclass
@@ -131,5 +150,5 @@ def read_part(root: str | Path, part: str, max_rows: int | None = None) -> IdxPa
     digest.update(labels.tobytes())
     if max_rows:
         images, labels = images[:max_rows], labels[:max_rows]
-    return IdxPart(PARTS[part], images, labels, (str(image_file), str(label_file)),
+    return IdxPart(PARTS[part], images, labels, (image_file, label_file),
                    digest.hexdigest())

@@ -52,40 +52,68 @@ def check_image_arrays(images: np.ndarray, labels: np.ndarray, num_classes: int)
     return reasons.tolist()
 
 
-def idx_table(root: str, max_rows: int | None, split: SplitSpec, prefix: str = "fmnist",
-              num_classes: int = 10) -> tuple[pa.Table, list[dict[str, str]], dict[str, Any]]:
-    """The IDX data set under ``root`` as one Arrow table of model-ready rows with a ``split``
-    column: ``t10k`` rows go to ``test``; ``train`` rows to ``train`` or ``val`` by the usual
-    hash of the row id (``data.split.val``). ``max_rows`` caps each part (train and t10k), so a
-    small cap keeps a test split. Returns (kept rows, rejected ``{key, reason}``, info)."""
+def idx_part_table(root: str, part: str, max_rows: int | None, split: SplitSpec, prefix: str = "fmnist",
+                   num_classes: int = 10) -> tuple[pa.Table, list[dict[str, str]], dict[str, Any]]:
+    """One part ("train" or "t10k") of the IDX data set under ``root`` as model-ready Arrow rows
+    with a ``split`` column, the rejected ``{key, reason}`` and the part's info."""
     import pyarrow as pa
     from ray.data.extensions import ArrowTensorArray
 
-    from bigopt.data.idx import PARTS, read_part
-    from bigopt.data.prepare import assign_split
+    from bigopt.data.idx import read_part
+    from bigopt.data.split import assign_split, stratified_assign
 
-    tables, rejected, info = [], [], {"parts": {}, "hashes": []}
-    for part in PARTS:
-        data = read_part(root, part, max_rows)
-        name = data.split  # "train" or "test"
-        ids = np.array([f"{prefix}-{name}-{i:05d}" for i in range(1, len(data.labels) + 1)],
-                       dtype=object)
-        if name == "test":
-            splits = np.full(len(ids), "test", dtype=object)
-        else:  # val carved from train by the hash split; the files' test set is the only test
-            carve = split.model_copy(update={"test": 0.0})
+    data = read_part(root, part, max_rows)
+    name = data.split  # "train" or "test"
+    ids = np.array([f"{prefix}-{name}-{i:05d}" for i in range(1, len(data.labels) + 1)], dtype=object)
+    if name == "test":
+        splits = np.full(len(ids), "test", dtype=object)
+    else:  # val carved from train by the hash split; the files' test set is the only test
+        carve = split.model_copy(update={"test": 0.0})
+        if split.stratify:
+            splits = stratified_assign(ids, data.labels, carve)
+        else:
             splits = np.array([assign_split(k, carve) for k in ids], dtype=object)
-        reasons = check_image_arrays(data.images, data.labels, num_classes)
-        keep = np.array([not r for r in reasons], dtype=bool)
-        rejected += [{"key": k, "reason": r} for k, r in zip(ids, reasons, strict=True) if r]
-        pixels = (data.images[keep].astype(np.float32) / 255.0)[:, None, :, :]
-        tables.append(pa.table({
-            "id": pa.array(ids[keep].tolist(), type=pa.string()),
-            "inputs": ArrowTensorArray.from_numpy(pixels),
-            "labels": pa.array(data.labels[keep].astype(np.int64)),
-            "split": pa.array(splits[keep].tolist(), type=pa.string()),
-        }))
-        info["parts"][part] = {"split": name, "rows": len(ids), "files": list(data.files),
-                               "image_size": list(data.images.shape[1:])}
-        info["hashes"].append(data.sha256)
-    return pa.concat_tables(tables), rejected, info
+    reasons = check_image_arrays(data.images, data.labels, num_classes)
+    keep = np.array([not r for r in reasons], dtype=bool)
+    rejected = [{"key": k, "reason": r} for k, r in zip(ids, reasons, strict=True) if r]
+    pixels = (data.images[keep].astype(np.float32) / 255.0)[:, None, :, :]
+    table = pa.table({
+        "id": pa.array(ids[keep].tolist(), type=pa.string()),
+        "inputs": ArrowTensorArray.from_numpy(pixels),
+        "labels": pa.array(data.labels[keep].astype(np.int64)),
+        "split": pa.array(splits[keep].tolist(), type=pa.string()),
+    })
+    info = {"split": name, "rows": len(ids), "files": list(data.files),
+            "image_size": list(data.images.shape[1:]), "sha256": data.sha256}
+    return table, rejected, info
+
+
+def idx_table(root: str, max_rows: int | None, split: SplitSpec, prefix: str = "fmnist",
+              num_classes: int = 10) -> tuple[pa.Table, list[dict[str, str]], dict[str, Any]]:
+    """The IDX data set under ``root`` (local or ``s3://``) as one Arrow table of model-ready
+    rows with a ``split`` column: ``t10k`` rows go to ``test``; ``train`` rows to ``train`` or
+    ``val`` by the usual hash of the row id (``data.split.val``, stratified when asked).
+    ``max_rows`` caps each part (train and t10k), so a small cap keeps a test split. The parts
+    are read and checked in parallel Ray tasks when Ray is up. Returns (kept rows, rejected
+    ``{key, reason}``, info)."""
+    import pyarrow as pa
+    import ray
+
+    from bigopt.data.idx import PARTS
+
+    args = (max_rows, split, prefix, num_classes)
+    if ray.is_initialized():
+        task = ray.remote(idx_part_table).options(num_returns=1)
+        try:
+            parts = ray.get([task.remote(root, part, *args) for part in PARTS])
+        except ray.exceptions.RayTaskError as err:  # the reader's own error, naming the file
+            raise err.cause from None
+    else:
+        parts = [idx_part_table(root, part, *args) for part in PARTS]
+    rejected: list[dict[str, str]] = []
+    info: dict[str, Any] = {"parts": {}, "hashes": []}
+    for part, (_, bad, part_info) in zip(PARTS, parts, strict=True):
+        rejected += bad
+        info["hashes"].append(part_info.pop("sha256"))
+        info["parts"][part] = part_info
+    return pa.concat_tables([table for table, _, _ in parts]), rejected, info

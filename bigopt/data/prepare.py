@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from bigopt.artifacts import DataArtifact, SplitInfo
 from bigopt.data.images import check_image_row, idx_table, load_digits_rows
+from bigopt.data.split import assign_split, split_dataset  # noqa: F401 (assign_split: re-exported)
 from bigopt.data.steps import StepContext, run_steps
 from bigopt.data.text import list_files, read_and_check, resolve_root, to_windows
 from bigopt.resolve import ResolvedJob
@@ -30,7 +31,6 @@ from bigopt.spec import (
     ImageFolderSource,
     JobSpec,
     SpecError,
-    SplitSpec,
     TableSource,
     TextTreeSource,
 )
@@ -41,27 +41,11 @@ log = logging.getLogger("bigopt")
 SPLITS = ("train", "val", "test")
 
 
-def assign_split(key: str, split: SplitSpec) -> str:
-    """Deterministic split of one row from its key: independent of row order and of workers."""
-    digest = hashlib.blake2b(f"{split.seed}:{key}".encode(), digest_size=8).digest()
-    u = int.from_bytes(digest, "big") / 2**64
-    if u < split.test:
-        return "test"
-    if u < split.test + split.val:
-        return "val"
-    return "train"
-
-
 def split_key(spec: JobSpec) -> str:
     key = spec.data.split.key
     if key != "auto":
         return key
     return "path" if isinstance(spec.data.source, TEXT_SOURCES) else "id"
-
-
-def _add_split(batch: dict[str, np.ndarray], split: SplitSpec, key: str) -> dict[str, np.ndarray]:
-    batch["split"] = np.array([assign_split(str(k), split) for k in batch[key]], dtype=object)
-    return batch
 
 
 def _shards(run: RunDir, rel_dir: str) -> list[dict[str, Any]]:
@@ -138,8 +122,7 @@ def _text_source_rows(spec: JobSpec, context: int, run: RunDir, checked: Any, ro
         key="path", content="text", label=None, modality="text", seed=spec.data.split.seed))
     # near-duplicate clusters kept together (near_dedup action: group) split as one key
     key = "group" if "group" in kept.schema().names else split_key(spec)
-    kept = kept.map_batches(_add_split, fn_kwargs={"split": spec.data.split, "key": key},
-                            batch_size=256)
+    kept = split_dataset(kept, spec.data.split, key, label=None)
     tokenizer: dict[str, Any] = {"kind": "bytes", "vocab_size": 256}
     tokenizer_json = None
     if spec.data.tokenizer == "bpe":
@@ -181,8 +164,7 @@ def _image_rows(spec: JobSpec, run: RunDir) -> SourceRows:
     kept = ds.filter(lambda r: r["id"] not in bad) if bad else ds
     kept, steps, n_kept = _clean(spec, kept, run, StepContext(
         key="id", content="inputs", label="labels", modality="image", seed=spec.data.split.seed))
-    kept = kept.map_batches(_add_split, fn_kwargs={"split": spec.data.split, "key": split_key(spec)},
-                            batch_size=256)
+    kept = split_dataset(kept, spec.data.split, split_key(spec), label="labels")
     digest = hashlib.sha256()
     for r in rows:
         digest.update(json.dumps(r, sort_keys=True, default=str).encode())
@@ -237,8 +219,7 @@ def _image_folder_rows(spec: JobSpec, run: RunDir) -> SourceRows:
     kept = decoded.filter(lambda r: r["reject_reason"] == "").drop_columns(["reject_reason", "sha256"])
     kept, steps, n_kept = _clean(spec, kept, run, StepContext(
         key="id", content="inputs", label="labels", modality="image", seed=spec.data.split.seed))
-    kept = kept.map_batches(_add_split, fn_kwargs={"split": spec.data.split, "key": split_key(spec)},
-                            batch_size=256)
+    kept = split_dataset(kept, spec.data.split, split_key(spec), label="labels")
     log.info("data: %d images in %d classes under %s", files, len(classes), src.path)
     return SourceRows(kept, rejected, files, {
         "source": {"kind": src.kind, "root": src.path, "include": ["png", "jpg", "jpeg"],

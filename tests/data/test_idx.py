@@ -170,6 +170,40 @@ def test_data_stage_on_written_idx_files(ray_session, tmp_path):
     assert x.shape == (1, 28, 28) and 0 <= x.min() and x.max() <= 1
 
 
+def test_idx_files_on_s3_stratified(ray_session, s3_server, tmp_path):
+    """The same files read from an S3 prefix (a real S3-protocol server), val carved from train
+    with each label's exact share."""
+    import os
+    from collections import Counter
+
+    import boto3
+
+    from bigopt.data.prepare import run_data
+    from bigopt.resolve import resolve
+    from bigopt.runtime import RunDir
+
+    small_set(tmp_path / "src", n_train=300, n_test=40)
+    bucket = s3_server[len("s3://"):]
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    for f in (tmp_path / "src").iterdir():
+        client.put_object(Bucket=bucket, Key=f"idx/fm/{f.name}", Body=f.read_bytes())
+    spec = parse_spec(idx_spec(tmp_path, f"{s3_server}/idx/fm", split={"val": 0.2, "stratify": True}))
+    run = RunDir.create(spec.storage, spec.name)
+    manifest, _ = run_data(resolve(spec), run)
+    assert manifest["rows_in"] == 340 == manifest["rows_kept"]
+    assert manifest["source"]["include"][0] == "train-images-idx3-ubyte.gz"
+    counts = Counter((r["labels"], name) for name in ("train", "val")
+                     for r in _read_split(run, manifest, name))
+    for label in range(10):
+        n = counts[(label, "train")] + counts[(label, "val")]
+        assert counts[(label, "val")] == round(n * 0.2)
+    assert len(_read_split(run, manifest, "test")) == 40
+    # a prefix without the files is a clear error naming what is missing
+    bad = parse_spec(idx_spec(tmp_path, f"{s3_server}/idx/none"))
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+        run_data(resolve(bad), RunDir.create(bad.storage, "bad"))
+
+
 @pytest.mark.slow
 @needs_real_files
 def test_data_stage_on_real_fashion_mnist(ray_session, tmp_path):
