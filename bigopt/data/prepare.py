@@ -456,14 +456,9 @@ def report_section(run: RunDir, artifact: DataArtifact) -> list[str]:
 
 def _steps_plot(steps: list[dict[str, Any]]) -> bytes:
     """Rows kept and rejected at each step, as stacked bars."""
-    import io
+    from bigopt.plotting import figure, png
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=110)
+    fig, ax = figure(7, 3.5)
     names = [r["step"] for r in steps]
     ax.bar(names, [r["kept"] for r in steps], label="kept")
     ax.bar(names, [r["rejected"] for r in steps], bottom=[r["kept"] for r in steps],
@@ -471,8 +466,4 @@ def _steps_plot(steps: list[dict[str, Any]]) -> bytes:
     ax.set_ylabel("rows")
     ax.set_title("rows per cleaning step")
     ax.legend()
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png(fig)

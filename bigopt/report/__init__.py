@@ -7,7 +7,6 @@ in run dirs.
 
 from __future__ import annotations
 
-import io
 from typing import TYPE_CHECKING, Any
 
 from bigopt.runtime import RunDir
@@ -17,12 +16,9 @@ if TYPE_CHECKING:
 
 
 def _loss_plot(rows: list[dict[str, Any]], val: dict[int, float]) -> bytes:
-    import matplotlib
+    from bigopt.plotting import figure, png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig, ax = figure()
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
     if val:
         steps = sorted(val)
@@ -31,11 +27,7 @@ def _loss_plot(rows: list[dict[str, Any]], val: dict[int, float]) -> bytes:
     ax.set_ylabel("cross-entropy (nats)")
     ax.grid(alpha=0.3)
     ax.legend()
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png(fig)
 
 
 def train_section(run: RunDir, artifact: ModelArtifact) -> list[str]:

@@ -2,27 +2,10 @@
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
-
-def _figure() -> tuple[Any, Any]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(figsize=(7, 4), dpi=110)
-
-
-def _png(fig: Any) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+from bigopt.plotting import figure as _figure
+from bigopt.plotting import png as _png
 
 
 def best_so_far_plot(done: list[dict[str, Any]], metric: str, mode: str) -> bytes:

@@ -1,0 +1,28 @@
+"""One way to draw a figure and hand it back as PNG bytes (reports, search, data quality):
+matplotlib's Agg backend, so it works with no screen, in a driver or a Ray worker."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+
+def figure(width: float = 7.0, height: float = 4.0) -> tuple[Any, Any]:
+    """(figure, axes) on the Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height), dpi=110)
+
+
+def png(fig: Any) -> bytes:
+    """The figure as PNG bytes; the figure is closed (no pyplot state left behind)."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
