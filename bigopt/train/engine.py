@@ -139,6 +139,9 @@ def build_deepspeed_engine(model: nn.Module, loss_fn: Callable, ds_config: dict[
     import deepspeed
     from deepspeed.pipe import PipelineModule
 
+    from bigopt.train.ops import prepare_ops
+
+    prepare_ops(ds_config)  # built by the driver already, unless the lock it left is stale
     if pp_stages > 1:
         model = PipelineModule(layers=model.layers(), loss_fn=loss_fn, num_stages=pp_stages,
                                partition_method=partition)

@@ -156,6 +156,10 @@ def train_stage(job: ResolvedJob, inputs: dict[str, Any], run: RunDir,
     datasets = {"train": splits.pop("train")} if job.data_order == "streaming" else {}
     if datasets:
         warn_if_readers_starve(job)
+    if job.deepspeed_config is not None:
+        from bigopt.train.ops import prepare_ops
+
+        prepare_ops(job.deepspeed_config)  # once here, not raced by every worker
     trainer = TorchTrainer(
         ray_train_entry,
         train_loop_config={"job": job.model_dump(mode="json"), "data": data.model_dump(mode="json"),
