@@ -1,12 +1,15 @@
-"""DeepSpeed's C++ ops (CPU Adam for optimizer offload) built once, and never waited on forever.
+"""DeepSpeed's C++ ops built once, and never waited on forever.
 
 DeepSpeed compiles an op the first time an engine needs it, through torch's JIT extension
-loader. Every load, even of an op already built, takes a file lock (``<build dir>/lock``); a
-process killed while it held the lock (a worker SIGKILLed mid-build, a test run stopped) leaves
-the file behind, and every later load on that machine then waits on it forever. A build takes
-about a minute on 2 cores, so a lock far older than that belongs to no live build: it is
-removed, with a warning. The driver builds the ops a job needs before the workers start, so the
-workers (on the driver's node) find them built instead of racing to build them.
+loader: CPU Adam for optimizer offload, and on CPU machines the shared-memory collectives
+(``deepspeed_shm_comm``) for every engine. Every load, even of an op already built, takes a file
+lock (``<build dir>/lock``); a process killed while it held the lock (a worker SIGKILLed while
+loading, a test run stopped mid-build) leaves the file behind, and every later load on that
+machine then waits on it forever. A build takes under a minute on 2 cores, so a lock older than
+``STALE_LOCK_S`` belongs to no live build: bigopt waits for a young lock, and removes an old one
+with a warning, before it lets DeepSpeed load the op. The driver builds the ops a job needs
+before the workers start, so the workers (on the driver's node) find them built instead of
+racing to build them.
 """
 
 from __future__ import annotations
@@ -18,18 +21,27 @@ from typing import Any
 
 log = logging.getLogger("bigopt")
 
-#: a lock older than this belongs to no live build (a cpu_adam build: ~50 s on 2 cores)
-STALE_LOCK_S = 900.0
+#: a lock older than this belongs to no live build (cpu_adam builds in ~50 s on 2 cores)
+STALE_LOCK_S = 300.0
 
 
 def needed_ops(ds_config: dict[str, Any] | None) -> list[Any]:
-    """The DeepSpeed op builders a DeepSpeed config loads at ``deepspeed.initialize``."""
+    """The DeepSpeed op builders ``deepspeed.initialize`` loads for ``ds_config`` here."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    builders = []
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":  # deepspeed.comm's shared-memory all-reduce
+        shm = accelerator.create_op_builder("ShareMemCommBuilder")
+        if shm is not None and deepspeed.ops.__compatible_ops__.get(shm.NAME, False):
+            builders.append(shm)
     zero = (ds_config or {}).get("zero_optimization", {})
     if zero.get("offload_optimizer", {}).get("device") == "cpu":
         from deepspeed.ops.op_builder import CPUAdamBuilder
 
-        return [CPUAdamBuilder()]
-    return []
+        builders.append(CPUAdamBuilder())
+    return builders
 
 
 def lock_path(op_name: str) -> str:
@@ -55,11 +67,20 @@ def clear_stale_lock(op_name: str, stale_after_s: float = STALE_LOCK_S) -> bool:
     return True
 
 
+def wait_for_lock(op_name: str, stale_after_s: float = STALE_LOCK_S, poll_s: float = 0.5) -> None:
+    """Return once ``op_name``'s build lock is gone: released by a live build, or removed here
+    when it outlived ``stale_after_s``."""
+    while os.path.exists(lock_path(op_name)):
+        if clear_stale_lock(op_name, stale_after_s):
+            return
+        time.sleep(poll_s)
+
+
 def prepare_ops(ds_config: dict[str, Any] | None) -> list[str]:
-    """Clear stale locks of, then build or load, the ops ``ds_config`` needs; their names."""
+    """Build or load the ops ``ds_config`` needs, past any stale lock; their names."""
     names = []
     for builder in needed_ops(ds_config):
-        clear_stale_lock(builder.name)
+        wait_for_lock(builder.name)
         started = time.time()
         builder.load(verbose=False)
         log.info("DeepSpeed op %s ready in %.1f s", builder.name, time.time() - started)

@@ -9,13 +9,14 @@ import time
 
 import pytest
 
-from bigopt.train.ops import clear_stale_lock, lock_path, needed_ops
+from bigopt.train.ops import clear_stale_lock, lock_path, needed_ops, wait_for_lock
 
 
-def test_only_optimizer_offload_needs_the_cpu_adam_op():
-    assert needed_ops(None) == [] and needed_ops({"zero_optimization": {"stage": 3}}) == []
+def test_every_cpu_engine_needs_shm_comm_and_offload_adds_cpu_adam():
+    assert [op.name for op in needed_ops(None)] == ["deepspeed_shm_comm"]
+    assert [op.name for op in needed_ops({"zero_optimization": {"stage": 3}})] == ["deepspeed_shm_comm"]
     ops = needed_ops({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}})
-    assert [op.name for op in ops] == ["cpu_adam"]
+    assert [op.name for op in ops] == ["deepspeed_shm_comm", "cpu_adam"]
 
 
 def test_a_stale_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
@@ -28,6 +29,16 @@ def test_a_stale_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
     os.utime(path, (old, old))
     assert clear_stale_lock("some_op") and not os.path.exists(path)
     assert not clear_stale_lock("some_op")  # no lock: nothing to do
+
+
+def test_waits_for_a_live_build_and_breaks_a_dead_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    path = lock_path("some_op")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    open(path, "w").close()
+    started = time.time()
+    wait_for_lock("some_op", stale_after_s=1.5, poll_s=0.1)  # its builder never releases it
+    assert 1.5 <= time.time() - started < 10 and not os.path.exists(path)
 
 
 @pytest.mark.slow
@@ -48,4 +59,4 @@ def test_cpu_adam_loads_despite_a_lock_left_by_a_killed_build():
         if os.path.exists(path) and time.time() - os.stat(path).st_mtime > 1800:
             os.remove(path)  # never leave the planted lock behind for the rest of the suite
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "['cpu_adam']" in out.stdout and not os.path.exists(path)
+    assert "'cpu_adam']" in out.stdout and not os.path.exists(path)
