@@ -9,6 +9,7 @@ flipped), rows flagged, out-of-fold accuracy of the quick model against the nois
 wall time of the step.
 
     python benchmarks/label_errors.py --model logistic mlp --seeds 0 1 2
+    python benchmarks/label_errors.py --model cnn+mlp --cnn-epochs 6 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default=FASHION_MNIST_DIR)
     ap.add_argument("--rows", type=int, default=None, help="first N training rows (default all)")
     ap.add_argument("--noise", type=float, default=0.05)
-    ap.add_argument("--model", nargs="+", default=["logistic", "mlp"], choices=["logistic", "mlp", "cnn"])
+    ap.add_argument("--model", nargs="+", default=["logistic", "mlp"],
+                    help="logistic, mlp, cnn, or an ensemble joined by '+' (cnn+mlp)")
+    ap.add_argument("--cnn-epochs", type=int, default=3)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--cpus", type=int, default=2, help="Ray CPU slots (one fold per slot)")
@@ -78,8 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             noisy, flipped = flip_labels(part.labels.astype(np.int64), args.noise, 10, seed)
             ds, ids = dataset(part.images, noisy)
             truth = {ids[i] for i in flipped}
+            members = model.split("+")
             step = SimpleNamespace(kind="labels", action="flag", folds=args.folds, num_classes=10,
-                                   model=model)
+                                   model=members[0] if len(members) == 1 else members,
+                                   cnn_epochs=args.cnn_epochs)
             ctx = StepContext(key="id", content="inputs", label="labels", modality="image",
                               seed=seed)
             start = time.perf_counter()
@@ -88,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             flagged = set(out.details.get("flagged_keys", []))
             hits = len(flagged & truth)
             recall, precision = hits / len(truth), hits / max(1, len(flagged))
-            line = (f"| {model:8} | {seed:4} | {len(truth):7} | {len(flagged):7} | {recall:6.1%} | "
+            line = (f"| {model:8} ({args.cnn_epochs} ep) |" if "cnn" in model else f"| {model:8} |")
+            line += (f" {seed:4} | {len(truth):7} | {len(flagged):7} | {recall:6.1%} | "
                     f"{precision:9.1%} | {out.details.get('oof_accuracy', 0):7.2%} | "
                     f"{out.details.get('features', '')} | {seconds:8.1f} |")
             lines.append(line)

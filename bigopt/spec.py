@@ -217,7 +217,18 @@ class LabelStep(Section):
     action: Literal["flag", "drop"] = "flag"
     folds: int = Field(5, ge=2)
     num_classes: int | None = Field(None, ge=2)
-    model: Literal["logistic", "mlp", "cnn"] = "logistic"
+    model: Literal["logistic", "mlp", "cnn"] | list[Literal["logistic", "mlp", "cnn"]] = Field(
+        "logistic", description="The quick model(s) whose out-of-fold probabilities feed "
+        "confident learning; a list averages them (an ensemble: [cnn, mlp] flags fewer clean but "
+        "ambiguous rows).")
+    cnn_epochs: int = Field(3, ge=1, description="Training epochs per fold of the cnn model.")
+
+    @field_validator("model")
+    @classmethod
+    def _members(cls, value: Any) -> Any:
+        if isinstance(value, list) and (not value or len(set(value)) != len(value)):
+            raise ValueError("a list of distinct models, at least one")
+        return value
 
 
 STEP_KINDS = ("incomplete", "noise", "exact_dedup", "near_dedup", "labels")

@@ -10,8 +10,9 @@ source rows.
    rows, lowest probability of their given label first, are flagged (``FILTER_BY``).
    Features are the flattened pixels, PCA-reduced to ``PCA_DIMS`` when wider; the model is a
    scikit-learn ``LogisticRegression`` (``model: logistic``), a one-hidden-layer
-   ``MLPClassifier`` (``model: mlp``, stronger and slower), or a small torch CNN on the images
-   (``model: cnn``; slow on CPU, and not yet a value ``LabelStep.model`` accepts).
+   ``MLPClassifier`` (``model: mlp``, stronger and slower), a small torch CNN on the images
+   (``model: cnn``, ``cnn_epochs`` per fold; slow on CPU), or a list of these, whose
+   out-of-fold probabilities are averaged (``model: [cnn, mlp]``: the most precise, measured).
    ``action: flag`` keeps every row and records the flagged keys in ``details``;
    ``action: drop`` rejects them with reason ``label_error: given 3, predicted 5 (p=0.97)``.
 
@@ -122,7 +123,8 @@ def _collect(ds: ray.data.Dataset, key: str, content: str, label: str):
     return keys, labels, x, shape
 
 
-def _fit_fold(x, y, train_idx, test_idx, num_classes: int, model: str, seed: int) -> np.ndarray:
+def _fit_fold(x, y, train_idx, test_idx, num_classes: int, model: str, seed: int,
+              cnn_epochs: int = CNN_EPOCHS) -> np.ndarray:
     """Out-of-fold class probabilities [len(test_idx), num_classes] of one fold."""
     import warnings
 
@@ -131,7 +133,7 @@ def _fit_fold(x, y, train_idx, test_idx, num_classes: int, model: str, seed: int
     from sklearn.neural_network import MLPClassifier
 
     if model == "cnn":
-        return _cnn_fold(x, y, train_idx, test_idx, num_classes, seed)
+        return _cnn_fold(x, y, train_idx, test_idx, num_classes, seed, epochs=cnn_epochs)
     if model == "mlp":
         clf = MLPClassifier(hidden_layer_sizes=(256,), alpha=1e-3, batch_size=256,
                             learning_rate_init=1e-3, max_iter=25, random_state=seed)
@@ -178,7 +180,7 @@ def _cnn_fold(x, y, train_idx, test_idx, num_classes: int, seed: int, epochs: in
 
 
 def out_of_fold_proba(x: np.ndarray, y: np.ndarray, num_classes: int, folds: int, model: str,
-                      seed: int) -> np.ndarray:
+                      seed: int, cnn_epochs: int = CNN_EPOCHS) -> np.ndarray:
     """Out-of-fold predicted probabilities [n, num_classes], one Ray task per fold."""
     import ray
     from sklearn.model_selection import KFold, StratifiedKFold
@@ -192,7 +194,7 @@ def out_of_fold_proba(x: np.ndarray, y: np.ndarray, num_classes: int, folds: int
     splits = list(splitter.split(x, y))
     remote = ray.remote(num_cpus=1)(_fit_fold)
     x_ref, y_ref = ray.put(x), ray.put(y)
-    futures = [remote.remote(x_ref, y_ref, tr, te, num_classes, model, seed + i)
+    futures = [remote.remote(x_ref, y_ref, tr, te, num_classes, model, seed + i, cnn_epochs)
                for i, (tr, te) in enumerate(splits)]
     proba = np.zeros((len(y), num_classes), dtype=np.float64)
     for (_, te), part in zip(splits, ray.get(futures), strict=True):
@@ -211,17 +213,33 @@ def _features(x: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
     return pca.fit_transform(x).astype(np.float32), f"PCA {dims} of {x.shape[1]} pixels"
 
 
-def find_label_errors(x: np.ndarray, y: np.ndarray, num_classes: int, folds: int, model: str,
-                      seed: int, shape: tuple = ()) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """(ranked indices of suspected label errors, out-of-fold probabilities, facts)."""
+def find_label_errors(x: np.ndarray, y: np.ndarray, num_classes: int, folds: int,
+                      model: str | list[str], seed: int, shape: tuple = (),
+                      cnn_epochs: int = CNN_EPOCHS) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(ranked indices of suspected label errors, out-of-fold probabilities, facts).
+
+    ``model`` may name several quick models: their out-of-fold probabilities (same folds) are
+    averaged, an ensemble whose members err on different rows, so fewer clean but ambiguous
+    rows look mislabeled."""
     from cleanlab.filter import find_label_issues
 
-    if model == "cnn":  # the pixels as images [n, C, H, W]
-        shape = tuple(shape) if len(shape) == 3 else (1, *shape)
-        feats, described = x.reshape(len(x), *shape), f"{'x'.join(map(str, shape))} pixels"
-    else:
-        feats, described = _features(x, seed)
-    proba = out_of_fold_proba(feats, y, num_classes, folds, model, seed)
+    members = [model] if isinstance(model, str) else list(model)
+    probas, described, member_acc = [], [], {}
+    flat = None
+    for name in members:
+        if name == "cnn":  # the pixels as images [n, C, H, W]
+            img = tuple(shape) if len(shape) == 3 else (1, *shape)
+            feats, what = x.reshape(len(x), *img), f"{'x'.join(map(str, img))} pixels"
+        else:
+            flat = flat if flat is not None else _features(x, seed)
+            feats, what = flat
+        started = time.perf_counter()
+        probas.append(out_of_fold_proba(feats, y, num_classes, folds, name, seed, cnn_epochs))
+        member_acc[name] = {"oof_accuracy": round(float((probas[-1].argmax(1) == y).mean()), 4),
+                            "seconds": round(time.perf_counter() - started, 1)}
+        described.append(f"{name}: {what}" if len(members) > 1 else what)
+    proba = np.mean(probas, axis=0)
+    described = "; ".join(described)
     # cleanlab needs every class 0..num_classes-1 present in the given labels: score only
     # against the classes that occur (a class id with no rows has nothing to mislabel)
     present = np.flatnonzero(np.bincount(y, minlength=num_classes))
@@ -232,6 +250,8 @@ def find_label_errors(x: np.ndarray, y: np.ndarray, num_classes: int, folds: int
     issues = find_label_issues(labels=remap[y], pred_probs=sub, filter_by=FILTER_BY,
                                return_indices_ranked_by="self_confidence", n_jobs=1)
     facts = {"features": described, "oof_accuracy": round(float((proba.argmax(1) == y).mean()), 4)}
+    if len(members) > 1:
+        facts["members"] = member_acc
     return np.asarray(issues, dtype=np.int64), proba, facts
 
 
@@ -273,10 +293,13 @@ def label_errors(ds: ray.data.Dataset, step: Any, ctx: StepContext) -> StepOutpu
     action = getattr(step, "action", "flag")
     folds = int(getattr(step, "folds", 5))
     model = getattr(step, "model", "logistic")
+    cnn_epochs = int(getattr(step, "cnn_epochs", CNN_EPOCHS))
     if action not in ("flag", "drop"):
         raise ValueError(f"{_step_where(step, 'action')}: {action!r}, expected 'flag' or 'drop'")
-    if model not in MODELS:
-        raise ValueError(f"{_step_where(step, 'model')}: {model!r}, expected one of {MODELS}")
+    for name in [model] if isinstance(model, str) else (model or [None]):
+        if name not in MODELS:
+            raise ValueError(f"{_step_where(step, 'model')}: {name!r}, expected one of {MODELS} "
+                             "or a list of them")
     if folds < 2:
         raise ValueError(f"{_step_where(step, 'folds')}: {folds}, needs at least 2")
 
@@ -308,7 +331,7 @@ def label_errors(ds: ray.data.Dataset, step: Any, ctx: StepContext) -> StepOutpu
                        f"classes: too few to cross-validate with {folds} folds")
     else:
         issues, proba, facts = find_label_errors(x[idx], y, num_classes, folds, model,
-                                                 int(ctx.seed), shape)
+                                                 int(ctx.seed), shape, cnn_epochs)
         examples = []
         for j in issues.tolist():
             given, pred = int(y[j]), int(proba[j].argmax())

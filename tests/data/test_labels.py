@@ -163,6 +163,28 @@ def test_cnn_model_runs_and_is_deterministic(ray_session):
     assert first.kept.count() == 400 and first.rejected.count() == 0
 
 
+def test_an_ensemble_averages_its_members_out_of_fold_probabilities(noisy_digits):
+    ds, flipped, single = noisy_digits
+    out = label_errors(ds, step(model=["logistic", "mlp"]), CTX)
+    members = out.details["members"]
+    assert set(members) == {"logistic", "mlp"}
+    assert members["logistic"]["oof_accuracy"] == single.details["oof_accuracy"]  # same folds
+    assert out.details["oof_accuracy"] >= min(m["oof_accuracy"] for m in members.values())
+    flagged = set(out.details["flagged_keys"])
+    hits = len(flagged & flipped)
+    assert hits / len(flipped) >= 0.6 and hits / len(flagged) >= 0.6, (hits, len(flagged))
+    assert out.kept.count() == 1797
+
+
+def test_model_list_is_validated_in_the_spec():
+    from bigopt.spec import LabelStep
+
+    assert LabelStep(kind="labels", model=["cnn", "mlp"]).model == ["cnn", "mlp"]
+    for bad in ([], ["mlp", "mlp"], ["svm"]):
+        with pytest.raises(ValueError):
+            LabelStep(kind="labels", model=bad)
+
+
 def test_bad_step_settings_name_the_field(ray_session):
     ds = ray_session.data.from_items(digits_rows()[0][:20])
     for kw, word in (({"model": "svm"}, "model"), ({"action": "fix"}, "action"), ({"folds": 1}, "folds")):
