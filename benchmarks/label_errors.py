@@ -9,7 +9,7 @@ flipped), rows flagged, out-of-fold accuracy of the quick model against the nois
 wall time of the step.
 
     python benchmarks/label_errors.py --model logistic mlp --seeds 0 1 2
-    python benchmarks/label_errors.py --model cnn+mlp --cnn-epochs 6 --seeds 0 1 2
+    python benchmarks/label_errors.py --model cnn+mlp --flip --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--noise", type=float, default=0.05)
     ap.add_argument("--model", nargs="+", default=["logistic", "mlp"],
                     help="logistic, mlp, cnn, or an ensemble joined by '+' (cnn+mlp)")
-    ap.add_argument("--cnn-epochs", type=int, default=3)
+    ap.add_argument("--cnn-epochs", type=int, default=4)
+    ap.add_argument("--flip", action="store_true", help="the step's flip option (cnn)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--cpus", type=int, default=2, help="Ray CPU slots (one fold per slot)")
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             members = model.split("+")
             step = SimpleNamespace(kind="labels", action="flag", folds=args.folds, num_classes=10,
                                    model=members[0] if len(members) == 1 else members,
-                                   cnn_epochs=args.cnn_epochs)
+                                   cnn_epochs=args.cnn_epochs, flip=args.flip)
             ctx = StepContext(key="id", content="inputs", label="labels", modality="image",
                               seed=seed)
             start = time.perf_counter()
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             flagged = set(out.details.get("flagged_keys", []))
             hits = len(flagged & truth)
             recall, precision = hits / len(truth), hits / max(1, len(flagged))
-            line = (f"| {model:8} ({args.cnn_epochs} ep) |" if "cnn" in model else f"| {model:8} |")
+            line = (f"| {model:8} ({args.cnn_epochs} ep{', flip' if args.flip else ''}) |"
+                    if "cnn" in model else f"| {model:8} |")
             line += (f" {seed:4} | {len(truth):7} | {len(flagged):7} | {recall:6.1%} | "
                     f"{precision:9.1%} | {out.details.get('oof_accuracy', 0):7.2%} | "
                     f"{out.details.get('features', '')} | {seconds:8.1f} |")

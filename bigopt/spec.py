@@ -221,7 +221,10 @@ class LabelStep(Section):
         "logistic", description="The quick model(s) whose out-of-fold probabilities feed "
         "confident learning; a list averages them (an ensemble: [cnn, mlp] flags fewer clean but "
         "ambiguous rows).")
-    cnn_epochs: int = Field(3, ge=1, description="Training epochs per fold of the cnn model.")
+    cnn_epochs: int = Field(4, ge=1, description="Training epochs per fold of the cnn model.")
+    flip: bool = Field(False, description="The labels survive a mirror image (clothes, natural "
+                       "images; not digits or text): the cnn trains on random horizontal flips "
+                       "and averages each image's prediction with its mirror's.")
 
     @field_validator("model")
     @classmethod
