@@ -440,11 +440,14 @@ def report_section(run: RunDir, artifact: DataArtifact) -> list[str]:
     steps = manifest.get("steps") or []
     if len(steps) > 1:
         lines += ["", "### Data quality", "",
-                  "| step | rows in | kept | rejected | reasons | rejected rows |",
-                  "|---|---|---|---|---|---|"]
+                  "| step | rows in | kept | rejected | flagged (kept) | reasons | rejected rows |",
+                  "|---|---|---|---|---|---|---|"]
         for r in steps:
+            details = r.get("details") or {}
+            # action: flag keeps suspects (labels) or clusters (near_dedup group): say how many
+            flagged = details.get("flagged", "") if details.get("action") == "flag" else ""
             lines.append(f"| {r['step']} | {r['rows_in']} | {r['kept']} | {r['rejected']} | "
-                         f"{r.get('rejected_by_reason') or ''} | {r.get('rejects') or ''} |")
+                         f"{flagged} | {r.get('rejected_by_reason') or ''} | {r.get('rejects') or ''} |")
         for r in steps:
             for example in (r.get("details") or {}).get("examples", [])[:3]:
                 lines.append(f"- {r['step']} example: `{json.dumps(example)[:200]}`")
