@@ -7,9 +7,9 @@ lock (``<build dir>/lock``); a process killed while it held the lock (a worker S
 loading, a test run stopped mid-build) leaves the file behind, and every later load on that
 machine then waits on it forever. A build takes under a minute on 2 cores, so a lock older than
 ``STALE_LOCK_S`` belongs to no live build: bigopt waits for a young lock, and removes an old one
-with a warning, before it lets DeepSpeed load the op. The driver builds the ops a job needs
-before the workers start, so the workers (on the driver's node) find them built instead of
-racing to build them.
+with a warning, before it lets DeepSpeed load the op. For a job with optimizer offload the
+driver builds the ops before the workers start, so the workers (on the driver's node) find CPU
+Adam built instead of racing to build it.
 """
 
 from __future__ import annotations

@@ -156,10 +156,12 @@ def train_stage(job: ResolvedJob, inputs: dict[str, Any], run: RunDir,
     datasets = {"train": splits.pop("train")} if job.data_order == "streaming" else {}
     if datasets:
         warn_if_readers_starve(job)
-    if job.deepspeed_config is not None:
+    if job.spec.train.strategy == "deepspeed" and job.spec.train.zero.offload_optimizer:
         from bigopt.train.ops import prepare_ops
 
-        prepare_ops(job.deepspeed_config)  # once here, not raced by every worker
+        # CPU Adam's ~1 min build once here, not raced by every worker; the other ops are
+        # seconds to build and are left to the workers (no import of DeepSpeed in the driver)
+        prepare_ops(job.deepspeed_config)
     trainer = TorchTrainer(
         ray_train_entry,
         train_loop_config={"job": job.model_dump(mode="json"), "data": data.model_dump(mode="json"),
