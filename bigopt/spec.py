@@ -60,7 +60,7 @@ class TextTreeSource(Section):
     """A directory of text files, e.g. Python's own standard library as a code corpus."""
 
     kind: Literal["text_tree"] = "text_tree"
-    path: str = Field("stdlib", description="A directory, or 'stdlib' for Python's stdlib.")
+    path: str = Field("stdlib", description="A directory, an s3:// prefix, or 'stdlib' for Python's stdlib.")
     include: list[str] = Field(default_factory=lambda: ["*.py"])
     exclude: list[str] = Field(
         default_factory=lambda: ["site-packages/*", "dist-packages/*", "test/*", "tests/*"]
@@ -626,7 +626,10 @@ def cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
             problems.append(("data.context", "set it, or add a gpt model section with context"))
     elif spec.data is not None:
         source = spec.data.source
-        if source.path != "stdlib" and not Path(source.path).expanduser().is_dir():
+        if "://" in source.path and not source.path.startswith("s3://"):
+            problems.append(("data.source.path", f"{source.path!r}: use a local path or s3://"))
+        elif source.path != "stdlib" and not source.path.startswith("s3://") \
+                and not Path(source.path).expanduser().is_dir():
             # Caught here so `bigopt validate` and `bigopt run` fail before Ray starts; relative
             # paths are read from where bigopt runs (the job's working dir under ray job submit).
             problems.append(("data.source.path", f"{source.path!r} is not a directory here "

@@ -21,26 +21,45 @@ IGNORE_INDEX = -100
 PAD_TOKEN = 0
 
 
-def resolve_root(path: str) -> Path:
-    """``stdlib`` means this interpreter's standard library sources, a corpus every Python has."""
+def resolve_root(path: str) -> Path | str:
+    """``stdlib`` means this interpreter's standard library sources, a corpus every Python has;
+    an ``s3://`` prefix stays a URI (read through pyarrow's S3 filesystem)."""
+    if path.startswith("s3://"):
+        return path.rstrip("/")
     return Path(sysconfig.get_paths()["stdlib"]) if path == "stdlib" else Path(path).expanduser()
 
 
+def _selected(rel: str, include: list[str], exclude: list[str]) -> bool:
+    name = rel.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(rel, p) for p in include) and not any(
+        fnmatch.fnmatch(rel, p) or rel.startswith(p.rstrip("*")) for p in exclude)
+
+
 def list_files(
-    root: Path, include: list[str], exclude: list[str], max_files: int | None = None
+    root: Path | str, include: list[str], exclude: list[str], max_files: int | None = None
 ) -> list[str]:
-    """Relative paths under ``root`` matching ``include`` and not ``exclude``, sorted."""
-    if not root.is_dir():
-        raise FileNotFoundError(f"data.source.path: {root} is not a directory")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in filenames:
-            rel = os.path.relpath(os.path.join(dirpath, name), root)
-            if any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(rel, p) for p in include) and not any(
-                fnmatch.fnmatch(rel, p) or rel.startswith(p.rstrip("*")) for p in exclude
-            ):
-                found.append(rel)
+    """Relative paths under ``root`` (a directory or an ``s3://`` prefix) matching ``include``
+    and not ``exclude``, sorted."""
+    if isinstance(root, str) and root.startswith("s3://"):
+        from pyarrow import fs as pafs
+
+        from bigopt.runtime import filesystem_for
+
+        fs, base = filesystem_for(root)
+        entries = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        found = [rel for e in entries if e.type == pafs.FileType.File
+                 and _selected(rel := e.path[len(base):].lstrip("/"), include, exclude)]
+    else:
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.source.path: {root} is not a directory")
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for name in filenames:
+                rel = os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/")
+                if _selected(rel, include, exclude):
+                    found.append(rel)
     found.sort()
     return found[:max_files] if max_files else found
 
@@ -48,10 +67,19 @@ def list_files(
 def read_and_check(batch: dict[str, np.ndarray], root: str, max_bytes: int) -> dict[str, Any]:
     """Read each file; a row is kept or rejected with a reason, never dropped."""
     texts, reasons = [], []
+    fs = None
+    if root.startswith("s3://"):
+        from bigopt.runtime import filesystem_for
+
+        fs, base = filesystem_for(root)
     for rel in batch["path"]:
         reason, data = "", b""
         try:
-            data = (Path(root) / rel).read_bytes()
+            if fs is None:
+                data = (Path(root) / rel).read_bytes()
+            else:
+                with fs.open_input_stream(f"{base}/{rel}", compression=None) as f:
+                    data = f.read()
         except OSError as exc:
             reason = f"unreadable: {exc.__class__.__name__}"
         if not reason:

@@ -232,6 +232,45 @@ def test_jsonl_on_s3_with_an_id_column(ray_session, s3_server, tmp_path):
 
 
 @pytest.mark.slow
+def test_text_tree_on_s3(ray_session, s3_server, tmp_path):
+    """A source tree under an S3 prefix: include/exclude as for a local tree, a file that is not
+    UTF-8 quarantined by name, every kept file in exactly one split."""
+    import os
+
+    import boto3
+
+    bucket = s3_server[len("s3://"):]
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    files = {"a.py": b"def a():\n    return 1\n" * 5, "sub/b.py": b"class B:\n    pass\n" * 9,
+             "notes.txt": b"not python\n", "skip/x.py": b"x = 1\n", "bad.py": b"\xff\xfe not utf8"}
+    for rel, body in files.items():
+        client.put_object(Bucket=bucket, Key=f"readers/tree/{rel}", Body=body)
+    spec = parse_spec(spec_dict(tmp_path / "runs", name="tree", train=None, data={
+        "source": {"kind": "text_tree", "path": f"{s3_server}/readers/tree/", "include": ["*.py"],
+                   "exclude": ["skip/*"], "max_files": None},
+        "split": {"val": 0.5}, "context": 16}))
+    run, manifest = _run_data(spec)
+    assert manifest["rows_in"] == 3 == manifest["rows_kept"] + manifest["rows_rejected"]
+    (bad,) = run.read_jsonl("data/quarantine.jsonl")
+    assert bad == {**bad, "key": "bad.py", "reason": "not_utf8"}
+    where: dict[str, str] = {}
+    for name, split in manifest["splits"].items():
+        for shard in split["shards"]:
+            for path in pq.read_table(run.fs.open_input_file(run.sub(shard["path"])),
+                                      columns=["path"]).column("path").to_pylist():
+                assert where.setdefault(path, name) == name
+    assert set(where) == {"a.py", "sub/b.py"}
+
+
+def test_text_tree_path_scheme_is_checked_before_ray(tmp_path):
+    from bigopt.spec import SpecError
+
+    with pytest.raises(SpecError, match="data.source.path"):
+        parse_spec(spec_dict(tmp_path, data={"source": {"kind": "text_tree", "path": "gs://b/x"}}))
+    parse_spec(spec_dict(tmp_path, data={"source": {"kind": "text_tree", "path": "s3://b/x"}}))
+
+
+@pytest.mark.slow
 def test_a_missing_text_column_is_a_clear_error(ray_session, tmp_path):
     from bigopt.data.readers import table_rows
 
