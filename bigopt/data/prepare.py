@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from bigopt.artifacts import DataArtifact, SplitInfo
 from bigopt.data.images import check_image_row, idx_table, load_digits_rows
-from bigopt.data.split import assign_split, split_dataset  # noqa: F401 (assign_split: re-exported)
+from bigopt.data.split import split_dataset
 from bigopt.data.steps import StepContext, run_steps
 from bigopt.data.text import list_files, read_and_check, resolve_root, to_windows
 from bigopt.resolve import ResolvedJob

@@ -6,7 +6,8 @@ import json
 
 import pyarrow.parquet as pq
 
-from bigopt.data.prepare import assign_split, run_data
+from bigopt.data.prepare import run_data
+from bigopt.data.split import assign_split
 from bigopt.resolve import resolve
 from bigopt.runtime import RunDir
 from bigopt.spec import SplitSpec, parse_spec

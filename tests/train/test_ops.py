@@ -31,7 +31,7 @@ def test_a_stale_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
     assert not clear_stale_lock("some_op")  # no lock: nothing to do
 
 
-def test_waits_for_a_live_build_and_breaks_a_dead_one(tmp_path, monkeypatch):
+def test_waiting_breaks_a_lock_that_outlives_its_limit(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     path = lock_path("some_op")
     os.makedirs(os.path.dirname(path), exist_ok=True)
