@@ -104,8 +104,9 @@ def idx_table(root: str, max_rows: int | None, split: SplitSpec, prefix: str = "
     args = (max_rows, split, prefix, num_classes)
     if ray.is_initialized():
         task = ray.remote(idx_part_table).options(num_returns=1)
-        try:
-            parts = ray.get([task.remote(root, part, *args) for part in PARTS])
+        refs = [task.remote(root, part, *args) for part in PARTS]
+        try:  # in PARTS order, so when both parts fail the error named is always train's
+            parts = [ray.get(ref) for ref in refs]
         except ray.exceptions.RayTaskError as err:  # the reader's own error, naming the file
             raise err.cause from None
     else:
