@@ -242,6 +242,14 @@ class RLSearcher(_SeededSearcher):
         self.spread = d * self.spread + (1 - d) * deviation**2
         self.updates += 1
 
+    def adopt(self, trial_id: str, config: dict[str, Any]) -> None:
+        super().adopt(trial_id, config)
+        try:  # the policy learns from the actions that produce the trial's real config
+            self.actions[trial_id] = [self.choices[i].index(config[dim.path])
+                                      for i, dim in enumerate(self.space.dims)]
+        except (KeyError, ValueError):  # not a point of this policy's choices: learn nothing
+            self.actions.pop(trial_id, None)
+
     def _update(self, actions: list[int], advantage: float) -> None:
         with _one_thread():
             logits = self.policy.logits(actions[:-1])

@@ -60,6 +60,12 @@ class _SeededSearcher(Searcher):
             return
         self.history.append((config, None if error else self.score(result)))
 
+    def adopt(self, trial_id: str, config: dict[str, Any]) -> None:
+        """Record ``config`` as what running trial ``trial_id`` trains: on a resume whose saved
+        state was behind, the replayed draw may differ from the config the trial really got."""
+        if trial_id in self.live:
+            self.live[trial_id] = dict(config)
+
     STATE = ("seed", "max_trials", "live", "history", "suggested")
 
     def get_state(self) -> dict[str, Any]:

@@ -118,9 +118,18 @@ class ValidatingSearcher:
     """Wraps a searcher so that a point the model zoo refuses (or ``max_params`` excludes) is
     rejected before a trial starts: the inner searcher hears of it as a failed trial (it learns
     to avoid such points) and is asked again. Rejections are kept, with the reason, for
-    ``trials.parquet``. Built lazily as a Searcher subclass so Ray is imported only here."""
+    ``trials.parquet``. Built lazily as a Searcher subclass so Ray is imported only here.
 
-    def __new__(cls, inner: Any, check: Any) -> Any:
+    It also keeps the search's trial budget (``max_trials``) and concurrency
+    (``max_concurrent``) itself, in place of Tune's ``ConcurrencyLimiter`` and ``num_samples``:
+    Tune saves the searcher's state and the experiment's trial table as separate files, so a
+    driver killed between the two leaves a searcher state one save older than the trials. The
+    limiter then counts a finished trial as running and never suggests again (a resumed search
+    hung forever, measured), and the counter starts one trial too many. On resume,
+    ``reconcile`` brings this wrapper and the inner searcher level with the trial table (the
+    newest ``experiment_state``), which Tune itself resumes from."""
+
+    def __new__(cls, inner: Any, check: Any, max_trials: int, max_concurrent: int) -> Any:
         from ray.tune.search import Searcher
 
         class _Validating(Searcher):
@@ -129,12 +138,23 @@ class ValidatingSearcher:
             def __init__(self) -> None:
                 super().__init__(metric=inner.metric, mode=inner.mode)
                 self.inner, self.check = inner, check
+                self.max_trials, self.max_concurrent = max_trials, max_concurrent
                 self.rejected: list[dict[str, Any]] = []
+                self.handed: dict[str, bool] = {}  # trial id -> finished, for every trial begun
+                #: the experiment's trials, set by the search stage before a resumed fit
+                self.truth: list[dict[str, Any]] | None = None
 
             def set_search_properties(self, metric: Any, mode: Any, config: Any, **spec: Any) -> bool:
                 return self.inner.set_search_properties(metric, mode, config, **spec)
 
             def suggest(self, trial_id: str) -> Any:
+                if len(self.handed) >= self.max_trials:
+                    return Searcher.FINISHED
+                if sum(not done for done in self.handed.values()) >= self.max_concurrent:
+                    return None
+                return self._draw(trial_id)
+
+            def _draw(self, trial_id: str) -> Any:
                 for attempt in range(MAX_REJECTIONS):
                     config = self.inner.suggest(trial_id if attempt == 0 else f"{trial_id}~{attempt}")
                     if config is None or config == Searcher.FINISHED:
@@ -148,6 +168,7 @@ class ValidatingSearcher:
                         continue
                     if attempt:  # the inner searcher knows it under the attempt's id
                         self._alias[trial_id] = f"{trial_id}~{attempt}"
+                    self.handed[trial_id] = False
                     return config
                 raise RuntimeError(f"search.space: {MAX_REJECTIONS} points in a row were invalid; "
                                    f"last: {self.rejected[-1]['reason']}")
@@ -162,7 +183,33 @@ class ValidatingSearcher:
                 self.inner.on_trial_result(self._alias.get(trial_id, trial_id), result)
 
             def on_trial_complete(self, trial_id: str, result: Any = None, error: bool = False) -> None:
+                if trial_id in self.handed:
+                    self.handed[trial_id] = True
                 self.inner.on_trial_complete(self._alias.pop(trial_id, trial_id), result, error)
+
+            def reconcile(self, trials: list[dict[str, Any]]) -> dict[str, int]:
+                """Bring the saved state level with ``trials`` (id, status, config, result, in
+                the order Tune created them). Returns what it changed, by kind."""
+                changed = {"replayed": 0, "completed": 0, "dropped": 0}
+                for t in trials:
+                    trial_id = t["trial_id"]
+                    if trial_id not in self.handed:  # begun after the searcher state was saved
+                        config = self._draw(trial_id)  # the draw the lost state made next
+                        if isinstance(config, dict) and config != t["config"] and hasattr(
+                                self.inner, "adopt"):
+                            self.inner.adopt(self._alias.get(trial_id, trial_id), t["config"])
+                        self.handed[trial_id] = False
+                        changed["replayed"] += 1
+                    if t["status"] in ("TERMINATED", "ERROR") and not self.handed[trial_id]:
+                        self.on_trial_complete(trial_id, t["result"], error=t["status"] == "ERROR")
+                        changed["completed"] += 1
+                recorded = {t["trial_id"] for t in trials}
+                for trial_id in [i for i in self.handed if i not in recorded]:
+                    # suggested, but the trial table never held it: Tune will not run it
+                    if not self.handed.pop(trial_id):
+                        self.inner.on_trial_complete(self._alias.pop(trial_id, trial_id), None, error=True)
+                    changed["dropped"] += 1
+                return changed
 
             def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
                 import os
@@ -170,7 +217,8 @@ class ValidatingSearcher:
                 self.inner.save_to_dir(checkpoint_dir, session_str)
                 tmp = os.path.join(checkpoint_dir, self.STATE_FILE + ".tmp")
                 with open(tmp, "w") as f:
-                    json.dump({"rejected": self.rejected, "aliases": self._alias}, f)
+                    json.dump({"rejected": self.rejected, "aliases": self._alias,
+                               "handed": self.handed}, f)
                 os.replace(tmp, os.path.join(checkpoint_dir, self.STATE_FILE))
 
             def restore_from_dir(self, checkpoint_dir: str) -> None:
@@ -182,8 +230,35 @@ class ValidatingSearcher:
                     with open(path) as f:
                         state = json.load(f)
                     self.rejected, self._aliases = state["rejected"], state["aliases"]
+                    self.handed = state.get("handed", {})
+                if self.truth is not None:
+                    changed = self.reconcile(self.truth)
+                    if any(changed.values()):
+                        log.warning("search state was behind its trial table (the driver died "
+                                    "while saving); reconciled: %s", changed)
 
         return _Validating()
+
+
+def experiment_trials(fs: Any, tune_dir: str) -> list[dict[str, Any]] | None:
+    """The trials of the newest Tune experiment state under ``tune_dir`` (plain JSON): id,
+    status, config and last result, in the order Tune created them. None if there is none."""
+    from pyarrow import fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(tune_dir, allow_not_found=True))
+    states = sorted(i.path for i in infos if i.base_name.startswith("experiment_state-")
+                    and i.base_name.endswith(".json"))
+    if not states:
+        return None
+    with fs.open_input_stream(states[-1]) as f:
+        state = json.loads(f.readall())
+    trials = []
+    for meta, runtime in state["trial_data"]:
+        meta, runtime = json.loads(meta), json.loads(runtime)
+        trials.append({"trial_id": meta["trial_id"], "status": meta["status"],
+                       "config": meta.get("config") or {},
+                       "result": runtime.get("last_result") or None})
+    return trials
 
 
 def _trial_resources(base: JobSpec) -> dict[str, float]:
@@ -217,7 +292,9 @@ def search_stage(job: ResolvedJob, inputs: dict[str, Any], run: RunDir,
     population_based = search.scheduler.kind in ("pbt", "pb2")
     searcher = None
     if not population_based:
-        searcher = ValidatingSearcher(build_searcher(search, space, metric, mode), check)
+        searcher = ValidatingSearcher(build_searcher(search, space, metric, mode), check,
+                                      max_trials=search.num_trials,
+                                      max_concurrent=search.max_concurrent)
     scheduler = build_scheduler(search, space, metric, mode, base.train.max_steps)
     trainable = tune.with_resources(
         tune_trainable(base, data, hooks=options.hooks, to_values=lambda c: spec_values(c, base),
@@ -230,6 +307,9 @@ def search_stage(job: ResolvedJob, inputs: dict[str, Any], run: RunDir,
         tuner = tune.Tuner.restore(tune_dir, trainable, resume_errored=True,
                                    param_space=space if population_based else None,
                                    storage_filesystem=run.fs)
+        restored = tuner._local_tuner._tune_config.search_alg  # the object fit() will restore
+        if hasattr(restored, "reconcile"):
+            restored.truth = experiment_trials(run.fs, tune_dir)
     else:
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -238,8 +318,9 @@ def search_stage(job: ResolvedJob, inputs: dict[str, Any], run: RunDir,
             param_space=space if population_based else None,
             tune_config=tune.TuneConfig(
                 search_alg=searcher or BasicVariantGenerator(random_state=search.seed),
-                scheduler=scheduler, num_samples=search.num_trials,
-                max_concurrent_trials=search.max_concurrent,
+                # with a searcher, the budget and concurrency are its own (see ValidatingSearcher)
+                scheduler=scheduler, num_samples=-1 if searcher else search.num_trials,
+                max_concurrent_trials=None if searcher else search.max_concurrent,
                 # a finished trial's process runs the next one: no new actor importing torch,
                 # Ray and DeepSpeed per trial (about 10 s each on 2 cores). Not under PBT/PB2:
                 # PBT's pause/exploit restarts trial functions, not measured with reuse.
