@@ -134,13 +134,15 @@ def search(args: argparse.Namespace) -> None:
     def make(name: str, seed: int) -> Any:
         if name == "random":
             return RandomSearcher(space=space, metric="val_acc", mode="max", seed=seed)
+        if name == "random-no-repeats":
+            return RandomSearcher(space=space, metric="val_acc", mode="max", seed=seed, dedupe=True)
         if name == "evolution":
             return EvolutionSearcher(space=space, metric="val_acc", mode="max", seed=seed,
                                      population=args.population, tournament=args.tournament)
         return RLSearcher(space=space, metric="val_acc", mode="max", seed=seed)
 
     scores: dict[str, list[float]] = {}
-    for name in ("random", "evolution", "rl"):
+    for name in ("random", "random-no-repeats", "evolution", "rl"):
         scores[name] = []
         for seed in range(args.seeds):
             searcher = make(name, seed)

@@ -46,6 +46,19 @@ class _SeededSearcher(Searcher):
     def _next_config(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    #: how many times a searcher with ``canonical`` set redraws a point it already tried
+    MAX_REDRAWS = 20
+    #: the form of a config that decides the trained model; None: repeats are allowed
+    canonical: Callable[[dict[str, Any]], Any] | None = None
+
+    def _key(self, config: dict[str, Any]) -> str:
+        assert self.canonical is not None
+        return json.dumps(self.canonical(config), sort_keys=True, default=str)
+
+    def _tried(self) -> set[str]:
+        """Keys of every point tried or running (failed and rejected ones included)."""
+        return {self._key(c) for c, _ in self.history} | {self._key(c) for c in self.live.values()}
+
     def score(self, result: dict[str, Any] | None) -> float | None:
         """The metric oriented so that larger is better, or None for a failed trial."""
         if not result or self.metric not in result or result[self.metric] is None:
@@ -95,10 +108,25 @@ class _SeededSearcher(Searcher):
 
 
 class RandomSearcher(_SeededSearcher):
-    """Independent draws from the space: the baseline every searcher is compared with."""
+    """Independent draws from the space: the baseline every searcher is compared with.
+    ``dedupe=True`` draws again (up to ``MAX_REDRAWS`` times) a point already tried: random
+    search without replacement, the fair baseline for the deduplicating searchers."""
+
+    def __init__(self, space: dict[str, Any], metric: str, mode: str, *, seed: int = 0,
+                 max_trials: int | None = None, dedupe: bool = False,
+                 canonical: Callable[[dict[str, Any]], Any] | None = None):
+        super().__init__(space, metric, mode, seed=seed, max_trials=max_trials)
+        self.canonical = (canonical or (lambda config: config)) if dedupe else None
 
     def _next_config(self) -> dict[str, Any]:
-        return self.space.sample(self.rng)
+        config = self.space.sample(self.rng)
+        if self.canonical is not None:
+            seen = self._tried()
+            for _ in range(self.MAX_REDRAWS):
+                if self._key(config) not in seen:
+                    break
+                config = self.space.sample(self.rng)
+        return config
 
 
 class EvolutionSearcher(_SeededSearcher):
@@ -113,8 +141,6 @@ class EvolutionSearcher(_SeededSearcher):
     config to the form that decides the trained model (for an architecture space,
     ``bigopt.search.arch.active``: decisions that do not shape the model nulled); default: the
     config itself. ``dedupe=False`` is the paper's algorithm, which may repeat points."""
-
-    MAX_REDRAWS = 20
 
     def __init__(self, space: dict[str, Any], metric: str, mode: str, *, seed: int = 0,
                  max_trials: int | None = None, population: int = 20, tournament: int = 5,
@@ -150,12 +176,9 @@ class EvolutionSearcher(_SeededSearcher):
         parent = max((self.population[int(i)] for i in picks), key=lambda member: member[1])[0]
         child = self.space.mutate(parent, self.rng, n=self.mutations)
         if self.canonical is not None:
-            def key(config: dict[str, Any]) -> str:
-                return json.dumps(self.canonical(config), sort_keys=True, default=str)
-
-            seen = {key(c) for c, _ in self.history} | {key(c) for c in self.live.values()}
+            seen = self._tried()
             for _ in range(self.MAX_REDRAWS):
-                if key(child) not in seen:
+                if self._key(child) not in seen:
                     break
                 child = self.space.mutate(child, self.rng, n=self.mutations)
         return child

@@ -76,7 +76,7 @@ def build_searcher(search: SearchSpec, space: dict[str, Any], metric: str, mode:
         from bigopt.search.rl import RLSearcher
 
         options = {k: v for k, v in search.rl.model_dump().items() if v is not None}
-        return RLSearcher(space, metric, mode, seed=search.seed, **options)
+        return RLSearcher(space, metric, mode, seed=search.seed, canonical=active, **options)
     if search.searcher == "random":
         return RandomSearcher(space, metric, mode, seed=search.seed)
     from ray.tune.search.optuna import OptunaSearch

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from ray import tune
 
-from bigopt.search import EvolutionSearcher, RandomSearcher
+from bigopt.search import EvolutionSearcher, RandomSearcher, RLSearcher
 from bigopt.search.space import Space
 
 SPACE = {"model": {"depth": tune.choice([1, 2, 3, 4, 5, 6, 7, 8]),
@@ -132,3 +132,20 @@ def test_evolution_with_a_canonical_form_does_not_retrain_a_known_model():
     assert repeats(deduped) < repeats(plain)
     assert repeats(EvolutionSearcher(space, metric="acc", mode="max", seed=1, population=4,
                                      tournament=2, canonical=canonical)) <= 4  # random-phase only
+
+
+@pytest.mark.parametrize("cls", [RandomSearcher, RLSearcher])
+def test_dedupe_spends_no_trial_on_a_point_already_tried(cls):
+    small = {"a": tune.choice([1, 2, 3]), "b": tune.choice(["x", "y"])}  # 6 points
+
+    def drawn(dedupe: bool, seed: int) -> list[tuple]:
+        s = cls(space=small, metric="m", mode="max", seed=seed, dedupe=dedupe)
+        out = []
+        for i in range(6):
+            c = s.suggest(f"t{i}")
+            out.append((c["a"], c["b"]))
+            s.on_trial_complete(f"t{i}", {"m": c["a"]})
+        return out
+
+    assert all(len(set(drawn(True, seed))) == 6 for seed in range(5))  # every point once
+    assert any(len(set(drawn(False, seed))) < 6 for seed in range(5))  # repeats otherwise
