@@ -7,11 +7,16 @@ prepared data and the same short trials; per seed, the best trial by validation 
 taken, and its **test** accuracy (the 10,000 t10k rows, never seen by the search) is what the
 table compares: mean and standard error over seeds, and the per-seed differences to random.
 
+Part fmnist-table: ``benchmarks/search_fmnist_table.py`` (every point of a 243-point CNN x lr
+grid trained once, then random / evolution / RL replayed on it over 30 seeds: BENCHMARKS 6b).
+
 Part nasbench: ``benchmarks/search_nasbench.py`` (100 queries of NAS-Bench-201's recorded runs,
 evolution / RL / random / Optuna TPE through the same Searcher API Tune drives).
 
     python benchmarks/search.py fmnist --seeds 5 --trials 20      # ~25 min on 2 cores
     python benchmarks/search.py nasbench                          # see search_nasbench.py
+    python benchmarks/search.py fmnist-table build                # ~27 min on 2 cores
+    python benchmarks/search.py fmnist-table search --budget 20   # seconds
 """
 
 from __future__ import annotations
@@ -111,12 +116,15 @@ def main() -> None:
     f.add_argument("--json", default=None, help="write the raw results here")
     sub.add_parser("nasbench", help="NAS-Bench-201 tables (benchmarks/search_nasbench.py)",
                    add_help=False)
+    sub.add_parser("fmnist-table", help="the Fashion-MNIST table: build, then replay searchers "
+                   "(benchmarks/search_fmnist_table.py)", add_help=False)
     args, rest = parser.parse_known_args()
     if args.part == "fmnist":
         fmnist(args)
     else:
+        script = {"nasbench": "search_nasbench.py", "fmnist-table": "search_fmnist_table.py"}
         sys.exit(subprocess.call([sys.executable, os.path.join(REPO, "benchmarks",
-                                                               "search_nasbench.py"), *rest]))
+                                                               script[args.part]), *rest]))
 
 
 if __name__ == "__main__":
