@@ -214,14 +214,7 @@ class RLSearcher(_SeededSearcher):
         return config
 
     def _next_config(self) -> dict[str, Any]:
-        config = self._sample()
-        if self.canonical is not None:  # a point already tried: ask the policy again
-            seen = self._tried()
-            for _ in range(self.MAX_REDRAWS):
-                if self._key(config) not in seen:
-                    break
-                config = self._sample()
-        return config
+        return self._unseen(self._sample(), lambda _: self._sample())  # a tried point: ask again
 
     def _sample(self) -> dict[str, Any]:
         actions: list[int] = []

@@ -59,6 +59,19 @@ class _SeededSearcher(Searcher):
         """Keys of every point tried or running (failed and rejected ones included)."""
         return {self._key(c) for c, _ in self.history} | {self._key(c) for c in self.live.values()}
 
+    def _unseen(self, config: dict[str, Any],
+                redraw: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+        """``config``, or (with ``canonical`` set) ``redraw`` of it while it is a point already
+        tried, up to ``MAX_REDRAWS`` times."""
+        if self.canonical is None:
+            return config
+        seen = self._tried()
+        for _ in range(self.MAX_REDRAWS):
+            if self._key(config) not in seen:
+                break
+            config = redraw(config)
+        return config
+
     def score(self, result: dict[str, Any] | None) -> float | None:
         """The metric oriented so that larger is better, or None for a failed trial."""
         if not result or self.metric not in result or result[self.metric] is None:
@@ -119,14 +132,7 @@ class RandomSearcher(_SeededSearcher):
         self.canonical = (canonical or (lambda config: config)) if dedupe else None
 
     def _next_config(self) -> dict[str, Any]:
-        config = self.space.sample(self.rng)
-        if self.canonical is not None:
-            seen = self._tried()
-            for _ in range(self.MAX_REDRAWS):
-                if self._key(config) not in seen:
-                    break
-                config = self.space.sample(self.rng)
-        return config
+        return self._unseen(self.space.sample(self.rng), lambda _: self.space.sample(self.rng))
 
 
 class EvolutionSearcher(_SeededSearcher):
@@ -175,10 +181,4 @@ class EvolutionSearcher(_SeededSearcher):
         picks = self.rng.choice(len(self.population), size=self.tournament, replace=False)
         parent = max((self.population[int(i)] for i in picks), key=lambda member: member[1])[0]
         child = self.space.mutate(parent, self.rng, n=self.mutations)
-        if self.canonical is not None:
-            seen = self._tried()
-            for _ in range(self.MAX_REDRAWS):
-                if self._key(child) not in seen:
-                    break
-                child = self.space.mutate(child, self.rng, n=self.mutations)
-        return child
+        return self._unseen(child, lambda c: self.space.mutate(c, self.rng, n=self.mutations))
