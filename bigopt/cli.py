@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="take STAGE's artifact from another run instead of running it")
         if resumable:
             sp.add_argument("--resume", help="checkpoint path/URI, or 'latest' in --run-dir")
+            sp.add_argument("--trust-checkpoint", action="store_true",
+                            help="allow --resume from a checkpoint outside the run dir: DeepSpeed "
+                                 "unpickles checkpoints, so only for ones you made yourself")
 
     with_spec("validate", "check a spec; exit 2 with one 'field.path: problem' line each")
     with_run_options(with_spec("run", "run every stage the spec holds, in order"), True)
@@ -73,8 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "data_from", None):
         inputs_from["data"] = args.data_from
     stages = None if args.command == "run" else [args.command]
-    bigopt.run(spec, stages=stages, run_dir=args.run_dir, resume=getattr(args, "resume", None),
-               inputs_from=inputs_from)
+    from bigopt.train.stage import UntrustedCheckpointError
+
+    try:
+        bigopt.run(spec, stages=stages, run_dir=args.run_dir, resume=getattr(args, "resume", None),
+                   inputs_from=inputs_from, trust_checkpoint=getattr(args, "trust_checkpoint", False))
+    except UntrustedCheckpointError as exc:
+        print(f"--resume: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bigopt.artifacts import Artifact, has_artifact, read_artifact, write_artifact
-from bigopt.resolve import ResolvedJob, resolve
+from bigopt.resolve import ResolvedJob, resolve, resolve_after_search
 from bigopt.runtime import RunDir, connect_ray, embedded_cpus
 from bigopt.spec import JobSpec, dump_spec
 from bigopt.stages import STAGES, Stage, StageOptions, get_stage, producers_before
@@ -85,15 +85,33 @@ def plan(job: ResolvedJob, requested: list[str] | None, *, run: RunDir,
     return [s for s in STAGES if s.name in wanted], given
 
 
+def job_for_stage(job: ResolvedJob, stage: Stage, inputs: dict[str, Artifact],
+                  out: RunDir) -> ResolvedJob:
+    """The resolved job a stage runs: after a search, the best configuration (resolved here,
+    once, and saved beside the stage's artifact), else the run's own."""
+    search = inputs.get("search")
+    if search is None or stage.name == "search":
+        return job
+    best = search.best_config  # type: ignore[attr-defined]
+    tuned = resolve_after_search(job, best)
+    out.write_text("resolved.json", tuned.dumps())
+    log.info("%s: the search's best configuration: %s", stage.name,
+             ", ".join(f"{k}={v}" for k, v in best.items() if k != "model") or "its model")
+    return tuned
+
+
 def run(spec: JobSpec, *, stages: list[str] | None = None, run_dir: str | None = None,
         resume: str | None = None, inputs_from: dict[str, str] | None = None,
-        data_from: str | None = None, hooks: Any = None) -> RunResult:
+        data_from: str | None = None, hooks: Any = None,
+        trust_checkpoint: bool = False) -> RunResult:
     """Run ``stages`` (default: every stage the spec holds) into a new or existing run dir.
 
     ``run_dir`` reuses an existing run directory; ``inputs_from`` maps a stage to another run
     dir whose artifact to use instead of running it (``data_from`` is ``{"data": ...}``);
-    ``resume`` is a checkpoint URI or ``latest``; ``hooks`` are the train stage's
-    ``TrainHooks``.
+    ``resume`` is a checkpoint URI or ``latest`` (a checkpoint outside the run dir needs
+    ``trust_checkpoint``: DeepSpeed unpickles it); ``hooks`` are the train stage's
+    ``TrainHooks``. Each stage gets its own folder ``<run>/<stage>/`` as a ``RunDir`` view and
+    writes its artifact there; the artifact names the one it was made from (``parent``).
     """
     started = time.time()
     # Start-up marks (wall clock), from this process's start: the train stage reports
@@ -111,6 +129,12 @@ def run(spec: JobSpec, *, stages: list[str] | None = None, run_dir: str | None =
         stages = [s for s in job.stages if s not in done] or job.stages
         log.info("resuming %s: %s already done", run.uri, ", ".join(done) or "no stage")
     todo, artifacts = plan(job, stages, run=run, inputs_from=inputs_from)
+    options = StageOptions(resume=resume, trust_checkpoint=trust_checkpoint, hooks=hooks,
+                           startup=startup, stages_run=[s.name for s in todo])
+    if resume and resume != "latest" and any(s.resumable for s in todo):
+        from bigopt.train.stage import checked_resume
+
+        checked_resume(run.stage("train"), options)  # refused before Ray starts, not after
     run.write_text("spec.yaml", dump_spec(job.spec))
     run.write_text("resolved.json", job.dumps())
     log.info("run dir: %s; stages: %s", run.uri, ", ".join(s.name for s in todo))
@@ -118,13 +142,16 @@ def run(spec: JobSpec, *, stages: list[str] | None = None, run_dir: str | None =
     connect_ray(c.address, num_cpus=embedded_cpus(c.num_workers * c.cpus_per_worker, c.num_cpus))
     startup["ray_up"] = time.time()
     result = RunResult(run.uri)
-    options = StageOptions(resume=resume, hooks=hooks,
-                           extra={"startup": startup, "stages_run": [s.name for s in todo]})
     for stage in todo:
         startup[f"{stage.name}_stage_start"] = time.time()
         inputs = {k: artifacts[k] for k in (*stage.consumes, *stage.optional) if k in artifacts}
-        artifact = stage.function()(job, inputs, run, options)
-        write_artifact(run, artifact)
+        out = run.stage(stage.name)
+        stage_job = job_for_stage(job, stage, inputs, out)
+        artifact = stage.function()(stage_job, inputs, out, options)
+        parent = next((inputs[k] for k in stage.consumes if k in inputs), None)
+        if parent is not None and artifact.parent is None:
+            artifact = artifact.model_copy(update={"parent": parent.artifact_uri})
+        write_artifact(out, artifact)
         artifacts[artifact.kind] = result.artifacts[stage.name] = artifact
     from bigopt.report import write_report
 

@@ -49,6 +49,11 @@ class ResolvedJob(BaseModel):
     deepspeed_config: dict[str, Any] | None = None
     #: worker-group restarts Ray Train may do (``train.max_failures``, defaulted)
     max_failures: int = 0
+    #: torch.distributed backend of the training workers: NCCL with GPUs, gloo on CPUs
+    backend: Literal["gloo", "nccl"] = "gloo"
+    #: the search's metric and direction (``auto``: the task's default), when it searches
+    search_metric: str | None = None
+    search_mode: Literal["min", "max"] | None = None
 
     @property
     def columns(self) -> tuple[str, str]:
@@ -115,6 +120,14 @@ def resolve(spec: JobSpec) -> ResolvedJob:
     fields: dict[str, Any] = {"spec": spec, "stages": spec.stages(), "task": task,
                               "context": spec.context if get_task(task).is_sequence else None,
                               "arch": _arch(spec)}
+    if spec.search is not None:
+        metric, mode = get_task(task).default_metric
+        metric = metric if spec.search.metric == "auto" else spec.search.metric
+        if spec.search.mode != "auto":
+            mode = spec.search.mode
+        elif spec.search.metric != "auto":  # a named metric: accuracies rise, losses fall
+            mode = "max" if "acc" in metric else "min"
+        fields.update(search_metric=metric, search_mode=mode)
     train = spec.train
     if train is not None:
         zero_stage = train.zero.stage if train.strategy == "deepspeed" else 0
@@ -130,6 +143,16 @@ def resolve(spec: JobSpec) -> ResolvedJob:
                               zero_stage=layout.zero_stage),
             data_order=resolve_data_order(spec), precision=precision,
             max_failures=resolve_max_failures(train),
+            backend="nccl" if spec.cluster.gpus_per_worker > 0 else "gloo",
             deepspeed_config=(build_deepspeed_config(spec, layout, precision)
                               if train.strategy == "deepspeed" else None))
     return ResolvedJob(**fields)
+
+
+def resolve_after_search(job: ResolvedJob, best_config: dict[str, Any]) -> ResolvedJob:
+    """The job the stages after a search run: the search's best configuration (spec paths and
+    values, e.g. ``{"train.lr": 3e-4, "model": {...}}``) applied to the spec, at the spec's own
+    (full) training budget, with the search section dropped."""
+    from bigopt.spec import with_values
+
+    return resolve(with_values(job.spec.model_copy(update={"search": None}), best_config))

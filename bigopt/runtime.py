@@ -155,6 +155,33 @@ class RunDir:
             return run
         raise RuntimeError(f"could not create a unique run dir under {base}/{name}")
 
+    def stage(self, name: str) -> RunDir:
+        """The view a stage writes through: ``<run>/<name>/``, addressed by paths relative to it.
+
+        The pipeline hands each stage its own view, so no stage module names another stage's
+        folder (a fine-tuning stage running the trainer writes ``<run>/compress/...``, not
+        ``<run>/train/...``)."""
+        return RunDir(self.uri_of(name))
+
+    @property
+    def name(self) -> str:
+        """The last component of the URI (a stage view's stage name, a run dir's run id)."""
+        return self.uri.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> RunDir:
+        """The directory above (a stage view's run dir)."""
+        return RunDir(self.uri.rstrip("/").rsplit("/", 1)[0])
+
+    def contains(self, uri: str) -> bool:
+        """Whether ``uri`` (a path or URI) lies inside this directory."""
+        if "://" in uri and not uri.startswith("s3://"):
+            return False
+        fs_path = filesystem_for(uri)[1] if (uri.startswith("s3://") == (not self.is_local)) else None
+        if fs_path is None:
+            return False
+        return fs_path == self.path or fs_path.startswith(self.path + "/")
+
     @property
     def fs(self) -> pafs.FileSystem:
         return filesystem_for(self.uri)[0]

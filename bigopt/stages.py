@@ -44,11 +44,19 @@ class Stage:
 class StageOptions:
     """Per-invocation options a stage may use (the CLI's flags beyond the spec)."""
 
-    #: train: a checkpoint URI, or "latest" for the run dir's newest complete one
+    #: train/search: a checkpoint URI, or "latest" for the stage folder's newest complete one
     resume: str | None = None
+    #: train: load a ``--resume`` checkpoint from outside the run dir although DeepSpeed
+    #: unpickles it (``--trust-checkpoint``): only for checkpoints you made yourself
+    trust_checkpoint: bool = False
     #: train: ``bigopt.train.hooks.TrainHooks`` (model transforms, teacher loss, step callbacks)
     hooks: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: wall-clock start-up marks of this invocation (``process_start``, ``ray_up``, ...)
+    startup: dict[str, float] | None = None
+    #: the stages this invocation runs (a lone ``--resume latest`` stage must find a checkpoint)
+    stages_run: list[str] = field(default_factory=list)
+    #: train: extra Ray Train callbacks (a Tune trial's ``TuneReportCallback``)
+    ray_callbacks: list[Any] = field(default_factory=list)
 
 
 def _load(ref: str) -> Callable[..., Any]:

@@ -74,9 +74,18 @@ class Task:
     report_lines: Callable[[dict[str, Any]], list[str]]
     #: whether a sample is a token window (tokens/s, perplexity, context)
     is_sequence: bool
+    #: the validation metric a search optimizes by default, and its direction
+    default_metric: tuple[str, str] = ("val_loss", "min")
 
     def tokens_per_sample(self, context: int | None) -> int:
         return (context or 0) if self.is_sequence else 0
+
+    def test_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """Metrics of a whole-split evaluation from summed ``loss``/``rows``/``correct``."""
+        out = {"test_loss": sums["loss"] / sums["rows"], "test_rows": int(round(sums["rows"]))}
+        if self.default_metric[0] == "val_acc":  # a task that counts correct predictions
+            out["test_accuracy"] = sums["correct"] / sums["rows"]
+        return out
 
     def eval_metrics(self, counts: dict[str, float]) -> dict[str, float]:
         """Metrics from all-reduced ``eval_counts`` sums (accuracy for classifiers)."""
@@ -89,7 +98,8 @@ TASKS: dict[str, Task] = {
     "language_model": Task("language_model", ("input_ids", "labels"), cross_entropy,
                            _no_eval_counts, _lm_report, is_sequence=True),
     "classifier": Task("classifier", ("inputs", "labels"), cross_entropy,
-                       _classifier_counts, _classifier_report, is_sequence=False),
+                       _classifier_counts, _classifier_report, is_sequence=False,
+                       default_metric=("val_acc", "max")),
 }
 
 #: the task each model kind trains for

@@ -42,7 +42,7 @@ def data_artifact(run: RunDir) -> DataArtifact:
 def test_artifacts_round_trip_as_their_own_type(tmp_path):
     run = RunDir.create(str(tmp_path), "a")
     art = data_artifact(run)
-    write_artifact(run, art)
+    write_artifact(run.stage("data"), art)
     again = read_artifact(run, "data")
     assert isinstance(again, DataArtifact) and again == art
     with pytest.raises(FileNotFoundError, match="train/artifact.json"):
@@ -52,7 +52,7 @@ def test_artifacts_round_trip_as_their_own_type(tmp_path):
 def test_plan_takes_inputs_from_another_run_or_adds_their_stage(tmp_path):
     job = resolve(make_spec(tmp_path))
     prepared = RunDir.create(str(tmp_path), "prepared")
-    write_artifact(prepared, data_artifact(prepared))
+    write_artifact(prepared.stage("data"), data_artifact(prepared))
     fresh = RunDir.create(str(tmp_path), "fresh")
     # --from data=RUN: only train runs, on that run's artifact
     todo, given = plan(job, ["train"], run=fresh, inputs_from=parse_from([f"data={prepared.uri}"]))

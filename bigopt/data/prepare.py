@@ -136,9 +136,9 @@ def _text_source_rows(spec: JobSpec, context: int, run: RunDir, checked: Any, ro
         started = time.time()
         bpe = train_bpe(train_texts, spec.data.vocab_size)  # streamed: the texts never all in memory
         tokenizer_json = bpe.to_str()
-        run.write_text("data/tokenizer.json", tokenizer_json)
+        run.write_text("tokenizer.json", tokenizer_json)
         tokenizer = {"kind": "bpe", "vocab_size": bpe.get_vocab_size(), "pad_id": 0,
-                     "uri": run.uri_of("data/tokenizer.json"),
+                     "uri": run.uri_of("tokenizer.json"),
                      "trained_on": "train split", "seconds": round(time.time() - started, 2)}
         log.info("data: BPE tokenizer, %d tokens, trained in %.1f s", bpe.get_vocab_size(),
                  time.time() - started)
@@ -289,7 +289,7 @@ def write_shards(part: Any, run: RunDir, split: str, rows: int, rows_per_shard: 
         ordered = _sorted(part).repartition(shards)
         # OVERWRITE: the names are fixed (no write id in them), and a data stage run again
         # into the same run dir replaces its shards rather than mixing old and new ones.
-        ordered.write_parquet(run.sub(f"data/{split}"), filesystem=run.fs,
+        ordered.write_parquet(run.sub(split), filesystem=run.fs,
                               filename_provider=_ShardNames(split), mode=ray.data.SaveMode.OVERWRITE)
     finally:
         ctx.execution_options.preserve_order = previous
@@ -317,7 +317,7 @@ def fingerprint(job: ResolvedJob, content_hash: str) -> str:
 
 
 def run_data(job: ResolvedJob, run: RunDir) -> tuple[dict[str, Any], str]:
-    """Run the data stage into ``run``/data; returns (manifest, fingerprint)."""
+    """Run the data stage into its stage folder ``run``; returns (manifest, fingerprint)."""
     from ray.data.expressions import col
 
     spec = job.spec
@@ -369,14 +369,14 @@ def run_data(job: ResolvedJob, run: RunDir) -> tuple[dict[str, Any], str]:
             "rows": n,
             "tokens": int(part.sum(count_column)) if count_column else 0,
             "files": _count_distinct(part, key),
-            "shards": _shards(run, f"data/{name}"),
+            "shards": _shards(run, name),
         }
     reasons: dict[str, int] = {}
     for r in source.rejected:
         kind = r["reason"].split(":")[0]
         reasons[kind] = reasons.get(kind, 0) + 1
     if source.rejected:
-        run.write_text("data/quarantine.jsonl", "".join(json.dumps(r) + "\n" for r in source.rejected))
+        run.write_text("quarantine.jsonl", "".join(json.dumps(r) + "\n" for r in source.rejected))
     step_rejected = sum(r["rejected"] for r in source.steps)
     for record in source.steps:
         for kind, n in record["rejected_by_reason"].items():
@@ -392,7 +392,7 @@ def run_data(job: ResolvedJob, run: RunDir) -> tuple[dict[str, Any], str]:
         "rejected_by_reason": reasons,
         "steps": [{"step": "read", "rows_in": source.rows_in,
                    "kept": source.rows_in - len(source.rejected), "rejected": len(source.rejected),
-                   "rejects": "data/quarantine.jsonl" if source.rejected else None},
+                   "rejects": "quarantine.jsonl" if source.rejected else None},
                   *source.steps],
         "split": {**spec.data.split.model_dump(), "key": split_key(spec)},
         # augmented copies are extra train rows, outside rows_in = rows_kept + rows_rejected
@@ -404,7 +404,7 @@ def run_data(job: ResolvedJob, run: RunDir) -> tuple[dict[str, Any], str]:
         raise RuntimeError(f"data: {source.rows_in} rows in != {rows_kept} kept + {rows_rejected} "
                            "rejected: rows were lost")
     manifest["fingerprint"] = fingerprint(job, source.content_hash)
-    run.write_json("data/manifest.json", manifest)
+    run.write_json("manifest.json", manifest)
     log.info("data: %d rows kept, %d rejected; per split %s", rows_kept, rows_rejected,
              {k: v["rows"] for k, v in per_split.items()})
     return manifest, manifest["fingerprint"]
@@ -415,10 +415,10 @@ def data_stage(job: ResolvedJob, inputs: dict[str, Any], run: RunDir,
     """The data stage (stage table entry): prepare shards, return the data artifact."""
     manifest, print_ = run_data(job, run)
     return DataArtifact(
-        stage="data", run=run.uri, uri=run.uri_of("data"), manifest=run.uri_of("data/manifest.json"),
+        stage=run.name, run=run.parent.uri, uri=run.uri, manifest=run.uri_of("manifest.json"),
         fingerprint=print_, task=job.task, columns=job.columns, context=job.context,
         tokenizer=manifest.get("tokenizer", {}),
-        splits={name: SplitInfo(uri=run.uri_of(f"data/{name}"), rows=s["rows"])
+        splits={name: SplitInfo(uri=run.uri_of(name), rows=s["rows"])
                 for name, s in manifest["splits"].items()})
 
 
@@ -433,7 +433,7 @@ def report_section(run: RunDir, artifact: DataArtifact) -> list[str]:
              f"- rows in {manifest['rows_in']} = kept {manifest['rows_kept']} + rejected "
              f"{manifest['rows_rejected']} {manifest['rejected_by_reason'] or ''}",
              f"- fingerprint `{artifact.fingerprint[:16]}`"
-             + (f" (prepared in {artifact.run})" if artifact.run != run.uri else ""),
+             + (f" (prepared in {artifact.run})" if artifact.run != run.parent.uri else ""),
              "", "| split | rows | tokens | files | shards |", "|---|---|---|---|---|"]
     for name, s in manifest["splits"].items():
         lines.append(f"| {name} | {s['rows']} | {s['tokens']} | {s['files']} | {len(s['shards'])} |")
@@ -451,9 +451,8 @@ def report_section(run: RunDir, artifact: DataArtifact) -> list[str]:
         for r in steps:
             for example in (r.get("details") or {}).get("examples", [])[:3]:
                 lines.append(f"- {r['step']} example: `{json.dumps(example)[:200]}`")
-        where = RunDir(artifact.run)
-        where.write_bytes("data/steps.png", _steps_plot(steps))
-        lines += ["", "![rows per step](data/steps.png)"]
+        run.write_bytes("steps.png", _steps_plot(steps))
+        lines += ["", f"![rows per step]({run.name}/steps.png)"]
     return lines + [""]
 
 

@@ -167,7 +167,7 @@ def run_steps(ds: Any, steps: list[Any], ctx: StepContext, run: Any, *,
         if rows_in != n_kept + n_rejected:
             raise RuntimeError(f"data.steps.{i} ({step.kind}): {rows_in} rows in but {n_kept} kept "
                                f"+ {n_rejected} rejected: a step lost or duplicated rows")
-        where = f"data/rejects/{i:02d}-{step.kind}"
+        where = f"rejects/{i:02d}-{step.kind}"
         if n_rejected:
             rejected.write_parquet(run.sub(where), filesystem=run.fs)
         reasons: dict[str, int] = {}

@@ -36,7 +36,14 @@ BLOCK_KEYS: dict[str, tuple[str, ...]] = {
     "transition": ("channels",),
     "transformer": ("channels", "heads"),
 }
-OPTIONAL_KEYS: dict[str, dict[str, int]] = {"resnet": {"kernel": 3}, "plain": {"kernel": 3}}
+# Optional keys and their defaults; None means "derived": a residual block's internal ``width``
+# (the first conv's output channels) defaults to its ``channels``. ``width`` exists so that a
+# structurally pruned block (bigopt.compress.prune), whose two convs lose channels from
+# different dependency groups, is expressible as an arch dict; it is left out when equal.
+OPTIONAL_KEYS: dict[str, dict[str, int | None]] = {
+    "resnet": {"kernel": 3, "width": None},
+    "plain": {"kernel": 3, "width": None},
+}
 
 
 def _conv3x3(c_in: int, c_out: int, stride: int = 1, kernel: int = 3) -> nn.Conv2d:
@@ -51,13 +58,15 @@ class ResidualBlock(nn.Module):
     the identity otherwise.
     """
 
-    def __init__(self, c_in: int, channels: int, stride: int, kernel: int = 3, skip: bool = True) -> None:
+    def __init__(self, c_in: int, channels: int, stride: int, kernel: int = 3, skip: bool = True,
+                 width: int | None = None) -> None:
         super().__init__()
+        width = channels if width is None else width  # the inner conv's output channels
         self.body = nn.Sequential(
-            _conv3x3(c_in, channels, stride, kernel),
-            nn.BatchNorm2d(channels),
+            _conv3x3(c_in, width, stride, kernel),
+            nn.BatchNorm2d(width),
             nn.ReLU(inplace=True),
-            _conv3x3(channels, channels, 1, kernel),
+            _conv3x3(width, channels, 1, kernel),
             nn.BatchNorm2d(channels),
         )
         self.skip = skip
@@ -213,7 +222,8 @@ class CNN(LayeredModel):
         for i, block in enumerate(self.blocks_config):
             if block["type"] in ("resnet", "plain"):
                 body.append(ResidualBlock(channels, block["channels"], block["stride"],
-                                          block.get("kernel", 3), skip=block["type"] == "resnet"))
+                                          block.get("kernel", 3), skip=block["type"] == "resnet",
+                                          width=block.get("width")))
                 channels, size = block["channels"], (size - 1) // block["stride"] + 1
             elif block["type"] == "transformer":
                 body.append(AttentionBlock(channels, block["channels"], block["heads"]))

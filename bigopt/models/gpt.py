@@ -53,36 +53,45 @@ class Embedding(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention using the fused SDPA kernel (flash where available)."""
+    """Multi-head causal self-attention using the fused SDPA kernel (flash where available).
 
-    def __init__(self, d_model: int, n_head: int, dropout: float) -> None:
+    The attention width ``n_head * head_dim`` is ``d_model`` in a standard GPT; it is smaller
+    after attention heads have been pruned away (``bigopt.compress.prune``).
+    """
+
+    def __init__(self, d_model: int, n_head: int, dropout: float, head_dim: int | None = None) -> None:
         super().__init__()
         self.n_head = n_head
+        self.head_dim = d_model // n_head if head_dim is None else head_dim
         self.dropout = dropout
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
+        inner = n_head * self.head_dim
+        self.qkv = nn.Linear(d_model, 3 * inner)
+        self.proj = nn.Linear(inner, d_model)
         self.resid_drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, t, c = x.shape
-        q, k, v = self.qkv(x).split(c, dim=2)
-        # [B, T, C] -> [B, n_head, T, head_dim]
-        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        b, t, _ = x.shape
+        inner = self.n_head * self.head_dim
+        # [B, T, 3 * inner] -> 3 x [B, n_head, T, head_dim]; written as one view + unbind (not
+        # split + view) because that is the pattern Torch-Pruning's dependency graph follows
+        # when it removes whole heads
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
         )
-        y = y.transpose(1, 2).contiguous().view(b, t, c)
+        y = y.transpose(1, 2).contiguous().view(b, t, inner)
         return self.resid_drop(self.proj(y))
 
 
 class FeedForward(nn.Module):
-    """The 4x GELU MLP of a transformer block."""
+    """The GELU MLP of a transformer block: ``d_ff`` hidden units, 4 x d_model by default."""
 
-    def __init__(self, d_model: int, dropout: float) -> None:
+    def __init__(self, d_model: int, dropout: float, d_ff: int | None = None) -> None:
         super().__init__()
-        self.fc = nn.Linear(d_model, 4 * d_model)
+        d_ff = 4 * d_model if d_ff is None else d_ff
+        self.fc = nn.Linear(d_model, d_ff)
         self.act = nn.GELU()
-        self.proj = nn.Linear(4 * d_model, d_model)
+        self.proj = nn.Linear(d_ff, d_model)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -99,14 +108,15 @@ class Block(nn.Module):
     """
 
     def __init__(
-        self, d_model: int, n_head: int, dropout: float, *, checkpointing: bool = False
+        self, d_model: int, n_head: int, dropout: float, *, checkpointing: bool = False,
+        d_ff: int | None = None, head_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.checkpointing = checkpointing
         self.ln1 = nn.LayerNorm(d_model)
-        self.attn = CausalSelfAttention(d_model, n_head, dropout)
+        self.attn = CausalSelfAttention(d_model, n_head, dropout, head_dim)
         self.ln2 = nn.LayerNorm(d_model)
-        self.mlp = FeedForward(d_model, dropout)
+        self.mlp = FeedForward(d_model, dropout, d_ff)
 
     def _forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.ln1(x))
@@ -135,6 +145,10 @@ class GPT(LayeredModel):
 
     Input is a LongTensor of token ids ``[B, T]`` with ``T <= context``; output is logits
     ``[B, T, vocab_size]``; the target for ``loss`` is the next-token ids ``[B, T]``.
+
+    ``d_ff`` (feed-forward hidden units, default ``4 * d_model``) and ``head_dim`` (default
+    ``d_model // n_head``) are there for structurally pruned models (``bigopt.compress.prune``
+    removes hidden units and whole heads); ``arch()`` leaves them out at their defaults.
     """
 
     kind = "gpt"
@@ -148,6 +162,8 @@ class GPT(LayeredModel):
         d_model: int = 128,
         dropout: float = 0.0,
         activation_checkpointing: bool = False,
+        d_ff: int | None = None,
+        head_dim: int | None = None,
     ) -> None:
         super().__init__()
         for name, value in [
@@ -158,7 +174,10 @@ class GPT(LayeredModel):
             ("d_model", d_model),
         ]:
             require_positive_int(name, value)
-        if d_model % n_head:
+        for name, value in [("d_ff", d_ff), ("head_dim", head_dim)]:
+            if value is not None:
+                require_positive_int(name, value)
+        if head_dim is None and d_model % n_head:
             raise ValueError(
                 f"d_model ({d_model}) must be divisible by n_head ({n_head}) so each head gets "
                 f"d_model // n_head channels; pick e.g. n_head={_divisor_near(d_model, n_head)}"
@@ -170,11 +189,14 @@ class GPT(LayeredModel):
         self.d_model = d_model
         self.dropout = require_dropout(dropout)
         self.activation_checkpointing = bool(activation_checkpointing)
+        self.d_ff = 4 * d_model if d_ff is None else d_ff
+        self.head_dim = d_model // n_head if head_dim is None else head_dim
 
         rng = RngSnapshot()  # before any layer draws its default init; see _finish_init
         self.embedding = Embedding(vocab_size, context, d_model, self.dropout)
         self.blocks = nn.ModuleList(
-            Block(d_model, n_head, self.dropout, checkpointing=self.activation_checkpointing)
+            Block(d_model, n_head, self.dropout, checkpointing=self.activation_checkpointing,
+                  d_ff=self.d_ff, head_dim=self.head_dim)
             for _ in range(n_layer)
         )
         self.head = Head(d_model, vocab_size)
@@ -231,10 +253,12 @@ class GPT(LayeredModel):
 
         ``6 N`` is forward (2) + backward (4) of every weight matmul; ``12 L d T`` is the
         attention score and value matmuls over a full context T (the causal mask is not
-        credited, as in the PaLM MFU convention). A sample is ``context`` tokens.
+        credited, as in the PaLM MFU convention), with d the attention width
+        ``n_head * head_dim`` (``d_model`` unless heads were pruned). A sample is ``context``
+        tokens.
         """
         per_token = 6 * self.num_params(non_embedding=True) + 12 * (
-            self.n_layer * self.d_model * self.context
+            self.n_layer * self.n_head * self.head_dim * self.context
         )
         return float(per_token * self.context)
 
@@ -253,6 +277,11 @@ class GPT(LayeredModel):
             "d_model": self.d_model,
             "dropout": self.dropout,
             "activation_checkpointing": self.activation_checkpointing,
+            # only when not the default, so arch dicts (and trial records) of unpruned models
+            # stay what they were before these keys existed
+            **({"d_ff": self.d_ff} if self.d_ff != 4 * self.d_model else {}),
+            **({"head_dim": self.head_dim}
+               if self.d_model % self.n_head or self.head_dim != self.d_model // self.n_head else {}),
         }
 
 

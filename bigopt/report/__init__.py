@@ -30,17 +30,21 @@ def _loss_plot(rows: list[dict[str, Any]], val: dict[int, float]) -> bytes:
     return png(fig)
 
 
-def train_section(run: RunDir, artifact: ModelArtifact) -> list[str]:
-    """The train stage's report section: loss, the task's own metrics, throughput, plot."""
+def train_section(out: RunDir, artifact: ModelArtifact, *, title: str = "Training",
+                  link: str | None = None) -> list[str]:
+    """A training run's report section (the train stage's, a compress step's fine-tuning):
+    loss, the task's own metrics, throughput, plot; ``out`` is its stage folder, ``link`` its
+    path relative to ``report.md`` (default: the stage's name)."""
     from bigopt.tasks import get_task
 
-    result = run.read_json("train/result.json")
-    rows = run.read_jsonl("train/metrics.jsonl") if run.exists("train/metrics.jsonl") else []
+    result = out.read_json("result.json")
+    rows = out.read_jsonl("metrics.jsonl") if out.exists("metrics.jsonl") else []
     val = {int(k): v for k, v in result.get("val_losses", {}).items()}
-    lines = ["## Training", "",
+    lines = [f"## {title}", "",
              f"- steps: {result['steps']}, strategy: {result.get('strategy', 'deepspeed')}, "
              f"precision: {result['precision']}, layout: {result['layout']}",
-             f"- model: `{artifact.uri}` ({artifact.format}, step {artifact.step})"]
+             f"- model: `{artifact.weights}` (`bigopt.load_model`), engine checkpoint "
+             f"`{artifact.checkpoint}` ({artifact.format}, step {artifact.step})"]
     if result.get("resumed_from") is not None:
         repeated = len(rows) - len({r["step"] for r in rows})
         restarts = result.get("restarts") or 0
@@ -66,8 +70,8 @@ def train_section(run: RunDir, artifact: ModelArtifact) -> list[str]:
         tokens = f", {mean['tokens_per_s']:.0f} tokens/s" if mean["tokens_per_s"] else ""
         lines.append(f"- throughput (last {len(tail)} log points): {mean['samples_per_s']:.1f} "
                      f"samples/s{tokens}, data wait {100 * mean['data_wait_frac']:.1f} % of step time")
-    run.write_bytes("train/loss.png", _loss_plot(rows, val))
-    return lines + ["", "![loss](train/loss.png)", ""]
+    out.write_bytes("loss.png", _loss_plot(rows, val))
+    return lines + ["", f"![loss]({link or out.name}/loss.png)", ""]
 
 
 def write_report(run: RunDir) -> str:
@@ -79,7 +83,7 @@ def write_report(run: RunDir) -> str:
     for stage in STAGES:
         section = stage.report_function()
         if section is not None and has_artifact(run, stage.name):
-            lines += section(run, read_artifact(run, stage.name))
+            lines += section(run.stage(stage.name), read_artifact(run, stage.name))
     text = "\n".join(lines)
     run.write_text("report.md", text)
     return text

@@ -31,14 +31,9 @@ MAX_REJECTIONS = 200  # draws in a row the space may refuse before the search gi
 
 
 def metric_and_mode(job: ResolvedJob) -> tuple[str, str]:
-    """``search.metric``/``mode`` with ``auto`` resolved from the task."""
-    search = job.spec.search
-    assert search is not None
-    metric = search.metric
-    if metric == "auto":
-        metric = "val_acc" if job.task == "classifier" else "val_loss"
-    mode = search.mode if search.mode != "auto" else ("max" if "acc" in metric else "min")
-    return metric, mode
+    """``search.metric``/``mode`` as ``resolve`` decided them (``auto``: the task's default)."""
+    assert job.search_metric is not None and job.search_mode is not None
+    return job.search_metric, job.search_mode
 
 
 def to_domain(value: dict[str, Any]) -> Any:
@@ -298,12 +293,12 @@ def search_stage(job: ResolvedJob, inputs: dict[str, Any], run: RunDir,
     scheduler = build_scheduler(search, space, metric, mode, base.train.max_steps)
     trainable = tune.with_resources(
         tune_trainable(base, data, hooks=options.hooks, to_values=lambda c: spec_values(c, base),
-                       trials_dir=run.uri_of("search")),
+                       trials_dir=run.uri),
         _trial_resources(base))
-    storage = run.sub("search")
+    storage = run.path
     tune_dir = f"{storage}/tune"
     if options.resume and tune.Tuner.can_restore(tune_dir, storage_filesystem=run.fs):
-        log.info("resuming the search in %s", run.uri_of("search/tune"))
+        log.info("resuming the search in %s", run.uri_of("tune"))
         tuner = tune.Tuner.restore(tune_dir, trainable, resume_errored=True,
                                    param_space=space if population_based else None,
                                    storage_filesystem=run.fs)
@@ -417,23 +412,23 @@ def finish(job: ResolvedJob, run: RunDir, rows: list[dict[str, Any]], rejected: 
                "checkpoint": None, "trial_run": None,
                "config": json.dumps(active(x["config"]), sort_keys=True), "reason": x["reason"]}
               for x in rejected]
-    with run.fs.open_output_stream(run.sub("search/trials.parquet")) as f:
+    with run.fs.open_output_stream(run.sub("trials.parquet")) as f:
         pq.write_table(pa.Table.from_pylist(table), f)
     fronts = {obj: pareto_front(done, obj, mode) for obj in search.objectives}
-    run.write_json("search/pareto.json", {
+    run.write_json("pareto.json", {
         "metric": metric, "mode": mode,
         "fronts": {obj: [{"trial_id": r["trial_id"], obj: r[obj], metric: r["metric"],
                           "config": active(r["config"])} for r in front]
                    for obj, front in fronts.items()}})
     # best.yaml: the spec at its own (full) training budget with the best configuration
     best_spec = with_values(spec.model_copy(update={"search": None}), best_values)
-    run.write_text("search/best.yaml", f"# best of {len(done)} trials by {metric} ({mode}): "
+    run.write_text("best.yaml", f"# best of {len(done)} trials by {metric} ({mode}): "
                    f"{best['metric']:.4f}, trial {best['trial_id']}\n" + dump_spec(best_spec))
     from bigopt.search.plots import best_so_far_plot, pareto_plot
 
-    run.write_bytes("search/best_so_far.png", best_so_far_plot(done, metric, mode))
+    run.write_bytes("best_so_far.png", best_so_far_plot(done, metric, mode))
     for obj, front in fronts.items():
-        run.write_bytes(f"search/pareto_{obj}.png", pareto_plot(done, front, obj, metric))
+        run.write_bytes(f"pareto_{obj}.png", pareto_plot(done, front, obj, metric))
     summary = {"metric": metric, "mode": mode, "searcher": search.searcher,
                "scheduler": search.scheduler.kind, "trials": len(rows),
                "completed": sum(r["status"] == "TERMINATED" for r in rows),
@@ -441,15 +436,15 @@ def finish(job: ResolvedJob, run: RunDir, rows: list[dict[str, Any]], rejected: 
                "failed": sum(r["status"] == "ERROR" for r in rows), "rejected": len(rejected),
                "best": {k: best[k] for k in ("trial_id", "metric", "params", "flops", "latency_ms")},
                "best_config": active(best["config"])}
-    run.write_json("search/summary.json", summary)
-    return SearchArtifact(stage="search", run=run.uri, uri=run.uri_of("search"),
-                          best_config=best_values, trials=run.uri_of("search/trials.parquet"),
+    run.write_json("summary.json", summary)
+    return SearchArtifact(stage=run.name, run=run.parent.uri, uri=run.uri,
+                          best_config=best_values, trials=run.uri_of("trials.parquet"),
                           metric=metric, mode=mode)
 
 
 def report_section(run: RunDir, artifact: SearchArtifact) -> list[str]:
-    where = RunDir(artifact.run)
-    s = where.read_json("search/summary.json")
+    where = RunDir(artifact.uri)  # the search's own folder, in this run or another
+    s = where.read_json("summary.json")
     best = s["best"]
     lines = ["## Search", "",
              f"- searcher **{s['searcher']}**, scheduler {s['scheduler']}: {s['trials']} trials "
@@ -461,11 +456,11 @@ def report_section(run: RunDir, artifact: SearchArtifact) -> list[str]:
              f"- **best {s['metric']}: {best['metric']:.4f}** (trial {best['trial_id']})",
              "- best configuration: `" + json.dumps({k: v for k, v in s["best_config"].items()
                                                      if v is not None}) + "`",
-             f"- all trials: `{artifact.trials}`; ready-to-run spec: `search/best.yaml`", "",
-             "![best so far](search/best_so_far.png)", ""]
-    pareto = where.read_json("search/pareto.json")
+             f"- all trials: `{artifact.trials}`; ready-to-run spec: `{run.name}/best.yaml`", "",
+             f"![best so far]({run.name}/best_so_far.png)", ""]
+    pareto = where.read_json("pareto.json")
     for obj, front in pareto["fronts"].items():
         lines.append(f"- Pareto front, {s['metric']} against {obj}: " + ", ".join(
             f"{p[s['metric']]:.3f} @ {p[obj]:.3g}" for p in front))
-        lines += ["", f"![pareto {obj}](search/pareto_{obj}.png)", ""]
+        lines += ["", f"![pareto {obj}]({run.name}/pareto_{obj}.png)", ""]
     return lines

@@ -3,7 +3,7 @@
 The loop calls ``save(step, last=...)`` on every step; the manager decides (``checkpoint_every``,
 last step). Every rank writes its own shard with DeepSpeed's ``save_checkpoint`` into a local
 staging dir and hands it to its ``Reporter`` (``bigopt.train.reporting``): under Ray Train,
-Ray merges the ranks' files into one checkpoint under ``<run>/train/checkpoints/step_NNNNNN``
+Ray merges the ranks' files into one checkpoint under ``<stage>/checkpoints/step_NNNNNN``
 (local or S3) and keeps ``keep_last`` of them; in one process bigopt copies it there itself.
 Guarding the save with ``rank == 0`` would hang: DeepSpeed's save has collectives inside.
 
@@ -22,56 +22,31 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from bigopt.train.layout import (
+    COMPLETE_FILE,
+    STATE_FILE,
+    checkpoint_dir_name,
+    checkpoint_rel,
+    complete_checkpoints,
+    step_of,
+)
+
 if TYPE_CHECKING:
-    from bigopt.runtime import RunDir
     from bigopt.train.reporting import Reporter
 
 log = logging.getLogger("bigopt")
 
-STATE_FILE = "bigopt_state.json"
-COMPLETE_FILE = "bigopt_complete.json"
-CHECKPOINTS = "train/checkpoints"
 
 
 class Checkpointable(Protocol):
     def save_checkpoint(self, directory: str) -> None: ...
     def load_checkpoint(self, directory: str) -> None: ...
-
-
-def checkpoint_dir_name(step: int) -> str:
-    return f"step_{step:06d}"
-
-
-def step_of(path: str) -> int:
-    """The step a ``step_NNNNNN`` checkpoint directory holds (-1 for other names)."""
-    match = re.search(r"step_(\d+)/*$", path)
-    return int(match.group(1)) if match else -1
-
-
-def complete_checkpoints(run: RunDir, session: str | None = None) -> list[str]:
-    """Paths (inside run.fs) of checkpoints every rank finished, oldest first; only those
-    written by ``session`` when given."""
-    import pyarrow.fs as pafs
-
-    found = []
-    sel = pafs.FileSelector(run.sub(CHECKPOINTS), allow_not_found=True)
-    for info in run.fs.get_file_info(sel):
-        if info.type != pafs.FileType.Directory or step_of(info.path) < 0:
-            continue
-        try:
-            written_by = run.read_json(f"{CHECKPOINTS}/{info.base_name}/{COMPLETE_FILE}").get("session")
-        except (OSError, ValueError):  # no marker, or one torn by a crash mid-write: not complete
-            continue
-        if session is None or written_by == session:
-            found.append(info.path)
-    return sorted(found, key=step_of)
 
 
 def rng_file(rank: int) -> str:
@@ -97,7 +72,7 @@ class CheckpointManager:
                  at: list[int] | None = None, session: str | None = None):
         self.engine, self.reporter, self.every, self.world_rank = engine, reporter, every, world_rank
         self.at = set(at or ())
-        # run: where checkpoints and completion markers land; session: whose markers count
+        # run: the stage folder where checkpoints and completion markers land; session: whose markers count
         # on a restart (None: only the reporter's own checkpoint, e.g. PBT's exploit target)
         self.run, self.session = reporter.run, session
         self.last_saved: int | None = None
@@ -128,7 +103,7 @@ class CheckpointManager:
         return True
 
     def uri_of(self, step: int) -> str:
-        return self.run.uri_of(f"{CHECKPOINTS}/{checkpoint_dir_name(step)}")
+        return self.run.uri_of(checkpoint_rel(step))
 
     def _mark_complete(self, step: int) -> None:
         import torch.distributed as dist
@@ -136,7 +111,7 @@ class CheckpointManager:
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # every rank's synchronous upload has returned
         if self.world_rank == 0:
-            self.run.write_json(f"{CHECKPOINTS}/{checkpoint_dir_name(step)}/{COMPLETE_FILE}",
+            self.run.write_json(f"{checkpoint_rel(step)}/{COMPLETE_FILE}",
                                 {"step": step, "session": self.session})
 
     def load(self, resume_uri: str | None = None) -> dict[str, Any] | None:

@@ -351,10 +351,7 @@ class Trainer:
         total = {k: self.all_reduce_mean(v) * world for k, v in sums.items()}  # sums over ranks
         if not total["rows"]:
             return {}
-        metrics = {"test_loss": total["loss"] / total["rows"], "test_rows": int(round(total["rows"]))}
-        if self.task.name == "classifier":
-            metrics["test_accuracy"] = total["correct"] / total["rows"]
-        return metrics
+        return self.task.test_metrics(total)
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -374,7 +371,9 @@ class Trainer:
         state = self.engine.module.state_dict()
         for name in sorted(state):
             digest.update(name.encode())
-            digest.update(state[name].detach().cpu().contiguous().numpy().tobytes())
+            # raw bytes via uint8: numpy has no bfloat16, and bf16 is the CPU default
+            digest.update(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                          .numpy().tobytes())
         return digest.hexdigest()
 
     def apply_spec_lr(self) -> None:
@@ -391,12 +390,12 @@ class Trainer:
 
     def count_attempt(self) -> int:
         """This fit's attempt number (1 = first; Ray Train restarts the worker group after a
-        failure), counted per session in ``train/attempts.json`` by rank 0."""
+        failure), counted per session in the stage folder's ``attempts.json`` by rank 0."""
         if self.session is None or self.rank != 0:  # only rank 0 writes result.json
             return 1
-        counts = self.run.read_json("train/attempts.json") if self.run.exists("train/attempts.json") else {}
+        counts = self.run.read_json("attempts.json") if self.run.exists("attempts.json") else {}
         counts[self.session] = counts.get(self.session, 0) + 1
-        self.run.write_json("train/attempts.json", counts)
+        self.run.write_json("attempts.json", counts)
         return counts[self.session]
 
     @property
@@ -447,7 +446,7 @@ class Trainer:
                 "batches_consumed": self.batches.consumed, "val_losses": self.val_losses}
 
     def result(self, fit: TrainResult) -> dict[str, Any]:
-        """What ``train/result.json`` records (rank 0 writes it)."""
+        """What the stage folder's ``result.json`` records (rank 0 writes it)."""
         return {
             "steps": fit.steps, "final_loss": fit.final_loss, "task": self.job.task,
             "val_losses": {str(k): v for k, v in sorted(fit.val_losses.items())},
@@ -477,7 +476,8 @@ class Trainer:
 
 def train(job: ResolvedJob, data: DataArtifact, out: RunDir, ctx: TrainContext,
           reporter: Reporter, hooks: TrainHooks | None = None) -> ModelArtifact:
-    """Train ``job`` on ``data`` into ``out``; every rank returns the same model artifact.
+    """Train ``job`` on ``data`` into the stage folder ``out``; every rank returns the same model
+    artifact (rank 0 also writes ``result.json`` and the consolidated ``model.safetensors``).
 
     ``data`` is only checked here (task and columns must match the job); the caller has turned
     its splits into ``ctx.train_data``/``ctx.val_data`` (and ``ctx.test_data``: when given, the
@@ -489,17 +489,6 @@ def train(job: ResolvedJob, data: DataArtifact, out: RunDir, ctx: TrainContext,
     trainer = Trainer(job, out, ctx, reporter, hooks)
     fit = trainer.fit()
     test = trainer.evaluate_test()
-    step = trainer.checkpointer.last_saved
-    assert step is not None  # the last step always checkpoints
-    last_val = {"val_loss": fit.val_losses[max(fit.val_losses)]} if fit.val_losses else {}
-    artifact = ModelArtifact(
-        stage="train", run=out.uri, uri=trainer.checkpointer.uri_of(step), task=job.task,
-        arch=job.arch or {}, format="deepspeed" if job.spec.train.strategy == "deepspeed" else "ddp",
-        step=step, metrics={"final_loss": fit.final_loss, **last_val,
-                            **trainer.val_metrics.get(max(trainer.val_metrics, default=-1), {}),
-                            **test})
-    if trainer.rank == 0:
-        # the driver of a Ray Train fit reads the artifact from here (workers return nothing)
-        out.write_json("train/result.json", {**trainer.result(fit), **test,
-                                             "artifact": artifact.model_dump(mode="json")})
-    return artifact
+    from bigopt.train.results import write_result
+
+    return write_result(trainer, fit, test)

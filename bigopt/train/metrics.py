@@ -3,7 +3,7 @@
 ``MetricsProcessor`` turns step timings into ``samples_per_s``, ``tokens_per_s``,
 ``data_wait_frac`` (time blocked on the input pipeline / step time), achieved FLOP/s and MFU
 where the device's peak is known, and decides when to log. Sinks write the rows: a JSONL sink
-for ``train/metrics.jsonl`` (rank 0 only) and stdout.
+for the stage folder's ``metrics.jsonl`` (rank 0 only) and stdout.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class MetricsSink(Protocol):
 
 
 class JsonlSink:
-    """``train/metrics.jsonl`` in the run dir, local or S3.
+    """``metrics.jsonl`` in the stage folder, local or S3.
 
     On local disk every row is appended and flushed at once, so a killed worker loses no row
     and a restarted run's repeated steps stay visible. S3 objects cannot be appended to: rows
@@ -44,7 +44,7 @@ class JsonlSink:
     checkpoint and on close.
     """
 
-    def __init__(self, run: RunDir, rel: str = "train/metrics.jsonl", flush_every_s: float = 5.0):
+    def __init__(self, run: RunDir, rel: str = "metrics.jsonl", flush_every_s: float = 5.0):
         self.run, self.rel, self.flush_every_s = run, rel, flush_every_s
         self.lines: list[str] = []
         self._last_flush = 0.0

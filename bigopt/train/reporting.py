@@ -3,10 +3,10 @@
 The trainer never reads Ray globals: its caller gives it a ``Reporter``.
 
 * ``RayTrainReporter``: under Ray Train. ``ray.train.report`` uploads each rank's files into
-  ``<run>/train/checkpoints/step_N`` and Ray registers them; validation metrics are reported at
+  ``<stage>/checkpoints/step_N`` and Ray registers them; validation metrics are reported at
   every eval (Tune schedulers see them when a ``TorchTrainer`` runs inside a trial).
 * ``LocalReporter``: one process (a small Tune trial, a script): checkpoints are copied to
-  ``<run>/train/checkpoints/step_N`` by bigopt itself, ``keep_last`` applies.
+  ``<stage>/checkpoints/step_N`` by bigopt itself, ``keep_last`` applies.
 * ``TuneReporter``: a ``LocalReporter`` that also calls ``tune.report`` with the copy, so ASHA
   and PBT see every eval and PBT's exploit restores from it (``tune.get_checkpoint``).
 """
@@ -17,14 +17,13 @@ import logging
 from typing import Any, Protocol
 
 from bigopt.runtime import RunDir
+from bigopt.train.layout import CHECKPOINTS, step_of
 
 log = logging.getLogger("bigopt")
 
-CHECKPOINTS = "train/checkpoints"
-
 
 class Reporter(Protocol):
-    #: the run dir whose train/checkpoints/ holds the checkpoints this reporter persists
+    #: the stage folder whose checkpoints/ holds the checkpoints this reporter persists
     run: RunDir
 
     def report(self, metrics: dict[str, Any], *, checkpoint_dir: str | None = None,
@@ -86,9 +85,8 @@ class LocalReporter:
         return Checkpoint(target, filesystem=self.run.fs)
 
     def _prune(self, keep: str) -> None:
-        from bigopt.train.checkpoint import step_of
-
-        found = sorted({p.split("/")[2] for p in self.run.list(CHECKPOINTS) if p.count("/") >= 3},
+        # checkpoint directory names: the first component below checkpoints/
+        found = sorted({p.split("/")[1] for p in self.run.list(CHECKPOINTS) if p.count("/") >= 2},
                        key=step_of)
         stale = [n for n in found if n != keep][: max(0, len(found) - self.keep_last)]
         for name in stale:
@@ -110,8 +108,9 @@ class TuneReporter(LocalReporter):
         checkpoint = None
         if checkpoint_dir:
             checkpoint = self._persist(checkpoint_dir, checkpoint_name or "checkpoint")
-        # the trial's own run dir travels with every result (trials.parquet lists it)
-        tune.report({**metrics, "trial_run": self.run.uri}, checkpoint=checkpoint)
+        # the trial's own run dir (this reporter writes in its train/ folder) travels with every
+        # result: trials.parquet lists it
+        tune.report({**metrics, "trial_run": self.run.parent.uri}, checkpoint=checkpoint)
 
     def get_checkpoint(self) -> Any:
         from ray import tune

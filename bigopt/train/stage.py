@@ -16,12 +16,14 @@ from bigopt.artifacts import DataArtifact, ModelArtifact
 from bigopt.resolve import ResolvedJob
 from bigopt.runtime import RunDir, filesystem_for
 from bigopt.stages import StageOptions
+from bigopt.train.layout import CHECKPOINTS, latest_checkpoint
 
 log = logging.getLogger("bigopt")
 
 
-def ray_configs(job: ResolvedJob, run: RunDir, callbacks: list[Any] | None = None) -> dict[str, Any]:
-    """ScalingConfig, RunConfig (+ checkpoint/failure) and DataConfig for TorchTrainer."""
+def ray_configs(job: ResolvedJob, out: RunDir, callbacks: list[Any] | None = None) -> dict[str, Any]:
+    """ScalingConfig, RunConfig (+ checkpoint/failure) and DataConfig for TorchTrainer, with
+    checkpoints in the stage folder ``out``."""
     import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 
@@ -38,9 +40,9 @@ def ray_configs(job: ResolvedJob, run: RunDir, callbacks: list[Any] | None = Non
             num_workers=cluster.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
             placement_strategy=cluster.placement),
         "run_config": RunConfig(
-            # Ray puts each checkpoint in <storage_path>/<name>/step_NNNNNN: the run dir's
-            # train/checkpoints/, on local disk or S3 alike.
-            name="checkpoints", storage_path=run.sub("train"), storage_filesystem=run.fs,
+            # Ray puts each checkpoint in <storage_path>/<name>/step_NNNNNN: the stage
+            # folder's checkpoints/ (bigopt.train.layout), on local disk or S3 alike.
+            name=CHECKPOINTS, storage_path=out.path, storage_filesystem=out.fs,
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_last),
             failure_config=FailureConfig(max_failures=job.max_failures),
             callbacks=callbacks or None),
@@ -120,36 +122,60 @@ def _read_in_driver(fs: Any, path: str, columns: list[str]) -> Any:
     return ray.data.from_blocks([pq.read_table(f, columns=columns, filesystem=fs) for f in files])
 
 
-def train_stage(job: ResolvedJob, inputs: dict[str, Any], run: RunDir,
+def train_stage(job: ResolvedJob, inputs: dict[str, Any], out: RunDir,
                 options: StageOptions | None = None) -> ModelArtifact:
-    """The train stage (stage table entry): fit with Ray Train, return the model artifact."""
+    """The train stage (stage table entry): fit with Ray Train into the stage folder ``out``,
+    return the model artifact. After a search the pipeline hands it the best configuration's
+    resolved job."""
+    options = options or StageOptions()
+    data: DataArtifact = inputs["data"]
+    resume = checked_resume(out, options)
+    return fit(job, data, out, options, resume=resume)
+
+
+class UntrustedCheckpointError(ValueError):
+    """A ``--resume`` checkpoint from outside the run dir, without ``--trust-checkpoint``."""
+
+
+def checked_resume(out: RunDir, options: StageOptions) -> str | None:
+    """The checkpoint URI to resume from (``latest`` resolved in ``out``), refused when it lies
+    outside the run dir and the user did not say it is trusted: DeepSpeed loads its
+    checkpoints with ``torch.load(weights_only=False)``, so a file from elsewhere could run
+    code in every worker."""
+    resume = options.resume
+    if resume == "latest":
+        resume = latest_checkpoint(out)
+        if resume is None and len(options.stages_run) <= 1:
+            raise FileNotFoundError(f"--resume latest: no checkpoint in {out.uri_of(CHECKPOINTS)}")
+        if resume is None:  # a resumed run whose training had not started: start it
+            log.info("--resume latest: no checkpoint in %s yet; training starts fresh", out.uri)
+        return resume_uri(out, resume)
+    if resume is None:
+        return None
+    resume = resume_uri(out, resume)
+    assert resume is not None
+    if not out.parent.contains(resume) and not options.trust_checkpoint:
+        raise UntrustedCheckpointError(
+            f"--resume {resume}: this checkpoint is outside the run dir {out.parent.uri}, and "
+            "DeepSpeed loads checkpoints with pickle (torch.load(weights_only=False)), which can "
+            "run code from the file. Resume inside the run dir (--run-dir RUN --resume latest), "
+            "start from its consolidated weights instead, or pass --trust-checkpoint if you made "
+            "this checkpoint yourself")
+    return resume
+
+
+def fit(job: ResolvedJob, data: DataArtifact, out: RunDir, options: StageOptions, *,
+        resume: str | None) -> ModelArtifact:
+    """One Ray Train fit of ``job`` on ``data`` into the stage folder ``out`` (the train stage,
+    and a compress stage's fine-tuning steps)."""
     import ray.data
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    options = options or StageOptions()
-    data: DataArtifact = inputs["data"]
-    if inputs.get("search") is not None:
-        # after a search: the best configuration, at the spec's own (full) training budget
-        from bigopt.resolve import resolve
-        from bigopt.spec import with_values
-
-        best = inputs["search"].best_config
-        job = resolve(with_values(job.spec.model_copy(update={"search": None}), best))
-        run.write_text("train/resolved.json", job.dumps())
-        log.info("training the search's best configuration: %s",
-                 ", ".join(f"{k}={v}" for k, v in best.items() if k != "model") or "its model")
-    resume = options.resume
-    if resume == "latest":
-        resume = latest_checkpoint(run)
-        if resume is None and len(options.extra.get("stages_run", [])) <= 1:
-            raise FileNotFoundError(f"--resume latest: no checkpoint in {run.uri}/train/checkpoints")
-        if resume is None:  # a resumed run whose training had not started: start it
-            log.info("--resume latest: no checkpoint in %s yet; training starts fresh", run.uri)
     # Training workers log their own progress lines; Ray Data's per-worker bars would
     # interleave on the console (the data context is captured here, in the driver).
     ray.data.DataContext.get_current().enable_progress_bars = False
     splits = plan_splits(job, data, test=True)
-    startup = options.extra.get("startup")
+    startup = options.startup
     if startup is not None:
         startup["data_planned"] = time.time()
     # streaming: Ray Train splits the training data between the workers (DataConfig)
@@ -169,17 +195,19 @@ def train_stage(job: ResolvedJob, inputs: dict[str, Any], run: RunDir,
                            # in the deterministic order (block order and a local buffer
                            # shuffled per epoch, batches dealt by data-parallel rank)
                            "splits": splits,
-                           "run_uri": run.uri, "resume_uri": resume_uri(run, resume),
+                           "run_uri": out.uri, "resume_uri": resume,
                            "hooks": options.hooks,
-                           "startup": options.extra.get("startup"),
+                           "startup": options.startup,
                            # identifies this fit's checkpoints for a restart (checkpoint.py)
                            "session": uuid.uuid4().hex},
-        torch_config=TorchConfig(backend="nccl" if job.spec.cluster.gpus_per_worker > 0 else "gloo"),
+        torch_config=TorchConfig(backend=job.backend),
         datasets=datasets,
-        **ray_configs(job, run, options.extra.get("ray_callbacks")),
+        **ray_configs(job, out, options.ray_callbacks),
     )
     trainer.fit()
-    return ModelArtifact.model_validate(run.read_json("train/result.json")["artifact"])
+    from bigopt.train.results import read_result_artifact
+
+    return read_result_artifact(out)
 
 
 def warn_if_readers_starve(job: ResolvedJob) -> None:
@@ -197,9 +225,9 @@ def warn_if_readers_starve(job: ResolvedJob) -> None:
                     "data_order: deterministic (reads before training starts)", need, have)
 
 
-def resume_uri(run: RunDir, checkpoint: str | None) -> str | None:
+def resume_uri(out: RunDir, checkpoint: str | None) -> str | None:
     """A checkpoint as a URI workers can open: paths found inside an S3 run dir get s3://."""
-    if checkpoint is None or "://" in checkpoint or run.is_local:
+    if checkpoint is None or "://" in checkpoint or out.is_local:
         return checkpoint
     return "s3://" + checkpoint
 
@@ -218,7 +246,7 @@ def ray_train_entry(config: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s bigopt %(message)s", force=True)
     job = ResolvedJob.model_validate(config["job"])  # the boundary dict becomes typed first
     data = DataArtifact.model_validate(config["data"])
-    run = RunDir(config["run_uri"])
+    out = RunDir(config["run_uri"])  # the stage folder
     splits = config["splits"]
     ray_ctx = ray.train.get_context()
     ctx = TrainContext(rank=ray_ctx.get_world_rank(), world_size=ray_ctx.get_world_size(),
@@ -227,19 +255,10 @@ def ray_train_entry(config: dict[str, Any]) -> None:
                        val_data=splits["val"], test_data=splits.get("test"),
                        session=config.get("session"), resume_uri=config.get("resume_uri"),
                        startup=config.get("startup"))
-    train(job, data, run, ctx, RayTrainReporter(run), config.get("hooks"))
+    train(job, data, out, ctx, RayTrainReporter(out), config.get("hooks"))
 
 
-def latest_checkpoint(run: RunDir) -> str | None:
-    """Path (inside run.fs) of the newest ``train/checkpoints/step_*`` directory every rank
-    finished writing, if any (a directory cut short by a crash is skipped)."""
-    from bigopt.train.checkpoint import complete_checkpoints
-
-    done = complete_checkpoints(run)
-    return done[-1] if done else None
-
-
-def report_section(run: RunDir, artifact: ModelArtifact) -> list[str]:
+def report_section(out: RunDir, artifact: ModelArtifact) -> list[str]:
     from bigopt.report import train_section
 
-    return train_section(RunDir(artifact.run), artifact)
+    return train_section(out, artifact)

@@ -32,7 +32,7 @@ def _free_port() -> int:
 
 def train_in_process(job: ResolvedJob, data: DataArtifact, out: RunDir, reporter: Reporter, *,
                      hooks: TrainHooks | None = None, resume_uri: str | None = None) -> ModelArtifact:
-    """Run the trainer in this process as a world of one rank."""
+    """Run the trainer in this process as a world of one rank, into the stage folder ``out``."""
     import torch
     import torch.distributed as dist
 
@@ -65,15 +65,17 @@ def tune_trainable(spec: JobSpec, data: DataArtifact, *, hooks: TrainHooks | Non
     """A Tune function trainable: ``config`` holds spec paths (``{"train.lr": 3e-4}``) applied
     to ``spec`` (after ``to_values``, which e.g. turns architecture decisions into a model
     section); the trial trains on ``data`` into a run dir of its own under ``trials_dir``
-    (``<trials_dir>/trials/<id>``; default ``<storage>/<name>-trials/<id>``)."""
+    (``<trials_dir>/trials/<id>``; default ``<storage>/<name>-trials/<id>``), training into its
+    ``train/`` folder."""
 
     def trainable(config: dict[str, Any]) -> None:
         from bigopt.train.reporting import TuneReporter
 
         job = resolve(with_values(spec, to_values(config) if to_values else config))
-        out = (RunDir.create(trials_dir, "trials") if trials_dir
-               else RunDir.create(job.spec.storage, f"{job.spec.name}-trials"))
-        out.write_text("resolved.json", job.dumps())
+        trial = (RunDir.create(trials_dir, "trials") if trials_dir
+                 else RunDir.create(job.spec.storage, f"{job.spec.name}-trials"))
+        trial.write_text("resolved.json", job.dumps())
+        out = trial.stage("train")  # a trial is a run dir of its own, with a train stage
         assert job.spec.train is not None
         if job.spec.cluster.num_workers == 1:
             train_in_process(job, data, out, TuneReporter(out, keep_last=job.spec.train.keep_last),
@@ -84,6 +86,6 @@ def tune_trainable(spec: JobSpec, data: DataArtifact, *, hooks: TrainHooks | Non
             from bigopt.train.stage import train_stage
 
             train_stage(job, {"data": data}, out,
-                        StageOptions(hooks=hooks, extra={"ray_callbacks": [TuneReportCallback()]}))
+                        StageOptions(hooks=hooks, ray_callbacks=[TuneReportCallback()]))
 
     return trainable

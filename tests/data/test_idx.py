@@ -148,7 +148,8 @@ def test_image_models_must_match_the_sources_image_size(tmp_path):
 
 
 def _read_split(run, manifest, name):
-    tables = [pq.read_table(run.fs.open_input_file(run.sub(s["path"])))
+    # shard paths in the manifest are relative to the manifest's folder (the data stage's)
+    tables = [pq.read_table(run.fs.open_input_file(run.sub(f"data/{s['path']}")))
               for s in manifest["splits"][name]["shards"]]
     return [row for t in tables for row in t.to_pylist()]
 
@@ -161,7 +162,7 @@ def test_data_stage_on_written_idx_files(ray_session, tmp_path):
     small_set(tmp_path / "src", n_train=200, n_test=30)
     spec = parse_spec(idx_spec(tmp_path, tmp_path / "src", rows_per_shard=64))
     run = RunDir.create(spec.storage, spec.name)
-    manifest, _ = run_data(resolve(spec), run)
+    manifest, _ = run_data(resolve(spec), run.stage("data"))
     assert manifest["rows_in"] == 230 == manifest["rows_kept"]
     splits = {name: _read_split(run, manifest, name) for name in manifest["splits"]}
     assert {r["id"] for r in splits["test"]} == {f"fmnist-test-{i:05d}" for i in range(1, 31)}
@@ -189,7 +190,7 @@ def test_idx_files_on_s3_stratified(ray_session, s3_server, tmp_path):
         client.put_object(Bucket=bucket, Key=f"idx/fm/{f.name}", Body=f.read_bytes())
     spec = parse_spec(idx_spec(tmp_path, f"{s3_server}/idx/fm", split={"val": 0.2, "stratify": True}))
     run = RunDir.create(spec.storage, spec.name)
-    manifest, _ = run_data(resolve(spec), run)
+    manifest, _ = run_data(resolve(spec), run.stage("data"))
     assert manifest["rows_in"] == 340 == manifest["rows_kept"]
     assert manifest["source"]["include"][0] == "train-images-idx3-ubyte.gz"
     counts = Counter((r["labels"], name) for name in ("train", "val")
@@ -201,7 +202,7 @@ def test_idx_files_on_s3_stratified(ray_session, s3_server, tmp_path):
     # a prefix without the files is a clear error naming what is missing
     bad = parse_spec(idx_spec(tmp_path, f"{s3_server}/idx/none"))
     with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
-        run_data(resolve(bad), RunDir.create(bad.storage, "bad"))
+        run_data(resolve(bad), RunDir.create(bad.storage, "bad").stage("data"))
 
 
 @pytest.mark.slow
@@ -217,7 +218,7 @@ def test_data_stage_on_real_fashion_mnist(ray_session, tmp_path):
         "source": {"kind": "idx", "path": None, "max_files": None, "max_rows": 600},
         "split": {"val": 0.1}}))
     run = RunDir.create(spec.storage, spec.name)
-    manifest, _ = run_data(resolve(spec), run)
+    manifest, _ = run_data(resolve(spec), run.stage("data"))
     assert manifest["rows_in"] == 1200 == manifest["rows_kept"] + manifest["rows_rejected"]
     assert manifest["rows_rejected"] == 0
     assert manifest["splits"]["test"]["rows"] == 600

@@ -142,7 +142,7 @@ def test_through_run_steps_with_the_spec(noisy_digits, tmp_path):
 
     ds, _, flagged = noisy_digits
     kept, records = run_steps(ds, [LabelStep(kind="labels", action="drop")], CTX,
-                              RunDir(str(tmp_path / "run")))
+                              RunDir(str(tmp_path / "run")).stage("data"))
     (rec,) = records
     assert rec["rows_in"] == 1797 == rec["kept"] + rec["rejected"]
     assert rec["rejected"] == flagged.details["flagged"]

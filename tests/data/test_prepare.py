@@ -37,7 +37,7 @@ def test_data_stage_on_stdlib_conserves_rows(ray_session, tmp_path):
                      data={"source": {"path": str(src), "max_files": None}, "split": {"val": 0.25},
                            "context": 32, "rows_per_shard": 50})
     run = RunDir.create(spec.storage, spec.name)
-    manifest, _ = run_data(resolve(spec), run)
+    manifest, _ = run_data(resolve(spec), run.stage("data"))
     assert manifest["rows_in"] == 42
     assert manifest["rows_in"] == manifest["rows_kept"] + manifest["rows_rejected"]
     assert manifest["rows_rejected"] == 2
@@ -50,7 +50,7 @@ def test_data_stage_on_stdlib_conserves_rows(ray_session, tmp_path):
     for name, info in manifest["splits"].items():
         rows = 0
         for shard in info["shards"]:
-            table = pq.read_table(run.fs.open_input_file(run.sub(shard["path"])))
+            table = pq.read_table(run.fs.open_input_file(run.sub(f"data/{shard['path']}")))
             assert table.num_rows == shard["rows"]
             rows += table.num_rows
             for p in set(table.column("path").to_pylist()):

@@ -335,7 +335,7 @@ def test_image_folder_through_the_data_stage(ray_session, tmp_path):
     small = parse_spec(folder_spec(tmp_path, root, model={"kind": "mlp", "in_features": 64,
                                                           "num_classes": 2}, image_size=8))
     with pytest.raises(SpecError, match=r"model.num_classes: 2 < the 3 class folders"):
-        run_data(resolve(small), RunDir.create(small.storage, small.name))
+        run_data(resolve(small), RunDir.create(small.storage, small.name).stage("data"))
 
 
 @pytest.mark.slow

@@ -90,12 +90,12 @@ def test_data_stage_stratifies_real_digits(ray_session, tmp_path):
     raw["model"] = {"kind": "mlp", "in_features": 64, "num_classes": 10}
     spec = parse_spec(raw)
     run = RunDir.create(spec.storage, spec.name)
-    manifest, _ = run_data(resolve(spec), run)
+    manifest, _ = run_data(resolve(spec), run.stage("data"))
     assert manifest["split"]["stratify"] is True
     counts: Counter = Counter()
     for name, info in manifest["splits"].items():
         for shard in info["shards"]:
-            table = pq.read_table(run.fs.open_input_file(run.sub(shard["path"])))
+            table = pq.read_table(run.fs.open_input_file(run.sub(f"data/{shard['path']}")))
             counts.update((y, name) for y in table.column("labels").to_pylist())
     for label in range(10):
         n = sum(counts[(label, s)] for s in ("train", "val", "test"))

@@ -43,7 +43,7 @@ def rows():
 def test_steps_conserve_rows_and_write_rejects_with_reasons(ray_session, tmp_path):
     import ray
 
-    run = RunDir(str(tmp_path / "run"))
+    run = RunDir(str(tmp_path / "run")).stage("data")
     steps = [IncompleteStep(kind="incomplete"),
              NoiseStep(kind="noise", min_chars=5, reject_patterns=["DO NOT EDIT"])]
     kept, records = run_steps(ray.data.from_items(rows()), steps, TEXT, run)

@@ -13,7 +13,7 @@ from bigopt.train.checkpoint import (
     step_of,
 )
 from bigopt.train.reporting import LocalReporter
-from bigopt.train.stage import latest_checkpoint
+from bigopt.train.layout import latest_checkpoint
 
 
 def test_should_save_interval_extra_steps_and_last(tmp_path):
@@ -37,20 +37,20 @@ def test_step_of_reads_the_directory_name():
 
 
 def test_only_checkpoints_every_rank_finished_count(tmp_path):
-    run = RunDir.create(str(tmp_path), "r", run_id="1")
+    run = RunDir.create(str(tmp_path), "r", run_id="1").stage("train")
     for step, session in ((10, "a"), (20, "a"), (30, "b")):
-        run.write_text(f"train/checkpoints/{checkpoint_dir_name(step)}/state/shard", "x")
-        run.write_json(f"train/checkpoints/{checkpoint_dir_name(step)}/{COMPLETE_FILE}",
+        run.write_text(f"checkpoints/{checkpoint_dir_name(step)}/state/shard", "x")
+        run.write_json(f"checkpoints/{checkpoint_dir_name(step)}/{COMPLETE_FILE}",
                        {"step": step, "session": session})
     # a crash mid-save: shards on storage, no completion marker
-    run.write_text(f"train/checkpoints/{checkpoint_dir_name(40)}/state/shard", "x")
-    run.write_text("train/checkpoints/checkpoint_manager_snapshot.json", "{}")
+    run.write_text(f"checkpoints/{checkpoint_dir_name(40)}/state/shard", "x")
+    run.write_text("checkpoints/checkpoint_manager_snapshot.json", "{}")
     # a crash while rank 0 wrote the marker itself
-    run.write_text(f"train/checkpoints/{checkpoint_dir_name(50)}/{COMPLETE_FILE}", '{"step": 5')
+    run.write_text(f"checkpoints/{checkpoint_dir_name(50)}/{COMPLETE_FILE}", '{"step": 5')
     assert [step_of(p) for p in complete_checkpoints(run)] == [10, 20, 30]
     assert [step_of(p) for p in complete_checkpoints(run, session="a")] == [10, 20]
     assert step_of(latest_checkpoint(run)) == 30
-    assert latest_checkpoint(RunDir.create(str(tmp_path), "empty", run_id="1")) is None
+    assert latest_checkpoint(RunDir.create(str(tmp_path), "empty", run_id="1").stage("train")) is None
 
 
 def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
@@ -73,7 +73,7 @@ def test_local_reporter_saves_loads_and_keeps_last(tmp_path):
     from bigopt.spec import TrainSpec
     from bigopt.train.engine import DDPEngine
 
-    run = RunDir.create(str(tmp_path), "r")
+    run = RunDir.create(str(tmp_path), "r").stage("train")
     torch.manual_seed(0)
     engine = DDPEngine(MLP(in_features=4, hidden=[8], num_classes=2), TrainSpec(), "fp32",
                        torch.device("cpu"))
@@ -82,9 +82,9 @@ def test_local_reporter_saves_loads_and_keeps_last(tmp_path):
         with torch.no_grad():
             next(engine.module.parameters()).fill_(float(step))
         assert manager.save(step, {"step": step, "samples_seen": 0}, {"loss": 1.0})
-    kept = sorted({p.split("/")[2] for p in run.list("train/checkpoints")})
+    kept = sorted({p.split("/")[1] for p in run.list("checkpoints")})
     assert kept == ["step_000002", "step_000003"]
-    assert manager.uri_of(3) == run.uri_of("train/checkpoints/step_000003")
+    assert manager.uri_of(3) == run.uri_of("checkpoints/step_000003")
     with torch.no_grad():
         next(engine.module.parameters()).zero_()
     state = manager.load(manager.uri_of(3))

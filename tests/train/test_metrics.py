@@ -7,7 +7,7 @@ from bigopt.train.metrics import JsonlSink, MetricsProcessor, peak_flops
 
 
 def test_throughput_wait_fraction_and_mfu(tmp_path):
-    run = RunDir.create(str(tmp_path), "m", run_id="r")
+    run = RunDir.create(str(tmp_path), "m", run_id="r").stage("train")
     sink = JsonlSink(run)
     mp = MetricsProcessor([sink], log_every=2, samples_per_step=32, tokens_per_sample=128,
                           flops_per_sample=1e9, peak_flops_total=1e12)
@@ -20,11 +20,11 @@ def test_throughput_wait_fraction_and_mfu(tmp_path):
     assert abs(row["data_wait_frac"] - 0.1) < 1e-12
     assert row["flops_per_s"] == 64e9 and abs(row["mfu"] - 0.064) < 1e-12
     mp.close()
-    assert [r["step"] for r in run.read_jsonl("train/metrics.jsonl")] == [1, 2, 4]
+    assert [r["step"] for r in run.read_jsonl("metrics.jsonl")] == [1, 2, 4]
     resumed = JsonlSink(run)
     resumed.log(5, {"loss": 0.5})
     resumed.close()
-    assert [r["step"] for r in run.read_jsonl("train/metrics.jsonl")] == [1, 2, 4, 5]
+    assert [r["step"] for r in run.read_jsonl("metrics.jsonl")] == [1, 2, 4, 5]
 
 
 def test_peak_flops_table():

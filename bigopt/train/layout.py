@@ -1,0 +1,64 @@
+"""Where a training stage keeps its checkpoints, relative to the stage's own folder.
+
+Torch-free, so the pipeline, the reporters and ``--resume latest`` read it cheaply. Every path
+here is relative to the ``RunDir`` view a stage was handed (``<run>/train/`` for the train
+stage, ``<run>/compress/<variant>/`` for a fine-tuning step): no module names a stage folder.
+
+    <stage>/checkpoints/step_NNNNNN/       one directory per checkpoint (Ray merges the ranks')
+        bigopt_complete.json               written once every rank's upload returned
+        bigopt_state.json                  the trainer's own state (step, samples, batches)
+    <stage>/model.safetensors              consolidated fp32 weights of the final model
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bigopt.runtime import RunDir
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "bigopt_state.json"
+COMPLETE_FILE = "bigopt_complete.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def checkpoint_rel(step: int) -> str:
+    """``checkpoints/step_NNNNNN``, relative to the stage folder."""
+    return f"{CHECKPOINTS}/{checkpoint_dir_name(step)}"
+
+
+def step_of(path: str) -> int:
+    """The step a ``step_NNNNNN`` checkpoint directory holds (-1 for other names)."""
+    match = re.search(r"step_(\d+)/*$", path)
+    return int(match.group(1)) if match else -1
+
+
+def complete_checkpoints(out: RunDir, session: str | None = None) -> list[str]:
+    """Paths (inside ``out.fs``) of the checkpoints in stage folder ``out`` that every rank
+    finished, oldest first; only those written by ``session`` when given."""
+    import pyarrow.fs as pafs
+
+    found = []
+    sel = pafs.FileSelector(out.sub(CHECKPOINTS), allow_not_found=True)
+    for info in out.fs.get_file_info(sel):
+        if info.type != pafs.FileType.Directory or step_of(info.path) < 0:
+            continue
+        try:
+            written_by = out.read_json(f"{CHECKPOINTS}/{info.base_name}/{COMPLETE_FILE}").get("session")
+        except (OSError, ValueError):  # no marker, or one torn by a crash mid-write: not complete
+            continue
+        if session is None or written_by == session:
+            found.append(info.path)
+    return sorted(found, key=step_of)
+
+
+def latest_checkpoint(out: RunDir) -> str | None:
+    """Path (inside ``out.fs``) of the newest complete checkpoint in stage folder ``out``."""
+    done = complete_checkpoints(out)
+    return done[-1] if done else None
