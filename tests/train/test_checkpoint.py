@@ -12,8 +12,8 @@ from bigopt.train.checkpoint import (
     set_rng_state,
     step_of,
 )
-from bigopt.train.reporting import LocalReporter
 from bigopt.train.layout import latest_checkpoint
+from bigopt.train.reporting import LocalReporter
 
 
 def test_should_save_interval_extra_steps_and_last(tmp_path):
