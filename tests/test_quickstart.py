@@ -53,7 +53,9 @@ def test_quickstart_end_to_end(ray_session, repo_root, tmp_path):
     resolved = json.load(open(os.path.join(run_dir, "resolved.json")))
     assert data_art["kind"] == "data" and data_art["context"] == resolved["context"] == 128
     assert model_art["kind"] == "model" and model_art["step"] == 40
-    assert model_art["uri"].endswith("train/checkpoints/step_000040") and model_art["arch"]["n_layer"] == 4
+    assert model_art["checkpoint"].endswith("train/checkpoints/step_000040")
+    assert model_art["arch"]["n_layer"] == 4 and model_art["parent"] == data_art["uri"] + "/artifact.json"
+    assert os.path.getsize(os.path.join(run_dir, "train", "model.safetensors")) > 4 * 800_000
     assert 0 < result["time_to_first_step_s"] < 900 and result["restarts"] == 0
 
     report = open(os.path.join(run_dir, "report.md")).read()

@@ -46,7 +46,10 @@ class Runs:
             **train) -> RunDir:
         if key not in self.cache:
             spec = tiny_spec(self.storage, workers=workers, dropout=dropout, **train)
-            result = bigopt.run(spec, stages=["train"], data_from=self.data, resume=resume)
+            # trust_checkpoint: the resumed checkpoints are this module's own runs (another run
+            # dir, which the CLI refuses without --trust-checkpoint: DeepSpeed unpickles them)
+            result = bigopt.run(spec, stages=["train"], data_from=self.data, resume=resume,
+                                trust_checkpoint=resume is not None)
             self.cache[key] = (spec, RunDir(result.run_uri))
         return self.cache[key]
 
@@ -125,6 +128,28 @@ def test_resume_reproduces_the_uninterrupted_run(runs):
     assert min(again) == 11, "the resumed run must start after the checkpoint's step"
     for step in range(11, STEPS + 1):
         assert abs(again[step] - ref[step]) <= 1e-6 * abs(ref[step]), (step, again[step], ref[step])
+
+
+@pytest.mark.parametrize("key,train", [
+    ("zero3-offload", {"checkpoint_every": 0,
+                       "zero": {"stage": 3, "offload_optimizer": True, "offload_params": True}}),
+    ("pp2-sgd", {"pipeline": {"stages": 2, "micro_batches": 2}, **SGD}),
+])
+def test_model_safetensors_holds_the_gathered_weights(runs, key, train):
+    """ZeRO-3 shards and pipeline stages are gathered into one model.safetensors, which
+    bigopt.load_model reads without DeepSpeed: the same tensors as the engine checkpoint's fp32
+    master weights, and a model artifact that names its parent (the data artifact)."""
+    from bigopt.load import load_model
+
+    spec, run = runs.get(key, **train)
+    artifact = run.read_json("train/artifact.json")
+    assert artifact["weights"] == run.uri_of("train/model.safetensors")
+    assert artifact["parent"].endswith("/data/artifact.json")
+    loaded = [p.detach() for p in load_model(run.uri).parameters()]
+    reference = params_at(spec, run, STEPS)
+    assert len(loaded) == len(reference)
+    for a, b in zip(loaded, reference, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_checkpoints_keep_last(runs):
