@@ -23,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
 
     def with_run_options(sp: argparse.ArgumentParser, resumable: bool) -> None:
         sp.add_argument("--run-dir", help="write into this existing run directory")
+        sp.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's, DeepSpeed's and the workers' logs on the console too "
+                             "(otherwise they go to <run>/logs/)")
         sp.add_argument("--from", dest="inputs_from", action="append", default=[],
                         metavar="STAGE=RUN_DIR",
                         help="take STAGE's artifact from another run instead of running it")
@@ -46,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s bigopt %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.command == "report":
         from bigopt.report import write_report
         from bigopt.runtime import RunDir
@@ -80,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         bigopt.run(spec, stages=stages, run_dir=args.run_dir, resume=getattr(args, "resume", None),
-                   inputs_from=inputs_from, trust_checkpoint=getattr(args, "trust_checkpoint", False))
+                   inputs_from=inputs_from, trust_checkpoint=getattr(args, "trust_checkpoint", False),
+                   console="verbose" if args.verbose else "quiet")
     except UntrustedCheckpointError as exc:
         print(f"--resume: {exc}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,7 +104,7 @@ def job_for_stage(job: ResolvedJob, stage: Stage, inputs: dict[str, Artifact],
 def run(spec: JobSpec, *, stages: list[str] | None = None, run_dir: str | None = None,
         resume: str | None = None, inputs_from: dict[str, str] | None = None,
         data_from: str | None = None, hooks: Any = None,
-        trust_checkpoint: bool = False) -> RunResult:
+        trust_checkpoint: bool = False, console: str | None = None) -> RunResult:
     """Run ``stages`` (default: every stage the spec holds) into a new or existing run dir.
 
     ``run_dir`` reuses an existing run directory; ``inputs_from`` maps a stage to another run
@@ -112,6 +113,9 @@ def run(spec: JobSpec, *, stages: list[str] | None = None, run_dir: str | None =
     ``trust_checkpoint``: DeepSpeed unpickles it); ``hooks`` are the train stage's
     ``TrainHooks``. Each stage gets its own folder ``<run>/<stage>/`` as a ``RunDir`` view and
     writes its artifact there; the artifact names the one it was made from (``parent``).
+    ``console``: ``"quiet"`` (the CLI's default: progress bars and summary lines, every other
+    log in ``<run>/logs/``), ``"verbose"`` (``-v``: everything on the console too), or None
+    (a library call: logging and Ray's output are left as the caller set them up).
     """
     started = time.time()
     # Start-up marks (wall clock), from this process's start: the train stage reports
@@ -137,13 +141,44 @@ def run(spec: JobSpec, *, stages: list[str] | None = None, run_dir: str | None =
         checked_resume(run.stage("train"), options)  # refused before Ray starts, not after
     run.write_text("spec.yaml", dump_spec(job.spec))
     run.write_text("resolved.json", job.dumps())
+    if console is None:
+        return _run_stages(job, run, todo, artifacts, options, started, log_to_driver=True)
+    from bigopt.console import failing_log_tails, quiet_console
+
+    with quiet_console(run, verbose=console == "verbose") as logs:
+        options.log_dir = None if console == "verbose" else logs
+        try:
+            return _run_stages(job, run, todo, artifacts, options, started,
+                               log_to_driver=console == "verbose")
+        except Exception:
+            if console != "verbose":
+                tails = failing_log_tails(logs)
+                if tails:
+                    print(tails, file=sys.stderr)
+                print(f"bigopt: a stage failed; all logs are in {logs}", file=sys.stderr)
+            raise
+
+
+def _run_stages(job: ResolvedJob, run: RunDir, todo: list[Stage], artifacts: dict[str, Artifact],
+                options: StageOptions, started: float, *, log_to_driver: bool) -> RunResult:
+    startup = options.startup or {}
     log.info("run dir: %s; stages: %s", run.uri, ", ".join(s.name for s in todo))
-    c = spec.cluster
-    connect_ray(c.address, num_cpus=embedded_cpus(c.num_workers * c.cpus_per_worker, c.num_cpus))
+    c = job.spec.cluster
+    if options.log_dir is not None:
+        import ray.data
+
+        from bigopt.console import silence_ray_loggers
+
+        silence_ray_loggers()  # Ray installs console handlers when imported, and again in init
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    connect_ray(c.address, num_cpus=embedded_cpus(c.num_workers * c.cpus_per_worker, c.num_cpus),
+                log_to_driver=log_to_driver)
+    if options.log_dir is not None:
+        silence_ray_loggers()
     startup["ray_up"] = time.time()
     result = RunResult(run.uri)
     for stage in todo:
-        startup[f"{stage.name}_stage_start"] = time.time()
+        stage_started = startup[f"{stage.name}_stage_start"] = time.time()
         inputs = {k: artifacts[k] for k in (*stage.consumes, *stage.optional) if k in artifacts}
         out = run.stage(stage.name)
         stage_job = job_for_stage(job, stage, inputs, out)
@@ -153,6 +188,7 @@ def run(spec: JobSpec, *, stages: list[str] | None = None, run_dir: str | None =
             artifact = artifact.model_copy(update={"parent": parent.artifact_uri})
         write_artifact(out, artifact)
         artifacts[artifact.kind] = result.artifacts[stage.name] = artifact
+        log.info("%s: done in %.1f s -> %s", stage.name, time.time() - stage_started, out.uri)
     from bigopt.report import write_report
 
     write_report(run)

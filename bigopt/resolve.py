@@ -92,7 +92,7 @@ def resolve_precision(precision: str, *, has_gpu: bool) -> str:
     if precision != "auto":
         return precision
     choice = "fp16" if has_gpu else "bf16"
-    log.info("train.precision: auto -> %s (%s)", choice, "GPU" if has_gpu else "CPU workers")
+    log.debug("train.precision: auto -> %s (%s)", choice, "GPU" if has_gpu else "CPU workers")
     return choice
 
 

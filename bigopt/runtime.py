@@ -59,14 +59,17 @@ def cluster_answers(address: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
-def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> str:
+def connect_ray(address: str | None = None, *, num_cpus: int | None = None,
+                log_to_driver: bool = True) -> str:
     """Join a cluster (``address``, ``RAY_ADDRESS`` or one running here), else start Ray locally.
 
     An embedded Ray binds to 127.0.0.1: Ray advertises eth0 by default, and
     ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (read when ``ray`` is first imported) keeps it on
     loopback. We only set it when no cluster address is known, so joining a real multi-node
     cluster (e.g. under ``ray job submit``, which sets RAY_ADDRESS) keeps the node's real IP.
-    Returns "cluster" or "embedded".
+    ``log_to_driver=False`` keeps workers' output off this process's console (bigopt's
+    quiet console; the training workers write their own log files). Returns "cluster" or
+    "embedded".
     """
     address = address or os.environ.get("RAY_ADDRESS")
     if address is None:
@@ -76,7 +79,7 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> s
     if ray.is_initialized():
         return "cluster" if address else "embedded"
     if address is not None:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver)
         log.info("joined Ray cluster at %s", address)
         return "cluster"
     running = _address_of_local_ray_start()
@@ -88,7 +91,7 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> s
         running = None
     if running is not None:  # a cluster started on this machine with `ray start`
         try:
-            ray.init(address=running, log_to_driver=True)
+            ray.init(address=running, log_to_driver=log_to_driver)
             log.info("joined the Ray cluster `ray start` runs on this machine (%s)", running)
             return "cluster"
         except (ConnectionError, RuntimeError) as exc:  # answered, then failed
@@ -98,7 +101,7 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> s
     # address="local": a new instance even where a `ray start` record exists (plain ray.init()
     # would try to join the recorded cluster, dead or not).
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
-             dashboard_host="127.0.0.1", log_to_driver=True)
+             dashboard_host="127.0.0.1", log_to_driver=log_to_driver)
     log.info("started an embedded local Ray on 127.0.0.1 with %s CPU slots",
              ray.cluster_resources().get("CPU"))
     return "embedded"

@@ -57,6 +57,9 @@ class StageOptions:
     stages_run: list[str] = field(default_factory=list)
     #: train: extra Ray Train callbacks (a Tune trial's ``TuneReportCallback``)
     ray_callbacks: list[Any] = field(default_factory=list)
+    #: a quiet console: the local folder for logs (workers write theirs there, stages show
+    #: progress bars instead of log lines); None: output goes where it always went
+    log_dir: str | None = None
 
 
 def _load(ref: str) -> Callable[..., Any]:

@@ -93,7 +93,10 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
         p = params[name]
         if mask.shape != p.shape:
             raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, weight {tuple(p.shape)}")
-        p.data.mul_(mask.to(device=p.device, dtype=p.dtype))
+        if mask.dtype == torch.bool:  # no float copy of the mask per call (it runs every step)
+            p.data.masked_fill_(~mask.to(p.device, non_blocking=True), 0)
+        else:
+            p.data.mul_(mask.to(device=p.device, dtype=p.dtype))
 
 
 def cubic_sparsity(step: int, *, initial: float, final: float, start: int, end: int) -> float:
@@ -256,17 +259,17 @@ def structured_prune(
         # attention and FFN output projections) freezes it, while the FFN hidden units (fc
         # outputs / proj inputs) and the heads (qkv outputs / proj inputs) stay prunable.
         ignored += [model.head.out, model.embedding.tok, model.embedding.pos]
+        # heads to remove per layer, keeping at least one
+        n_remove = min(math.ceil(ratio * model.n_head - 1e-9), model.n_head - 1) if prune_heads else 0
         for block in model.blocks:
             ignored += [block.attn.proj, block.mlp.proj]
-            if not prune_heads:
+            if n_remove == 0:  # else qkv rows would be pruned one by one, breaking head_dim
                 ignored.append(block.attn.qkv)
-        if prune_heads:
-            # Torch-Pruning removes ceil(head_ratio * n_head) heads per layer; ask for the count
-            # we want with a ratio just below it, and keep at least one head
-            n_remove = min(math.ceil(ratio * model.n_head - 1e-9), model.n_head - 1)
-            if n_remove > 0:
-                head_ratio = (n_remove - 0.5) / model.n_head
-                num_heads = {block.attn.qkv: model.n_head for block in model.blocks}
+        if n_remove > 0:
+            # Torch-Pruning removes ceil(head_ratio * n_head) heads per layer: ask for the
+            # count we want with a ratio just below it
+            head_ratio = (n_remove - 0.5) / model.n_head
+            num_heads = {block.attn.qkv: model.n_head for block in model.blocks}
 
     was_training = model.training
     model.eval()

@@ -198,13 +198,22 @@ def fit(job: ResolvedJob, data: DataArtifact, out: RunDir, options: StageOptions
                            "run_uri": out.uri, "resume_uri": resume,
                            "hooks": options.hooks,
                            "startup": options.startup,
+                           # a quiet console: each worker's output goes to a file in this
+                           # (local) folder instead of the driver's console
+                           "log_dir": options.log_dir,
                            # identifies this fit's checkpoints for a restart (checkpoint.py)
                            "session": uuid.uuid4().hex},
         torch_config=TorchConfig(backend=job.backend),
         datasets=datasets,
         **ray_configs(job, out, options.ray_callbacks),
     )
-    trainer.fit()
+    if options.log_dir is None:
+        trainer.fit()
+    else:
+        from bigopt.console import MetricsFollower
+
+        with MetricsFollower(out, job.spec.train.max_steps, desc=out.name):
+            trainer.fit()
     from bigopt.train.results import read_result_artifact
 
     return read_result_artifact(out)
@@ -239,6 +248,12 @@ def ray_train_entry(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    ray_ctx = ray.train.get_context()
+    out = RunDir(config["run_uri"])  # the stage folder
+    if config.get("log_dir"):  # first, so import-time warnings land in the file too
+        from bigopt.console import redirect_worker_output
+
+        redirect_worker_output(f"{config['log_dir']}/{out.name}-rank{ray_ctx.get_world_rank()}.log")
     # Imported on the worker, so DeepSpeed is never imported in the driver.
     from bigopt.train.loop import TrainContext, train
     from bigopt.train.reporting import RayTrainReporter
@@ -246,9 +261,7 @@ def ray_train_entry(config: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s bigopt %(message)s", force=True)
     job = ResolvedJob.model_validate(config["job"])  # the boundary dict becomes typed first
     data = DataArtifact.model_validate(config["data"])
-    out = RunDir(config["run_uri"])  # the stage folder
     splits = config["splits"]
-    ray_ctx = ray.train.get_context()
     ctx = TrainContext(rank=ray_ctx.get_world_rank(), world_size=ray_ctx.get_world_size(),
                        device=ray.train.torch.get_device(),
                        train_data=splits.get("train") or ray.train.get_dataset_shard("train"),

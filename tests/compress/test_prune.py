@@ -98,6 +98,9 @@ def test_apply_masks_zeroes_in_place_by_name() -> None:
     assert report["total"]["sparsity"] == pytest.approx(0.7, abs=1e-3)
     assert set(report) == set(prunable_weights(model)) | {"total"}
     assert model.stack[0][1].bias.count_nonzero() == model.stack[0][1].bias.numel()  # biases untouched
+    other = mlp()
+    apply_masks(other, {name: m.float() for name, m in masks.items()})  # 0/1 float masks work too
+    assert sparsity_report(other)["total"]["zeros"] == report["total"]["zeros"]
     with pytest.raises(KeyError, match="nope.weight"):
         apply_masks(model, {"nope.weight": torch.ones(1)})
 
@@ -250,6 +253,10 @@ def test_structured_prune_gpt_without_heads_and_keeps_one_head() -> None:
     assert arch["n_head"] == 4 and "head_dim" not in arch and arch["d_ff"] == 64
     _, arch = structured_prune(model, 0.9, x)
     assert arch["n_head"] == 1
+    one_head = build_model("gpt", vocab_size=64, context=16, n_layer=1, n_head=1, d_model=32)
+    pruned, arch = structured_prune(one_head, 0.5, x)
+    assert arch["n_head"] == 1 and "head_dim" not in arch and arch["d_ff"] == 64
+    assert pruned(x).shape == one_head(x).shape
 
 
 def test_structured_prune_refuses_transformer_blocks_and_bad_ratios() -> None:
