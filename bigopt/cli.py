@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     except UntrustedCheckpointError as exc:
         print(f"--resume: {exc}", file=sys.stderr)
         return 2
+    except SpecError as exc:  # an input from another run that does not fit the spec
+        for path, msg in exc.problems:
+            print(f"{path}: {msg}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from bigopt.artifacts import Artifact, has_artifact, read_artifact, write_artifact
 from bigopt.resolve import ResolvedJob, resolve, resolve_after_search
 from bigopt.runtime import RunDir, connect_ray, embedded_cpus
-from bigopt.spec import JobSpec, dump_spec
+from bigopt.spec import JobSpec, SpecError, dump_spec
 from bigopt.stages import STAGES, Stage, StageOptions, get_stage, producers_before
 
 log = logging.getLogger("bigopt")
@@ -71,6 +71,10 @@ def plan(job: ResolvedJob, requested: list[str] | None, *, run: RunDir,
                 producers = producers_before(stage, kind)
                 if any(p.name in wanted for p in producers):
                     continue
+                inherited = _from_lineage(given, kind)
+                if inherited is not None:  # e.g. --from train=RUN: the data that model used
+                    given[kind] = inherited
+                    continue
                 existing = next((p for p in producers if has_artifact(run, p.name)), None)
                 if existing is not None:
                     given[kind] = read_artifact(run, existing.name)
@@ -84,6 +88,35 @@ def plan(job: ResolvedJob, requested: list[str] | None, *, run: RunDir,
                 wanted.add(runnable.name)
                 changed = True
     return [s for s in STAGES if s.name in wanted], given
+
+
+def _from_lineage(given: dict[str, Artifact], kind: str) -> Artifact | None:
+    """An artifact of ``kind`` that a given artifact was made from (its ``parent`` chain)."""
+    from bigopt.artifacts import read_artifact_at
+
+    for artifact in list(given.values()):
+        seen = 0
+        while artifact.parent and seen < 16:
+            try:
+                artifact = read_artifact_at(artifact.parent)
+            except (FileNotFoundError, OSError, ValueError):
+                break
+            if artifact.kind == kind:
+                return artifact
+            seen += 1
+    return None
+
+
+def check_stage_inputs(job: ResolvedJob, todo: list[Stage], given: dict[str, Artifact]) -> None:
+    """Each stage's ``check`` on the inputs known before anything runs (from another run or
+    already in the run dir): SpecError naming the field, before Ray starts."""
+    problems = []
+    for stage in todo:
+        check = stage.check_function()
+        if check is not None:
+            problems += check(job, given)
+    if problems:
+        raise SpecError(problems)
 
 
 def job_for_stage(job: ResolvedJob, stage: Stage, inputs: dict[str, Artifact],
@@ -133,6 +166,7 @@ def run(spec: JobSpec, *, stages: list[str] | None = None, run_dir: str | None =
         stages = [s for s in job.stages if s not in done] or job.stages
         log.info("resuming %s: %s already done", run.uri, ", ".join(done) or "no stage")
     todo, artifacts = plan(job, stages, run=run, inputs_from=inputs_from)
+    check_stage_inputs(job, todo, artifacts)
     options = StageOptions(resume=resume, trust_checkpoint=trust_checkpoint, hooks=hooks,
                            startup=startup, stages_run=[s.name for s in todo])
     if resume and resume != "latest" and any(s.resumable for s in todo):

@@ -7,14 +7,15 @@ import io
 from typing import Any
 
 
-def figure(width: float = 7.0, height: float = 4.0) -> tuple[Any, Any]:
-    """(figure, axes) on the Agg backend."""
+def figure(width: float = 7.0, height: float = 4.0, ncols: int = 1) -> tuple[Any, Any]:
+    """(figure, axes) on the Agg backend (a list of ``ncols`` axes side by side when > 1)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(width, height), dpi=110)
+    return plt.subplots(1, ncols, figsize=(width, height), dpi=110) if ncols > 1 else \
+        plt.subplots(figsize=(width, height), dpi=110)
 
 
 def png(fig: Any) -> bytes:

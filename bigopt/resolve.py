@@ -76,12 +76,14 @@ def _task(spec: JobSpec) -> str:
 
 
 def _arch(spec: JobSpec) -> dict[str, Any] | None:
-    m = spec.model
-    if m is None:
-        return None
+    return model_arch(spec.model, spec.train) if spec.model is not None else None
+
+
+def model_arch(m: Any, train: TrainSpec | None) -> dict[str, Any]:
+    """The architecture dict of a model section (the job's, or a distillation student's)."""
     if isinstance(m, GPTModelSpec):
         cfg = m.config()
-        cfg["activation_checkpointing"] = spec.train.activation_checkpointing if spec.train else False
+        cfg["activation_checkpointing"] = train.activation_checkpointing if train else False
     else:
         cfg = m.model_dump(exclude={"kind"})
     return {"kind": m.kind, **cfg}

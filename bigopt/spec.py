@@ -538,6 +538,22 @@ class SearchSpec(Section):
 
 
 # --------------------------------------------------------------------------- job
+from bigopt.compress.spec import COMPRESS_STEP_KINDS, CompressSpec  # noqa: E402
+from bigopt.export.spec import ExportSpec  # noqa: E402
+
+
+def parse_model_section(raw: Any) -> ModelSpec:
+    """A model section given as a dict elsewhere in a spec (a distillation student)."""
+    from pydantic import TypeAdapter
+
+    try:
+        return TypeAdapter(ModelSpec).validate_python(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"][1:]) or "kind"
+        raise ValueError(f"{loc}: {err['msg']}") from None
+
+
 class JobSpec(Section):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
     storage: str = Field("./runs", description="Local path or s3://bucket/prefix.")
@@ -546,6 +562,10 @@ class JobSpec(Section):
     model: ModelSpec | None = None
     search: SearchSpec | None = None
     train: TrainSpec | None = None
+    # Sections of the later stages live beside their stages (bigopt/<stage>/spec.py), with
+    # their own cross-field rules (``problems``).
+    compress: CompressSpec | None = None
+    export: ExportSpec | None = None
 
     def stages(self) -> list[str]:
         """The stages this spec runs, in the stage table's order (``bigopt.stages.STAGES``)."""
@@ -575,8 +595,13 @@ def layout_problems(world_size: int, pp_stages: int, zero_stage: int) -> list[tu
 
 
 def cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
-    """Rules that involve more than one field; each names the field to change."""
+    """Rules that involve more than one field; each names the field to change. Sections that
+    live beside their stage bring their own (``section.problems(spec)``)."""
     problems: list[tuple[str, str]] = []
+    for name in type(spec).model_fields:
+        section = getattr(spec, name)
+        if hasattr(section, "problems"):
+            problems += section.problems(spec)
     train, model, cluster = spec.train, spec.model, spec.cluster
     if isinstance(model, GPTModelSpec):
         gpt = model.config()
@@ -790,6 +815,8 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     if len(parts) >= 3 and parts[:2] == ["data", "source"] and parts[2] in SOURCE_TAGS:
         parts.pop(2)
     if len(parts) >= 4 and parts[:2] == ["data", "steps"] and parts[3] in STEP_KINDS:
+        parts.pop(3)
+    if len(parts) >= 4 and parts[:2] == ["compress", "steps"] and parts[3] in COMPRESS_STEP_KINDS:
         parts.pop(3)
     return ".".join(parts) or "<spec>"
 

@@ -8,8 +8,13 @@ imported only when the stage runs, so the table itself is cheap to import (``big
 validate`` reads it without importing torch, Ray or DeepSpeed).
 
 A stage function is ``run(job, inputs, out, options) -> Artifact``: the resolved job, its input
-artifacts by kind, the run dir it writes ``<run>/<stage>/`` into, and per-invocation options
-(``StageOptions``: resume, hooks). A report function is ``section(run, artifact) -> lines``.
+artifacts by kind, its own folder ``out`` (a ``RunDir`` view of ``<run>/<stage>/``: it names no
+other stage's folder), and per-invocation options (``StageOptions``: resume, hooks, console).
+A report function is ``section(out, artifact) -> lines``.
+
+Adding a stage: its module (the function, its report section), one row here, and its spec
+section beside it (``bigopt/<stage>/spec.py``, a field of ``JobSpec`` of the same name, with
+its own cross-field rules in ``problems(spec)``). Nothing else names it.
 """
 
 from __future__ import annotations
@@ -32,9 +37,15 @@ class Stage:
     optional: tuple[str, ...] = ()
     #: takes ``--resume CHECKPOINT|latest`` (a stage that checkpoints)
     resumable: bool = False
+    #: ``check(job, inputs) -> [(field, problem)]``: run before Ray starts, once the inputs are
+    #: known (an input from another run that does not fit the spec exits 2 naming the field)
+    check: str | None = None
 
     def function(self) -> Callable[..., Any]:
         return _load(self.run)
+
+    def check_function(self) -> Callable[..., list[tuple[str, str]]] | None:
+        return _load(self.check) if self.check else None
 
     def report_function(self) -> Callable[..., list[str]] | None:
         return _load(self.report) if self.report else None
@@ -81,6 +92,15 @@ STAGES: tuple[Stage, ...] = (
           consumes=("data",), produces="model", optional=("search",),
           run="bigopt.train.stage:train_stage", report="bigopt.train.stage:report_section",
           resumable=True),
+    Stage("compress", "compress the model: the compress.steps recipe (prune, distill, quantize), "
+          "fine-tuning on the train section's engine; one measured model artifact per step",
+          consumes=("model", "data"), produces="model",
+          run="bigopt.compress.stage:compress_stage", report="bigopt.compress.stage:report_section",
+          check="bigopt.compress.stage:check_inputs"),
+    Stage("export", "export for deployment: ONNX, int8 ONNX and ExecuTorch .pte files, each "
+          "parity-checked with its runtime and described by a model_card.json",
+          consumes=("model", "data"), produces="export",
+          run="bigopt.export.stage:export_stage", report="bigopt.export.stage:report_section"),
 )
 
 

@@ -135,7 +135,13 @@ def export_pte(
         planned = list(method.metadata.input_tensor_meta(0).sizes()) if _has_meta(method) else None
         worst = 0.0
         for (_, xi), ref in zip(checks, expected, strict=True):
-            got = method.execute([xi])[0].detach().float().numpy()
+            try:
+                got = method.execute([xi])[0].detach().float().numpy()
+            except RuntimeError as e:
+                raise ExportError(
+                    f"ExecuTorch could not run the exported program on input shape {list(xi.shape)} "
+                    f"(planned input shape {planned}): {e}; nothing was written to {path}"
+                ) from e
             diff = max_abs_diff(got, ref)
             worst = max(worst, diff)
             if not diff <= atol:
@@ -178,10 +184,12 @@ def _input_ranges(ep: Any) -> dict[Any, Any]:
         val = node.meta.get("val") if node.op == "placeholder" else None
         if isinstance(val, Tensor):
             for size in val.shape:
-                if isinstance(size, torch.SymInt):
-                    env = size.node.shape_env
+                env = getattr(getattr(size, "node", None), "shape_env", None)
+                known = getattr(env, "var_to_range", None)
+                if isinstance(size, torch.SymInt) and isinstance(known, dict):
                     for sym in size.node.expr.free_symbols:
-                        ranges[sym] = (env, env.var_to_range[sym])
+                        if sym in known:
+                            ranges[sym] = (env, known[sym])
     return ranges
 
 

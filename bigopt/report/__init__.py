@@ -81,8 +81,9 @@ def write_report(run: RunDir) -> str:
 
     lines = [f"# bigopt report: `{run.uri}`", ""]
     for stage in STAGES:
-        section = stage.report_function()
-        if section is not None and has_artifact(run, stage.name):
+        if stage.report is not None and has_artifact(run, stage.name):
+            section = stage.report_function()
+            assert section is not None
             lines += section(run.stage(stage.name), read_artifact(run, stage.name))
     text = "\n".join(lines)
     run.write_text("report.md", text)

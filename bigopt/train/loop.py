@@ -212,7 +212,7 @@ class Trainer:
             if "first_step" not in self.startup:
                 self.startup["first_step"] = time.time()
             self.samples_seen += self.metrics.samples_per_step
-            extra = {**self.precision_stats(), **self.memory_stats()}
+            extra = {**self.precision_stats(), **self.memory_stats(), **self.hooks.callback_metrics()}
             evaluated = (train.eval_every and self.step % train.eval_every == 0) or last
             if evaluated:
                 extra["val_loss"] = self.evaluate()
@@ -271,10 +271,14 @@ class Trainer:
 
     def compute_loss(self, output: torch.Tensor, target: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         if self.teacher is None:
-            return self.loss_fn(output, target)
-        with torch.no_grad():
-            teacher_output = self.teacher(inputs)
-        return self.loss_fn(output, target, teacher_output)
+            loss = self.loss_fn(output, target)
+        else:
+            with torch.no_grad():
+                teacher_output = self.teacher(inputs)
+            loss = self.loss_fn(output, target, teacher_output)
+        for regularizer in self.hooks.regularizers:
+            loss = loss + regularizer(self.engine.module)
+        return loss
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -34,7 +34,7 @@ def write_result(trainer: Trainer, fit: TrainResult, test: dict[str, Any]) -> Mo
     if trainer.rank == 0:
         from bigopt.train.weights import consolidate_checkpoint
 
-        consolidate_checkpoint(out, job.arch or {}, checkpoint)
+        consolidate_checkpoint(out, job.arch or {}, checkpoint, finalize=trainer.hooks.finalize_state)
         out.write_json(RESULT_FILE, {**trainer.result(fit), **test,
                                      "artifact": artifact.model_dump(mode="json")})
     return artifact

@@ -82,9 +82,11 @@ def write_weights(out: RunDir, state: Mapping[str, torch.Tensor], *, rel: str = 
     return out.uri_of(rel)
 
 
-def consolidate_checkpoint(out: RunDir, arch: Mapping[str, Any], checkpoint_uri: str) -> str:
+def consolidate_checkpoint(out: RunDir, arch: Mapping[str, Any], checkpoint_uri: str,
+                           finalize: Any = None) -> str:
     """Read the checkpoint at ``checkpoint_uri`` (local or S3) and write its consolidated
-    weights as ``<out>/model.safetensors``; returns that file's URI."""
+    weights as ``<out>/model.safetensors`` (after ``finalize(state)``, e.g. the hooks' final
+    pruning masks); returns that file's URI."""
     from ray.train import Checkpoint
 
     from bigopt.runtime import filesystem_for
@@ -92,6 +94,8 @@ def consolidate_checkpoint(out: RunDir, arch: Mapping[str, Any], checkpoint_uri:
     fs, path = filesystem_for(checkpoint_uri)
     with Checkpoint(path, filesystem=fs).as_directory() as local:
         state = consolidated_state_dict(arch, local)
+    if finalize is not None:
+        state = finalize(state)
     return write_weights(out, state)
 
 
