@@ -68,7 +68,12 @@ def load_weights_into(model: nn.Module, state: dict[str, Any], *, source: str) -
 def apply_load_transforms(model: nn.Module, transforms: list[dict[str, Any]]) -> nn.Module:
     """Conversions a model artifact records to run after its weights load (int8 quantization)."""
     for t in transforms:
-        if t.get("kind") == "quantize":
+        if t.get("kind") == "quantize" and t.get("mode") == "qat":
+            # weights trained under fake quantization: the same fake quant, then converted
+            from bigopt.compress.quantize import QATPrepare, qat_convert
+
+            model = qat_convert(QATPrepare()(model))
+        elif t.get("kind") == "quantize":
             from bigopt.compress.quantize import ptq
 
             model = ptq(model, t["mode"])

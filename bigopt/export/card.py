@@ -142,6 +142,7 @@ def default_how_to_run(fmt: str, file: str, inputs: list[TensorSpec], limits: di
     shape = tuple(_example_shape(spec, limits))
     if fmt in ("onnx", "onnx-int8"):
         return (
+            f"# run in the directory that holds {file}\n"
             "import numpy as np\n"
             "import onnxruntime as ort\n\n"
             f'session = ort.InferenceSession("{file}", providers=["CPUExecutionProvider"])\n'
@@ -152,6 +153,7 @@ def default_how_to_run(fmt: str, file: str, inputs: list[TensorSpec], limits: di
     make = f"torch.zeros({shape}, dtype=torch.{spec.dtype})"
     bound = f"  # batch <= {limits['batch']}" if "batch" in limits else ""
     return (
+        f"# run in the directory that holds {file}\n"
         "import torch\n"
         "from executorch.runtime import Runtime\n\n"
         f'method = Runtime.get().load_program("{file}").load_method("forward")\n'

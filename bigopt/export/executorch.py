@@ -22,6 +22,7 @@ ExecuTorch is optional (``pip install 'bigopt[edge]'``) and imported only inside
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +123,9 @@ def export_pte(
         except Exception as e:  # noqa: BLE001 - recorded, and the fixed-shape export is checked
             if not axes:
                 raise
-            fallback = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
+            fallback = f"{type(e).__name__}: {' '.join(str(e).split())}"[:400]
+            warnings.warn(f"dynamic-shape .pte export failed ({fallback}); exporting the fixed input shape "
+                          f"{list(x.shape)} instead", RuntimeWarning, stacklevel=2)
             dynamic_batch = dynamic_seq = False
             program, workarounds = lower({})
         staging.path.write_bytes(program.buffer)

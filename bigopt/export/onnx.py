@@ -240,7 +240,7 @@ def export_onnx(
     input_name: str = "input",
     output_name: str = "logits",
 ) -> dict[str, Any]:
-    """Export ``model`` (eval mode, fp32) to ``path`` and check it in onnxruntime.
+    """Export ``model`` (eval mode, fp32, on CPU like the example) to ``path``, checked in onnxruntime.
 
     ``dynamic_batch`` makes axis 0 of the input (and output) symbolic ("batch"), ``dynamic_seq``
     axis 1 ("seq", e.g. a GPT's tokens, bounded by the model's ``context``). The exported graph

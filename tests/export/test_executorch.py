@@ -99,6 +99,29 @@ def test_gpt_pte_dynamic_batch_and_seq(tmp_path: Path) -> None:
     np.testing.assert_allclose(pte_run(tmp_path / "gpt.pte", short), expected, atol=1e-4, rtol=0)
 
 
+class FourRows(nn.Module):
+    """A model that only takes batches of exactly four rows: no dynamic batch possible."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != 4:
+            raise ValueError("this model takes exactly 4 rows")
+        return self.linear(x)
+
+
+def test_fixed_batch_fallback_is_recorded(tmp_path: Path) -> None:
+    with pytest.warns(RuntimeWarning, match="fixed input shape"):
+        result = export_pte(FourRows(), (torch.randn(4, 4),), tmp_path / "four.pte")
+    assert result["dynamic"] == {"batch": False, "seq": False} and result["limits"] == {}
+    assert "batch" in result["fallback_reason"]
+    assert result["inputs"][0]["shape"] == [4, 4] and result["checked_shapes"] == [[4, 4]]
+    assert result["max_abs_diff"] <= 1e-4
+    assert "torch.zeros((4, 4)" in ModelCard.from_export(result).how_to_run
+
+
 def test_missing_executorch_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "executorch", None)  # what `import executorch` sees uninstalled
     with pytest.raises(ImportError, match=r"pip install 'bigopt\[edge\]'"):
