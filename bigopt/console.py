@@ -55,6 +55,20 @@ def quiet_console(run: RunDir, *, verbose: bool = False) -> Iterator[str]:
     """Route logging to ``<run>/logs/driver.log``; the console keeps bigopt's lines (all of
     them with ``verbose``). Yields the log folder."""
     folder = log_dir(run)
+    global _console
+    saved_fds: list[int] = []
+    if not verbose:
+        # Everything written to file descriptors 1 and 2 (prints from C++ libraries:
+        # onnxruntime, ExecuTorch, gloo; Python warnings; Ray's own lines) goes to the driver
+        # log; bigopt's lines and bars keep a duplicate of the original stderr.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved_fds = [os.dup(1), os.dup(2)]
+        _console = os.fdopen(os.dup(saved_fds[1]), "w", buffering=1)
+        log_fd = os.open(os.path.join(folder, DRIVER_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
     file_handler = logging.FileHandler(os.path.join(folder, DRIVER_LOG))
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     root = logging.getLogger()
@@ -63,9 +77,12 @@ def quiet_console(run: RunDir, *, verbose: bool = False) -> Iterator[str]:
     root.addHandler(file_handler)
     global _file_handler
     _file_handler = file_handler
+    saved_streams = []
     if not verbose:
         for handler, _ in saved:
             handler.addFilter(_ConsoleFilter())
+            if isinstance(handler, logging.StreamHandler) and _console is not None:
+                saved_streams.append((handler, handler.setStream(_console)))
         import warnings
 
         warnings.simplefilter("default")  # shown once each, and only in the file
@@ -88,10 +105,29 @@ def quiet_console(run: RunDir, *, verbose: bool = False) -> Iterator[str]:
         logging.captureWarnings(False)
         _file_handler = None
         file_handler.close()
+        for handler, stream in saved_streams:
+            handler.setStream(stream)
+        if saved_fds:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved_fds[0], 1)
+            os.dup2(saved_fds[1], 2)
+            for fd in saved_fds:
+                os.close(fd)
+            if _console is not None:
+                _console.close()
+            _console = None
 
 
 #: the open driver log of the current ``quiet_console``
 _file_handler: logging.Handler | None = None
+#: the console (the original stderr) while a quiet console sends fds 1 and 2 to the log
+_console: Any = None
+
+
+def console_stream() -> Any:
+    """Where bars and console lines go: the real console, also under a quiet console."""
+    return _console if _console is not None else sys.stderr
 
 
 def silence_ray_loggers() -> None:
@@ -145,8 +181,9 @@ def progress_bar(total: int | None, desc: str, unit: str) -> Any:
     """A tqdm bar on stderr (one line; redrawn in place on a terminal)."""
     from tqdm.auto import tqdm
 
+    stream = console_stream()
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=True,
-                mininterval=1.0, file=sys.stderr, disable=None if sys.stderr.isatty() else False)
+                mininterval=1.0, file=stream, disable=False)
 
 
 class MetricsFollower:

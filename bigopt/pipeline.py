@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -186,10 +185,12 @@ def run(spec: JobSpec, *, stages: list[str] | None = None, run_dir: str | None =
                                log_to_driver=console == "verbose")
         except Exception:
             if console != "verbose":
+                from bigopt.console import console_stream
+
                 tails = failing_log_tails(logs)
                 if tails:
-                    print(tails, file=sys.stderr)
-                print(f"bigopt: a stage failed; all logs are in {logs}", file=sys.stderr)
+                    print(tails, file=console_stream())
+                print(f"bigopt: a stage failed; all logs are in {logs}", file=console_stream())
             raise
 
 

@@ -85,6 +85,12 @@ class EvalData:
             return {"perplexity": perplexity(model, self.batches)}
         return {"accuracy": accuracy(model, self.batches)}
 
+    def batches_of(self, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The same rows in batches of at most ``size`` (a .pte is planned for a largest batch)."""
+        x = torch.cat([b[0] for b in self.batches])
+        y = torch.cat([b[1] for b in self.batches])
+        return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
+
     def inputs(self, batch: int) -> torch.Tensor:
         x = torch.cat([b[0] for b in self.batches])[:batch]
         if len(x) < batch:  # fewer eval rows than the batch: repeat them

@@ -36,4 +36,5 @@ class ExportSpec(_Section):
                                   "that calibrate static (QDQ) quantization of conv models.")
     eval_rows: int = Field(10000, ge=1, description="Rows each exported file is evaluated on "
                            "with its own runtime.")
+    latency_repeats: int = Field(20, ge=3, description="Timed repeats per latency figure.")
     budget: BudgetSpec | None = None

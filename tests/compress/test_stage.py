@@ -70,7 +70,6 @@ def test_prune_distill_qat_ptq_chain_on_digits(ray_session, repo_root, tmp_path)
     assert stage_art["variant"] == "ptq" and len(stage_art["variants"]) == 4
     # each variant loads anywhere; its recorded quantization is applied on load
     import bigopt
-
     from bigopt.compress.quantize import quantized_layers
 
     model = bigopt.load_model(os.path.join(run, "compress", "03-quantize"))
