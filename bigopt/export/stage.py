@@ -41,15 +41,18 @@ FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "
 
 
 def chosen_models(model: ModelArtifact, spec: ExportSpec) -> list[ModelArtifact]:
-    """The model artifacts to export: the compress stage's variants (all, the final one, or
-    those named), else the input model itself."""
+    """The model artifacts to export: the compress stage's input and variants (all), the final
+    one, or those named; the input model itself when there was no compress stage."""
     if not model.variants:
         return [model]
-    variants = [read_artifact_at(uri) for uri in model.variants]
+    variants = [v for v in (read_artifact_at(uri) for uri in model.variants)
+                if isinstance(v, ModelArtifact)]
     if spec.variants == "final":
         return [model]
     if spec.variants == "all":
-        return [v for v in variants if isinstance(v, ModelArtifact)]
+        first = variants[0].parent
+        source = read_artifact_at(first) if first else None
+        return ([source] if isinstance(source, ModelArtifact) else []) + variants
     by_name = {v.variant: v for v in variants if isinstance(v, ModelArtifact)}
     missing = [n for n in spec.variants if n not in by_name]
     if missing:
