@@ -134,13 +134,12 @@ def job_for_stage(job: ResolvedJob, stage: Stage, inputs: dict[str, Artifact],
 
 
 def run(spec: JobSpec, *, stages: list[str] | None = None, run_dir: str | None = None,
-        resume: str | None = None, inputs_from: dict[str, str] | None = None,
-        data_from: str | None = None, hooks: Any = None,
+        resume: str | None = None, inputs_from: dict[str, str] | None = None, hooks: Any = None,
         trust_checkpoint: bool = False, console: str | None = None) -> RunResult:
     """Run ``stages`` (default: every stage the spec holds) into a new or existing run dir.
 
     ``run_dir`` reuses an existing run directory; ``inputs_from`` maps a stage to another run
-    dir whose artifact to use instead of running it (``data_from`` is ``{"data": ...}``);
+    dir whose artifact to use instead of running it (``{"data": RUN_DIR}``);
     ``resume`` is a checkpoint URI or ``latest`` (a checkpoint outside the run dir needs
     ``trust_checkpoint``: DeepSpeed unpickles it); ``hooks`` are the train stage's
     ``TrainHooks``. Each stage gets its own folder ``<run>/<stage>/`` as a ``RunDir`` view and
@@ -155,8 +154,6 @@ def run(spec: JobSpec, *, stages: list[str] | None = None, run_dir: str | None =
     startup = {"process_start": _process_start_time(), "run_called": started}
     job = resolve(spec)
     inputs_from = dict(inputs_from or {})
-    if data_from:
-        inputs_from["data"] = data_from
     run = RunDir(run_dir) if run_dir else RunDir.create(spec.storage, spec.name)
     if resume == "latest" and run_dir and stages is None:
         # resuming a whole run: stages that finished keep their artifacts; the one that was cut

@@ -280,7 +280,8 @@ class DataSpec(Section):
 # --------------------------------------------------------------------------- model
 class GPTModelSpec(Section):
     kind: Literal["gpt"]
-    preset: Literal["gpt-1m", "gpt-10m", "gpt2-124m", "gpt2-350m"] | None = Field(
+    # the names come from the one preset table
+    preset: Literal[tuple(GPT_PRESETS)] | None = Field(  # type: ignore[valid-type]
         None, description="A named size (bigopt.presets.GPT_PRESETS); fields set explicitly "
         "override it, the rest (context included) come from the preset.")
     vocab_size: int = Field(256, ge=2)

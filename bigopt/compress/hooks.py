@@ -117,6 +117,40 @@ class PruneMasks:
         return out
 
 
+@dataclass
+class KeepZeros:
+    """Step callback for fine-tuning an already pruned model (QAT after magnitude pruning):
+    the weights that are zero when training starts stay zero (re-applied after every step,
+    and on the saved weights), so a later step does not undo an earlier one's sparsity."""
+
+    masks: dict[str, torch.Tensor] | None = None
+
+    def __call__(self, model: nn.Module, step: int) -> None:
+        with gathered(model, modify=True), torch.no_grad():
+            weights = prunable_weights(model)
+            if self.masks is None:  # set by KeepZerosFrom from the starting weights
+                raise RuntimeError("KeepZeros needs KeepZerosFrom among the model transforms")
+            apply_masks(model, {n: m for n, m in self.masks.items() if n in weights})
+
+    def finalize_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not self.masks:
+            return state
+        return {k: v * self.masks[k].to(v.dtype) if k in self.masks else v for k, v in state.items()}
+
+
+@dataclass(frozen=True)
+class KeepZerosFrom:
+    """Model transform that records the zero pattern of the starting weights into a
+    ``KeepZeros`` callback (the same object travels in the hooks, so both see it)."""
+
+    keeper: KeepZeros
+
+    def __call__(self, model: nn.Module) -> nn.Module:
+        with gathered(model, modify=False), torch.no_grad():
+            self.keeper.masks = {n: (w.detach() != 0).cpu() for n, w in prunable_weights(model).items()}
+        return model
+
+
 @dataclass(frozen=True)
 class L1Penalty:
     """Regularizer: ``weight * sum |w|`` over the prunable weights (not under ZeRO-3, whose

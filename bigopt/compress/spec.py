@@ -96,6 +96,11 @@ class CompressSpec(_Section):
         if tunes and train is None:
             out.append(("compress.steps", "fine-tuning runs on the train section's engine: add "
                                           "a train section (or set every step's steps: 0)"))
+        quantized = [i for i, s in enumerate(self.steps) if isinstance(s, QuantizeStep)]
+        if quantized and quantized[0] != len(self.steps) - 1:
+            out.append((f"compress.steps.{quantized[0]}.kind", "quantize must be the last step (a "
+                        "step after it would train or prune int8 weights); compare int8 modes in "
+                        "separate runs (--from train=RUN)"))
         for i, step in enumerate(self.steps):
             where = f"compress.steps.{i}"
             if pipelined and step.steps:

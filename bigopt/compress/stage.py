@@ -216,9 +216,13 @@ def run_step(i: int, step: Any, current: ModelArtifact, job: ResolvedJob, data: 
     assert isinstance(step, QuantizeStep)
     transforms = [*current.transforms, {"kind": "quantize", "mode": step.mode}]
     if step.mode == "qat":
+        from bigopt.compress.hooks import KeepZeros, KeepZerosFrom
         from bigopt.compress.quantize import QATPrepare
 
-        hooks = TrainHooks(model_transforms=(LoadWeights(current.weights), QATPrepare()))
+        keeper = KeepZeros()  # an earlier pruning step's zeros stay zero while QAT fine-tunes
+        hooks = TrainHooks(model_transforms=(LoadWeights(current.weights), KeepZerosFrom(keeper),
+                                             QATPrepare()),
+                           step_callbacks=(keeper,))
         tuned = _fine_tune(job, data, out, options, arch=current.arch, steps=step.steps, lr=lr,
                            hooks=hooks)
         return _artifact(out, current, from_fit=tuned, arch=current.arch, transforms=transforms)

@@ -61,21 +61,6 @@ def part_files(root: str | Path, part: str) -> tuple[str, str] | None:
     return found[0], found[1]
 
 
-def missing_files(root: str | Path) -> list[str]:
-    """File names (``train-images-idx3-ubyte[.gz]``, ...) that ``root`` lacks."""
-    from pyarrow import fs as pafs
-
-    fs, base, _ = _locate(root)
-    missing = []
-    for part in PARTS:
-        for kind in ("images-idx3", "labels-idx1"):
-            name = f"{part}-{kind}-ubyte"
-            infos = fs.get_file_info([f"{base}/{name}.gz", f"{base}/{name}"])
-            if not any(i.type == pafs.FileType.File for i in infos):
-                missing.append(name + "[.gz]")
-    return missing
-
-
 def _read_bytes(path: str) -> bytes:
     fs, inner, _ = _locate(path)
     try:

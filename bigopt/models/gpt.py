@@ -23,7 +23,6 @@ from bigopt.models.base import (
     Device,
     LayeredModel,
     RngSnapshot,
-    check_config_keys,
     full_numel,
     require_dropout,
     require_positive_int,
@@ -201,17 +200,6 @@ class GPT(LayeredModel):
         )
         self.head = Head(d_model, vocab_size)
         self._finish_init(rng)
-
-    @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "GPT":
-        """Build a preset from ``GPT_PRESETS``, e.g. ``GPT.from_name("gpt2-124m", dropout=0.1)``."""
-        if name not in GPT_PRESETS:
-            raise ValueError(
-                f"unknown GPT preset {name!r}; known presets are: {', '.join(GPT_PRESETS)}"
-            )
-        config = {**GPT_PRESETS[name], **overrides}
-        check_config_keys(cls, config, what=f"GPT preset {name!r}")
-        return cls(**config)
 
     def _init_weights(self) -> None:
         # nanoGPT / GPT-2 init: N(0, 0.02) everywhere, and the projections that write into the

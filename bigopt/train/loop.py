@@ -105,24 +105,53 @@ class TrainResult:
 class Trainer:
     def __init__(self, job: ResolvedJob, out: RunDir, ctx: TrainContext, reporter: Reporter,
                  hooks: TrainHooks | None = None):
+        """Builds the parts in the order they depend on each other: layout, model + engine
+        (the hooks' transforms in between), data, metrics and checkpoints."""
         self.startup = {**(ctx.startup or {}), "trainer_init": time.time()}
         train = job.spec.train
         assert train is not None and job.layout is not None and job.precision is not None
         self.job, self.train_spec, self.run, self.precision = job, train, out, job.precision
         self.task, self.hooks, self.reporter = get_task(job.task), hooks or TrainHooks(), reporter
-        # 1. Who am I: world rank and the pipeline x data-parallel layout resolved in the driver.
-        self.rank, world, self.device = ctx.rank, ctx.world_size, ctx.device
-        if world != job.layout.world_size:
-            raise ValueError(f"cluster.num_workers: the job was resolved for "
-                             f"{job.layout.world_size} workers, but {world} are running it")
-        self.layout = Layout(world, job.layout.pp_stages, job.layout.zero_stage)
-        if self.hooks.teacher is not None and self.layout.pp_enabled:
-            raise ValueError("train.pipeline.stages: a distillation teacher needs stages: 1")
-        # 2. Same seed on every rank: identical initial weights without a broadcast.
+        self.rank, self.device, self.session = ctx.rank, ctx.device, ctx.session
+        self.layout = self.build_layout(ctx.world_size)
+        # Same seed on every rank: identical initial weights without a broadcast.
         seed_everything(train.seed)
-        # 3. Model (partitioned under ZeRO-3, a collective: DeepSpeed's process group first),
-        #    the hooks' transforms, then the engine that owns optimizer, schedule, precision
-        #    and sharding.
+        self.engine, ckpt_target = self.build_engine()
+        self.startup["engine_built"] = time.time()
+        # Dropout draws differ per data-parallel rank from here on (as in Megatron): the same
+        # masks on every rank would waste the noise. Restored from checkpoints on resume.
+        torch.manual_seed(train.seed + 1 + self.rank)
+        self.batches = self.build_batches(ctx)
+        self.val_data, self.test_data = ctx.val_data, ctx.test_data
+        self.metrics = self.build_metrics(ctx.world_size)
+        # every rank saves its shard; the reporter persists them
+        self.checkpointer = CheckpointManager(ckpt_target, reporter, every=train.checkpoint_every,
+                                              world_rank=self.rank, at=train.checkpoint_at,
+                                              session=ctx.session)
+        self.step, self.samples_seen, self.resume_uri = 0, 0, ctx.resume_uri
+        self.val_losses: dict[int, float] = {}
+        self.val_metrics: dict[int, dict[str, float]] = {}
+        self._val_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    # ------------------------------------------------------------------ builders
+    def build_layout(self, world_size: int) -> Layout:
+        """Who is who: the pipeline x data-parallel layout resolved in the driver, checked
+        against the ranks actually running."""
+        layout = self.job.layout
+        assert layout is not None
+        if world_size != layout.world_size:
+            raise ValueError(f"cluster.num_workers: the job was resolved for {layout.world_size} "
+                             f"workers, but {world_size} are running it")
+        built = Layout(world_size, layout.pp_stages, layout.zero_stage)
+        if self.hooks.teacher is not None and built.pp_enabled:
+            raise ValueError("train.pipeline.stages: a distillation teacher needs stages: 1")
+        return built
+
+    def build_engine(self) -> tuple[Any, Any]:
+        """The model (partitioned under ZeRO-3: a collective, so DeepSpeed's process group
+        first), the hooks' transforms, the teacher, then the engine that owns optimizer,
+        schedule, precision and sharding. Returns (engine, what the checkpointer saves)."""
+        train = self.train_spec
         if train.strategy == "deepspeed":
             import deepspeed
             from deepspeed.accelerator import get_accelerator
@@ -131,7 +160,7 @@ class Trainer:
                                       fp16_supported=get_accelerator().is_fp16_supported(),
                                       device=get_accelerator().device_name())
             deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
-        model = build_model(job)
+        model = build_model(self.job)
         for transform in self.hooks.model_transforms:
             model = transform(model)
         self.flops_per_sample = float(model.flops_per_sample())
@@ -139,55 +168,51 @@ class Trainer:
         self.teacher = None
         if self.hooks.teacher is not None:
             self.teacher = self.hooks.teacher().to(self.device).eval()
+            assert self.hooks.loss_builder is not None
             self.loss_fn = self.hooks.loss_builder(self.task.loss)
         if train.strategy == "deepspeed":
-            self.ds_config = job.deepspeed_config
-            self.engine = build_deepspeed_engine(
-                model, self.task.loss, self.ds_config, train,
-                pp_stages=self.layout.pp_stages, partition=train.pipeline.partition)
-            ckpt_target: Any = DeepSpeedCheckpointing(self.engine)
-        else:
-            self.ds_config = None
-            self.engine = DDPEngine(model, train, self.precision, self.device)
-            ckpt_target = self.engine
-        self.startup["engine_built"] = time.time()
-        # Dropout draws differ per data-parallel rank from here on (as in Megatron): the same
-        # masks on every rank would waste the noise. Restored from checkpoints on resume.
-        torch.manual_seed(train.seed + 1 + self.rank)
-        # 4. Data: Ray Data shards streamed into timed, endless batch iterators.
+            self.ds_config = self.job.deepspeed_config
+            assert self.ds_config is not None
+            engine = build_deepspeed_engine(model, self.task.loss, self.ds_config, train,
+                                            pp_stages=self.layout.pp_stages,
+                                            partition=train.pipeline.partition)
+            return engine, DeepSpeedCheckpointing(engine)
+        self.ds_config = None
+        engine = DDPEngine(model, train, self.precision, self.device)
+        return engine, engine
+
+    def build_batches(self, ctx: TrainContext) -> TimedBatches:
+        """Ray Data shards as timed, endless batch iterators; in the deterministic order every
+        rank reads the same sequence and keeps its data-parallel share."""
+        train = self.train_spec
         self.columns = self.task.columns
         self.micro_batches = micro_batches_per_step(train, self.layout)
-        self.deterministic = job.data_order == "deterministic"
+        self.deterministic = self.job.data_order == "deterministic"
         if self.deterministic:  # this process's executions keep block order too
             import ray.data
 
             ray.data.DataContext.get_current().execution_options.preserve_order = True
         dp_rank = self.layout.dp_rank(self.rank)
-        self.batches = TimedBatches(epoch_batches(
+        return TimedBatches(epoch_batches(
             ctx.train_data, batch_size=train.batch_size, seed=train.seed,
             dp=self.layout.dp if self.deterministic else 1,
             dp_rank=dp_rank if self.deterministic else 0,
             shuffle_buffer=train.shuffle_buffer, columns=self.columns, device=self.device,
-            augment=self.train_time_augment(job)))
-        self.val_data, self.test_data = ctx.val_data, ctx.test_data
-        # 5. Metrics (rank 0 writes) and checkpoints (every rank saves its shard).
-        sinks: list[MetricsSink] = [JsonlSink(out), ConsoleSink(train.max_steps)] if self.rank == 0 else []
+            augment=self.train_time_augment(self.job)))
+
+    def build_metrics(self, world_size: int) -> MetricsProcessor:
+        """Throughput, MFU where the device's peak is known; rank 0 writes metrics.jsonl."""
+        train = self.train_spec
+        sinks: list[MetricsSink] = ([JsonlSink(self.run), ConsoleSink(train.max_steps)]
+                                    if self.rank == 0 else [])
         device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
         peak = peak_flops(device_name)
-        self.metrics = MetricsProcessor(
+        return MetricsProcessor(
             sinks, train.log_every,
             samples_per_step=train.batch_size * self.micro_batches * self.layout.dp,
-            tokens_per_sample=self.task.tokens_per_sample(job.context),
+            tokens_per_sample=self.task.tokens_per_sample(self.job.context),
             flops_per_sample=self.flops_per_sample,
-            peak_flops_total=peak * world if peak else None)
-        self.checkpointer = CheckpointManager(ckpt_target, reporter, every=train.checkpoint_every,
-                                              world_rank=self.rank, at=train.checkpoint_at,
-                                              session=ctx.session)
-        self.step, self.samples_seen, self.resume_uri = 0, 0, ctx.resume_uri
-        self.session = ctx.session
-        self.val_losses: dict[int, float] = {}
-        self.val_metrics: dict[int, dict[str, float]] = {}
-        self._val_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+            peak_flops_total=peak * world_size if peak else None)
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> TrainResult:

@@ -26,9 +26,9 @@ DIGITS_CHAIN = {
     "compress": {"eval_rows": 400, "latency_repeats": 5, "steps": [
         {"kind": "prune", "method": "structured", "ratio": 0.5, "steps": 40},
         {"kind": "distill", "student": {"kind": "mlp", "in_features": 64, "hidden": [32],
-                                        "num_classes": 10}, "steps": 60, "temperature": 4.0},
-        {"kind": "quantize", "mode": "qat", "steps": 20},
-        {"kind": "quantize", "mode": "int8_dynamic", "name": "ptq"}]},
+                                        "num_classes": 10}, "steps": 150, "lr": 1e-2, "temperature": 4.0},
+        {"kind": "prune", "method": "magnitude", "sparsity": 0.5, "steps": 20, "schedule": "one_shot"},
+        {"kind": "quantize", "mode": "qat", "steps": 20}]},
 }
 
 
@@ -48,7 +48,7 @@ def test_prune_distill_qat_ptq_chain_on_digits(ray_session, repo_root, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.load(open(os.path.join(run, "compress", "summary.json")))
     rows = {r["variant"]: r for r in summary["rows"]}
-    assert list(rows) == ["input", "01-prune", "02-distill", "03-quantize", "ptq"]
+    assert list(rows) == ["input", "01-prune", "02-distill", "03-prune", "04-quantize"]
     # structured pruning removed half the hidden neurons: a physically smaller model
     arts = {v: json.load(open(os.path.join(run, "compress", v, "artifact.json"))) for v in list(rows)[1:]}
     assert arts["01-prune"]["arch"]["hidden"] == [64, 32]
@@ -56,9 +56,8 @@ def test_prune_distill_qat_ptq_chain_on_digits(ray_session, repo_root, tmp_path)
     assert rows["01-prune"]["size_bytes"] < 0.55 * rows["input"]["size_bytes"]
     # the distilled student is the architecture asked for, trained by the teacher
     assert arts["02-distill"]["arch"]["hidden"] == [32]
-    # int8 (QAT converted, and PTQ) is smaller on disk than the fp32 student it came from
-    assert rows["03-quantize"]["size_bytes"] < rows["02-distill"]["size_bytes"]
-    assert rows["ptq"]["size_bytes"] < rows["02-distill"]["size_bytes"]
+    # int8 (QAT converted) is smaller on disk than the fp32 student it came from
+    assert rows["04-quantize"]["size_bytes"] < rows["02-distill"]["size_bytes"]
     # every variant still classifies digits far above chance (0.1), on the same test rows
     assert summary["eval_split"] == "test" and summary["eval_rows"] > 300
     for name, row in rows.items():
@@ -67,12 +66,16 @@ def test_prune_distill_qat_ptq_chain_on_digits(ray_session, repo_root, tmp_path)
     assert arts["01-prune"]["parent"] == os.path.join(run, "train", "artifact.json")
     assert arts["02-distill"]["parent"] == os.path.join(run, "compress", "01-prune", "artifact.json")
     stage_art = json.load(open(os.path.join(run, "compress", "artifact.json")))
-    assert stage_art["variant"] == "ptq" and len(stage_art["variants"]) == 4
+    assert stage_art["variant"] == "04-quantize" and len(stage_art["variants"]) == 4
+    # magnitude pruning zeroed half the student's weights; QAT fine-tuning kept them zero
+    prunable = 64 * 32 + 32 * 10
+    assert rows["03-prune"]["nonzero_params"] <= rows["02-distill"]["nonzero_params"] - prunable // 2
+    assert rows["04-quantize"]["nonzero_params"] == rows["03-prune"]["nonzero_params"]
     # each variant loads anywhere; its recorded quantization is applied on load
     import bigopt
     from bigopt.compress.quantize import quantized_layers
 
-    model = bigopt.load_model(os.path.join(run, "compress", "03-quantize"))
+    model = bigopt.load_model(os.path.join(run, "compress", "04-quantize"))
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     assert linears and quantized_layers(model) == linears
     report = open(os.path.join(run, "report.md")).read()
@@ -85,12 +88,13 @@ def test_magnitude_masks_survive_optimizer_steps_under_zero3(ray_session, repo_r
     """Gradual magnitude pruning of the GPT under DeepSpeed ZeRO-3 with the user's default
     precision (auto: bf16 on CPU): the optimizer moves pruned weights off zero every step
     (``regrown``), the masks put them back before every forward, and the saved weights hold
-    exactly the final masks' zeros."""
+    exactly the final masks' zeros. Then int8 weight-only PTQ, with its perplexity."""
     spec = spec_dict(name="zero3prune", train={"precision": "auto", "zero": {"stage": 3},
                                                "max_steps": 10, "checkpoint_every": 0},
                      compress={"eval_rows": 64, "latency_repeats": 3, "steps": [
                          {"kind": "prune", "method": "magnitude", "sparsity": 0.8, "steps": 20,
-                          "ramp": 0.5, "frequency": 5, "lr": 1e-3}]})
+                          "ramp": 0.5, "frequency": 5, "lr": 1e-3},
+                         {"kind": "quantize", "mode": "int8_weight_only"}]})
     proc, run = run_cli(repo_root, spec, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     variant = os.path.join(run, "compress", "01-prune")
@@ -111,6 +115,14 @@ def test_magnitude_masks_survive_optimizer_steps_under_zero3(ray_session, repo_r
     total = sum(state[n].numel() for n in names)
     zeros = sum(int((state[n] == 0).sum()) for n in names)
     assert zeros / total >= 0.8 - 1e-3
+    rows = json.load(open(os.path.join(run, "compress", "summary.json")))["rows"]
+    assert [r["variant"] for r in rows] == ["input", "01-prune", "02-quantize"]
+    ppl = [r["metrics"]["perplexity"] for r in rows]
+    assert all(1 < p < 256 for p in ppl)  # below the uniform guess over 256 byte values
+    assert abs(ppl[2] - ppl[1]) < 0.05 * ppl[1], ppl  # int8 weights: a small change
+    # int8 Linear weights; the token and position embeddings stay fp32 (torchao quantizes
+    # Linear layers), a large share of so small a GPT
+    assert rows[2]["size_bytes"] < 0.6 * rows[1]["size_bytes"]
 
 
 def _validate(repo_root: str, tmp_path, spec: dict) -> tuple[int, set[str], str]:

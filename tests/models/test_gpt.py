@@ -25,7 +25,7 @@ def analytic_params(vocab: int, ctx: int, n_layer: int, d: int) -> tuple[int, in
 
 def meta_preset(name: str) -> GPT:
     with torch.device("meta"):  # no memory allocated, so building gpt2-350m is instant
-        return GPT.from_name(name)
+        return GPT(**GPT_PRESETS[name])
 
 
 @pytest.mark.parametrize("name", sorted(GPT_PRESETS))
@@ -57,13 +57,11 @@ def test_presets_are_the_size_their_name_says(name: str, expected: float, counte
         assert model.num_params() == pytest.approx(163.1e6, rel=0.01)
 
 
-def test_from_name_overrides_and_unknown_names() -> None:
-    model = GPT.from_name("gpt-1m", n_layer=2, dropout=0.1)
-    assert model.n_layer == 2 and model.dropout == 0.1 and len(model.layers()) == 4
-    with pytest.raises(ValueError, match="gpt-nope.*gpt-1m.*gpt2-124m"):
-        GPT.from_name("gpt-nope")
+def test_unknown_config_keys_are_named() -> None:
+    from bigopt.models import build_model
+
     with pytest.raises(ValueError, match="n_layers.*n_layer"):
-        GPT.from_name("gpt-1m", n_layers=2)
+        build_model("gpt", **{**GPT_PRESETS["gpt-1m"], "n_layers": 2})
 
 
 def test_default_constructor_is_gpt_1m() -> None:
@@ -86,7 +84,7 @@ def test_layers_are_embedding_blocks_head() -> None:
 
 
 def test_flops_per_sample_is_the_palm_formula() -> None:
-    model = GPT.from_name("gpt-10m")
+    model = GPT(**GPT_PRESETS["gpt-10m"])
     n = model.num_params(non_embedding=True)
     expected = (6 * n + 12 * 6 * 384 * 256) * 256
     assert model.flops_per_sample() == expected
@@ -110,7 +108,7 @@ def test_sequence_longer_than_context_raises() -> None:
 
 def test_init_scales_residual_projections() -> None:
     torch.manual_seed(0)
-    model = GPT.from_name("gpt-10m")
+    model = GPT(**GPT_PRESETS["gpt-10m"])
     resid = torch.cat([b.attn.proj.weight.flatten() for b in model.blocks])
     other = torch.cat([b.attn.qkv.weight.flatten() for b in model.blocks])
     assert resid.std().item() == pytest.approx(0.02 / math.sqrt(2 * 6), rel=0.05)

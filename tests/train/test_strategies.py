@@ -48,7 +48,7 @@ class Runs:
             spec = tiny_spec(self.storage, workers=workers, dropout=dropout, **train)
             # trust_checkpoint: the resumed checkpoints are this module's own runs (another run
             # dir, which the CLI refuses without --trust-checkpoint: DeepSpeed unpickles them)
-            result = bigopt.run(spec, stages=["train"], data_from=self.data, resume=resume,
+            result = bigopt.run(spec, stages=["train"], inputs_from={"data": self.data}, resume=resume,
                                 trust_checkpoint=resume is not None)
             self.cache[key] = (spec, RunDir(result.run_uri))
         return self.cache[key]

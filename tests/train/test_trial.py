@@ -65,17 +65,17 @@ calls: list[int] = []
 def test_in_process_trainer_with_model_transform_and_step_callback(digits):
     storage, data = digits
     job = resolve(digits_spec(storage))
-    out = RunDir.create(str(storage), "in-process")
+    out = RunDir.create(str(storage), "in-process").stage("train")
     calls.clear()
     reporter = LocalReporter(out)
     artifact = train_in_process(job, data, out, reporter, hooks=TrainHooks(
         model_transforms=(keep_first_half,), step_callbacks=(reapply_mask,)))
     assert calls == list(range(1, 31))  # after every optimizer step
-    assert artifact.step == 30 and artifact.uri == out.uri_of("train/checkpoints/step_000030")
+    assert artifact.step == 30 and artifact.checkpoint == out.uri_of("checkpoints/step_000030")
     # validation metrics reached the reporter at every eval, not only with the checkpoint
     evals = [r for r in reporter.reported if "val_loss" in r]
     assert [r["step"] for r in evals] == [10, 20, 30] and all("val_acc" in r for r in evals)
-    model = load_trained_model(artifact.arch, out.sub("train/checkpoints/step_000030"))
+    model = load_trained_model(artifact.arch, out.sub("checkpoints/step_000030"))
     first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert torch.all(first.weight[:, :32] == 0) and torch.any(first.weight[:, 32:] != 0)
     assert evals[-1]["val_acc"] > 0.4  # half the pixels still classify digits (chance: 0.1)
@@ -100,14 +100,14 @@ def test_teacher_loss_builder_sees_the_teachers_output(digits):
             return 0.5 * base_loss(output, target) + 0.5 * soft
         return loss
 
-    out = RunDir.create(str(storage), "teacher")
-    plain = RunDir.create(str(storage), "plain")
+    out = RunDir.create(str(storage), "teacher").stage("train")
+    plain = RunDir.create(str(storage), "plain").stage("train")
     train_in_process(job, data, out, LocalReporter(out),
                      hooks=TrainHooks(teacher=teacher, loss_builder=builder))
     train_in_process(job, data, plain, LocalReporter(plain))
     assert seen and all(s == (32, 10) for s in seen)
-    losses = [r["loss"] for r in out.read_jsonl("train/metrics.jsonl")]
-    plain_losses = [r["loss"] for r in plain.read_jsonl("train/metrics.jsonl")]
+    losses = [r["loss"] for r in out.read_jsonl("metrics.jsonl")]
+    plain_losses = [r["loss"] for r in plain.read_jsonl("metrics.jsonl")]
     assert losses != plain_losses  # the teacher term changed the objective
 
 
