@@ -23,6 +23,12 @@ def test_quickstart_end_to_end(ray_session, repo_root, tmp_path):
     proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (run_dir,) = glob.glob(str(tmp_path / "quickstart" / "*"))
+    # a console a person can read: a bar and a few lines per stage; the rest in <run>/logs/
+    console = (proc.stdout + proc.stderr).splitlines()
+    assert len(console) <= 40, "\n".join(console)
+    assert not [line for line in console if "Warning" in line or "WARNING" in line], console
+    assert os.path.getsize(os.path.join(run_dir, "logs", "driver.log")) > 0
+    assert glob.glob(os.path.join(run_dir, "logs", "train-rank*.log"))
 
     spec_text = open(os.path.join(run_dir, "spec.yaml")).read()
     assert "precision: bf16" in spec_text  # `auto` resolved and recorded

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from bigopt.sections import Section as _Section
 
 if TYPE_CHECKING:
     from bigopt.spec import JobSpec
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class _FineTune(_Section):
