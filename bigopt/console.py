@@ -70,6 +70,7 @@ def quiet_console(run: RunDir, *, verbose: bool = False) -> Iterator[str]:
         os.dup2(log_fd, 2)
         os.close(log_fd)
     file_handler = logging.FileHandler(os.path.join(folder, DRIVER_LOG))
+    file_handler.setLevel(logging.INFO)  # Ray Data logs every operator at DEBUG
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     root = logging.getLogger()
     saved = [(h, h.filters[:]) for h in root.handlers]

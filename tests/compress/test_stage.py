@@ -88,12 +88,17 @@ def test_magnitude_masks_survive_optimizer_steps_under_zero3(ray_session, repo_r
     """Gradual magnitude pruning of the GPT under DeepSpeed ZeRO-3 with the user's default
     precision (auto: bf16 on CPU): the optimizer moves pruned weights off zero every step
     (``regrown``), the masks put them back before every forward, and the saved weights hold
-    exactly the final masks' zeros. Then int8 weight-only PTQ, with its perplexity."""
+    exactly the final masks' zeros. Then a token-level distilled student (ZeRO-3 student, a
+    full frozen teacher on each rank) and int8 weight-only PTQ, with their perplexities."""
     spec = spec_dict(name="zero3prune", train={"precision": "auto", "zero": {"stage": 3},
                                                "max_steps": 10, "checkpoint_every": 0},
                      compress={"eval_rows": 64, "latency_repeats": 3, "steps": [
                          {"kind": "prune", "method": "magnitude", "sparsity": 0.8, "steps": 20,
                           "ramp": 0.5, "frequency": 5, "lr": 1e-3},
+                         # token-level distillation: a 1-layer student of the pruned teacher
+                         {"kind": "distill", "steps": 20, "lr": 3e-3,
+                          "student": {"kind": "gpt", "n_layer": 1, "n_head": 2, "d_model": 32,
+                                      "context": 32}},
                          {"kind": "quantize", "mode": "int8_weight_only"}]})
     proc, run = run_cli(repo_root, spec, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -116,13 +121,15 @@ def test_magnitude_masks_survive_optimizer_steps_under_zero3(ray_session, repo_r
     zeros = sum(int((state[n] == 0).sum()) for n in names)
     assert zeros / total >= 0.8 - 1e-3
     rows = json.load(open(os.path.join(run, "compress", "summary.json")))["rows"]
-    assert [r["variant"] for r in rows] == ["input", "01-prune", "02-quantize"]
+    assert [r["variant"] for r in rows] == ["input", "01-prune", "02-distill", "03-quantize"]
     ppl = [r["metrics"]["perplexity"] for r in rows]
-    assert all(1 < p < 256 for p in ppl)  # below the uniform guess over 256 byte values
-    assert abs(ppl[2] - ppl[1]) < 0.05 * ppl[1], ppl  # int8 weights: a small change
+    assert all(1 < p < 256 for p in ppl), ppl  # below the uniform guess over 256 byte values
+    student = json.load(open(os.path.join(run, "compress", "02-distill", "artifact.json")))
+    assert student["arch"]["n_layer"] == 1 and rows[2]["params"] < rows[1]["params"]
+    assert abs(ppl[3] - ppl[2]) < 0.05 * ppl[2], ppl  # int8 weights: a small change
     # int8 Linear weights; the token and position embeddings stay fp32 (torchao quantizes
     # Linear layers), a large share of so small a GPT
-    assert rows[2]["size_bytes"] < 0.6 * rows[1]["size_bytes"]
+    assert rows[3]["size_bytes"] < 0.6 * rows[2]["size_bytes"]
 
 
 def _validate(repo_root: str, tmp_path, spec: dict) -> tuple[int, set[str], str]:
