@@ -124,7 +124,14 @@ def export_variant(model_art: ModelArtifact, formats: list[str], evaluation: Any
     import torch
 
     from bigopt.export.card import ModelCard, write_model_card
-    from bigopt.export.onnx import INT8_METHOD, export_onnx, onnx_latency_ms, onnx_run, quantize_onnx_int8
+    from bigopt.export.onnx import (
+        INT8_METHOD,
+        ExportParityError,
+        export_onnx,
+        onnx_latency_ms,
+        onnx_run,
+        quantize_onnx_int8,
+    )
     from bigopt.load import load_model
 
     sequence = evaluation.task.is_sequence
@@ -207,7 +214,11 @@ def export_variant(model_art: ModelArtifact, formats: list[str], evaluation: Any
                 log.info("export: %s %s: %.0f kB, %s, %.3f ms at batch 1", name, fmt,
                          result["bytes"] / 1e3, _describe(quality),
                          latency["batch_1"]["median"])
-            except Exception as exc:  # recorded; the other formats and variants go on
+            except ExportParityError:
+                # a file that computes something else than the model: the stage fails (the
+                # message has the measured difference); nothing of this file was written
+                raise
+            except Exception as exc:  # an op a runtime lacks: recorded, the others go on
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
                 log.warning("export: %s %s failed: %s", name, fmt, row["error"])
             rows.append(row)

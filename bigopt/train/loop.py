@@ -305,82 +305,17 @@ class Trainer:
             loss = loss + regularizer(self.engine.module)
         return loss
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over ``eval_batches`` batches per data-parallel rank, plus the
-        task's metrics (accuracy for classifiers) in ``val_metrics``."""
-        train = self.train_spec
-        dp, dp_rank = self.layout.dp, self.layout.dp_rank(self.rank)
-        if self._val_batches is None:
-            # The same first batches every time: evals are comparable across steps, and
-            # holding them in memory avoids starting a Ray Data execution per eval.
-            val = epoch_batches(self.val_data, batch_size=train.batch_size, seed=0, dp=dp,
-                                dp_rank=dp_rank, columns=self.columns, device=self.device)
-            self._val_batches = [next(val) for _ in range(train.eval_batches)]
-        self.engine.eval()
-        losses, counts = [], {}
-        if self.layout.pp_enabled:
-            val = iter(self._val_batches)
-            for _ in range(max(1, train.eval_batches // self.micro_batches)):
-                losses.append(float(self.engine.eval_batch(data_iter=val)))
-        else:
-            for x, y in self._val_batches:
-                out = self.engine(x)
-                losses.append(self.task.loss(out, y).item())
-                for k, v in self.task.eval_counts(out, y).items():
-                    counts[k] = counts.get(k, 0.0) + v
-        self.engine.train()
-        if counts:
-            summed = {k: self.all_reduce_mean(v) for k, v in sorted(counts.items())}
-            self.val_metrics[self.step] = self.task.eval_metrics(summed)
-        value = self.all_reduce_mean(sum(losses) / len(losses))
-        self.val_losses[self.step] = value
-        return value
+        """Validation loss (and the task's metrics) now: ``bigopt.train.evaluation``."""
+        from bigopt.train.evaluation import evaluate
 
-    @torch.no_grad()
+        return evaluate(self)
+
     def evaluate_test(self) -> dict[str, float]:
-        """The whole test split once (every row, batches dealt by data-parallel rank):
-        ``test_loss`` and ``test_rows``, plus ``test_accuracy`` for classifiers. Empty with no
-        test split, and under pipeline parallelism (whose engine evaluates whole micro-batch
-        groups only)."""
-        if self.test_data is None or self.layout.pp_enabled:
-            return {}
-        dp, dp_rank = self.layout.dp, self.layout.dp_rank(self.rank)
-        x_col, y_col = self.columns
-        sums = {"loss": 0.0, "rows": 0.0, "correct": 0.0}
-        self.engine.eval()
-        batches = self.test_data.iter_torch_batches(batch_size=self.train_spec.batch_size,
-                                                    drop_last=False)
-        mine, first = 0, None
-        for i, batch in enumerate(batches):
-            if i % dp != dp_rank:
-                continue
-            x, y = batch[x_col], batch[y_col].long()
-            x = (x if torch.is_floating_point(x) else x.long()).to(self.device)
-            y = y.to(self.device)
-            out = self.engine(x)
-            mine, first = mine + 1, first if first is not None else x
-            counts = self.task.eval_counts(out, y)
-            rows = counts.get("rows", float(y.numel()))
-            sums["loss"] += self.task.loss(out, y).item() * rows
-            sums["rows"] += rows
-            sums["correct"] += counts.get("correct", 0.0)
-        # Every rank runs as many forwards as the busiest (ZeRO-3 gathers parameters, DDP may
-        # sync buffers, in collectives): a rank dealt fewer batches repeats one, uncounted.
-        most = torch.tensor([mine], dtype=torch.float64)
-        if torch.distributed.get_backend() == "nccl":
-            most = most.to(self.device)
-        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-        for _ in range(int(most.item()) - mine):
-            if first is None:  # no batch at all here: a one-row stand-in of the model's input
-                first = self.engine.module.example_input(1, device=self.device)[0]
-            self.engine(first)
-        self.engine.train()
-        world = torch.distributed.get_world_size()
-        total = {k: self.all_reduce_mean(v) * world for k, v in sums.items()}  # sums over ranks
-        if not total["rows"]:
-            return {}
-        return self.task.test_metrics(total)
+        """The whole test split once: ``bigopt.train.evaluation``."""
+        from bigopt.train.evaluation import evaluate_test
+
+        return evaluate_test(self)
 
     # ------------------------------------------------------------------ helpers
     @staticmethod

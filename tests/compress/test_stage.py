@@ -29,6 +29,8 @@ DIGITS_CHAIN = {
                                         "num_classes": 10}, "steps": 150, "lr": 1e-2, "temperature": 4.0},
         {"kind": "prune", "method": "magnitude", "sparsity": 0.5, "steps": 20, "schedule": "one_shot"},
         {"kind": "quantize", "mode": "qat", "steps": 20}]},
+    "export": {"formats": ["onnx", "onnx_int8", "pte"], "eval_rows": 200, "latency_repeats": 3,
+               "variants": ["02-distill"], "budget": {"max_bytes": 12000}},
 }
 
 
@@ -81,6 +83,27 @@ def test_prune_distill_qat_ptq_chain_on_digits(ray_session, repo_root, tmp_path)
     report = open(os.path.join(run, "report.md")).read()
     assert "## Compression" in report and "| 02-distill |" in report
     assert os.path.getsize(os.path.join(run, "compress", "tradeoff.png")) > 5000
+    # export: each file with its card, measured by its own runtime; the budget picks the int8 file
+    export = json.load(open(os.path.join(run, "export", "summary.json")))
+    files = {r["format"]: r for r in export["rows"]}
+    assert set(files) == {"onnx", "onnx_int8", "pte"} and not any("error" in r for r in files.values())
+    for fmt, r in files.items():
+        card = json.load(open(os.path.join(os.path.dirname(r["file"]), "model_card.json")))
+        assert card["inputs"][0]["shape"][0] == "batch" and card["labels"][:2] == ["0", "1"]
+        assert abs(card["metrics"]["values"]["accuracy"] - r["pytorch"]["accuracy"]) <= 0.02, fmt
+    assert export["chosen"]["format"] == "onnx_int8" and export["chosen"]["bytes"] <= 12000
+    assert "To ship" in report and "## Export" in report
+    # an export whose runtime differs from PyTorch beyond export.atol fails, naming the
+    # difference, and keeps nothing of the failed file
+    path = tmp_path / "strict.yaml"
+    path.write_text(yaml.safe_dump(DIGITS_CHAIN))
+    strict = tmp_path / "strict"
+    proc = subprocess.run([sys.executable, "-m", "bigopt.cli", "export", str(path),
+                           "--set", f"storage={strict}", "--set", "export.atol=1e-12",
+                           "--from", f"compress={run}"], cwd=repo_root, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode != 0 and "max abs diff" in proc.stderr + proc.stdout, proc.stderr[-2000:]
+    assert not glob.glob(str(strict / "*" / "*" / "export" / "*" / "*" / "model.onnx"))
 
 
 @pytest.mark.slow
