@@ -50,6 +50,40 @@ def make_spec(storage: str | None = None, *, base: dict[str, Any] = TINY, **sect
     return parse_spec(spec_dict(storage, base=base, **sections))
 
 
+def run_cli(repo_root: str, spec: dict[str, Any], tmp_path: Any, *args: str,
+            timeout: int = 1500) -> tuple[Any, str]:
+    """``bigopt <command> SPEC --set storage=tmp_path ...`` in a subprocess, as a user types it
+    (``args[0]`` is the command, default ``run``); returns (process, the run dir or "")."""
+    import glob
+    import subprocess
+    import sys
+
+    import yaml
+
+    path = tmp_path / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    command, rest = (args[0], args[1:]) if args else ("run", ())
+    proc = subprocess.run([sys.executable, "-m", "bigopt.cli", command, str(path),
+                           "--set", f"storage={tmp_path}", *rest],
+                          cwd=repo_root, capture_output=True, text=True, timeout=timeout)
+    runs = glob.glob(str(tmp_path / spec["name"] / "*"))
+    return proc, runs[0] if runs else ""
+
+
+def cli_validate(repo_root: str, tmp_path: Any, spec: dict[str, Any]) -> tuple[int, set[str], str]:
+    """``bigopt validate`` on ``spec``: (exit code, the field paths named, stderr)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    path = tmp_path / "validate.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    proc = subprocess.run([sys.executable, "-m", "bigopt.cli", "validate", str(path)], cwd=repo_root,
+                          capture_output=True, text=True, timeout=120)
+    return proc.returncode, {line.split(":")[0] for line in proc.stderr.splitlines()}, proc.stderr
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from factories import spec_dict
+from factories import cli_validate, run_cli, spec_dict
 
 DIGITS_CHAIN = {
     "name": "chain",
@@ -34,18 +34,8 @@ DIGITS_CHAIN = {
 }
 
 
-def run_cli(repo_root: str, spec: dict, tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, str]:
-    path = tmp_path / f"{spec['name']}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    proc = subprocess.run([sys.executable, "-m", "bigopt.cli", args[0] if args else "run", str(path),
-                           "--set", f"storage={tmp_path}", *args[1:]],
-                          cwd=repo_root, capture_output=True, text=True, timeout=1500)
-    runs = glob.glob(str(tmp_path / spec["name"] / "*"))
-    return proc, runs[0] if runs else ""
-
-
 @pytest.mark.slow
-def test_prune_distill_qat_ptq_chain_on_digits(ray_session, repo_root, tmp_path):
+def test_prune_distill_qat_chain_and_export_on_digits(ray_session, repo_root, tmp_path):
     proc, run = run_cli(repo_root, DIGITS_CHAIN, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.load(open(os.path.join(run, "compress", "summary.json")))
@@ -155,20 +145,12 @@ def test_magnitude_masks_survive_optimizer_steps_under_zero3(ray_session, repo_r
     assert rows[3]["size_bytes"] < 0.6 * rows[2]["size_bytes"]
 
 
-def _validate(repo_root: str, tmp_path, spec: dict) -> tuple[int, set[str], str]:
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    proc = subprocess.run([sys.executable, "-m", "bigopt.cli", "validate", str(path)], cwd=repo_root,
-                          capture_output=True, text=True, timeout=120)
-    return proc.returncode, {line.split(":")[0] for line in proc.stderr.splitlines()}, proc.stderr
-
-
 def test_bad_compress_fields_exit_2_naming_the_field(tmp_path, repo_root):
-    rc, fields, err = _validate(repo_root, tmp_path, spec_dict(str(tmp_path), compress={"steps": [
+    rc, fields, err = cli_validate(repo_root, tmp_path, spec_dict(str(tmp_path), compress={"steps": [
         {"kind": "prune", "sparsity": 1.0}, {"kind": "distill", "temperature": 0}]}))
     assert rc == 2 and {"compress.steps.0.sparsity", "compress.steps.1.temperature"} <= fields, err
     # a quantization the backend cannot run on this engine: torchao QAT on ZeRO-3 shards
-    rc, fields, err = _validate(repo_root, tmp_path, spec_dict(
+    rc, fields, err = cli_validate(repo_root, tmp_path, spec_dict(
         str(tmp_path), train={"zero": {"stage": 3}},
         compress={"steps": [{"kind": "quantize", "mode": "qat", "steps": 10}]}))
     assert rc == 2 and fields == {"compress.steps.0.mode"}, err
