@@ -27,7 +27,8 @@ DIGITS_CHAIN = {
         {"kind": "prune", "method": "structured", "ratio": 0.5, "steps": 40},
         {"kind": "distill", "student": {"kind": "mlp", "in_features": 64, "hidden": [32],
                                         "num_classes": 10}, "steps": 150, "lr": 1e-2, "temperature": 4.0},
-        {"kind": "prune", "method": "magnitude", "sparsity": 0.5, "steps": 20, "schedule": "one_shot"},
+        # L1-regularised fine-tuning, then the smallest half of the weights set to zero
+        {"kind": "prune", "method": "l1", "sparsity": 0.5, "steps": 20, "l1_weight": 1e-4},
         {"kind": "quantize", "mode": "qat", "steps": 20}]},
     "export": {"formats": ["onnx", "onnx_int8", "pte"], "eval_rows": 200, "latency_repeats": 3,
                "variants": ["02-distill"], "budget": {"max_bytes": 12000}},
@@ -59,7 +60,7 @@ def test_prune_distill_qat_chain_and_export_on_digits(ray_session, repo_root, tm
     assert arts["02-distill"]["parent"] == os.path.join(run, "compress", "01-prune", "artifact.json")
     stage_art = json.load(open(os.path.join(run, "compress", "artifact.json")))
     assert stage_art["variant"] == "04-quantize" and len(stage_art["variants"]) == 4
-    # magnitude pruning zeroed half the student's weights; QAT fine-tuning kept them zero
+    # L1 + magnitude pruning zeroed half the student's weights; QAT fine-tuning kept them zero
     prunable = 64 * 32 + 32 * 10
     assert rows["03-prune"]["nonzero_params"] <= rows["02-distill"]["nonzero_params"] - prunable // 2
     assert rows["04-quantize"]["nonzero_params"] == rows["03-prune"]["nonzero_params"]
