@@ -71,7 +71,9 @@ def preprocessing(data: DataArtifact) -> tuple[dict[str, Any], list[str] | None]
     with fs.open_input_stream(path) as f:
         manifest = json.loads(f.read())
     source = manifest.get("source", {})
-    if data.task == "language_model":
+    from bigopt.tasks import get_task
+
+    if get_task(data.task).is_sequence:
         tok = dict(data.tokenizer or {"kind": "bytes", "vocab_size": 256})
         how = ("UTF-8 bytes of the text, each byte one token id (0-255)" if tok.get("kind") == "bytes"
                else "ids from the Hugging Face tokenizers BPE in tokenizer.json")

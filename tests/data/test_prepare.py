@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pyarrow.parquet as pq
+import pytest
 
 from bigopt.data.prepare import run_data
 from bigopt.data.split import assign_split
@@ -67,6 +68,7 @@ def shard_tables(run: RunDir, split: str = "train") -> dict[str, pq.Table]:
             for p in run.list(f"data/{split}") if p.endswith(".parquet")}
 
 
+@pytest.mark.slow  # several whole Ray Data executions: 30-50 s on 2 cores
 def test_same_source_spec_and_seed_write_the_same_shuffled_shards(ray_session, tmp_path):
     """Two fresh data runs: same shard names, same rows in the same order, same boundaries;
     the order is a seeded shuffle (not the source's path order), so early rows span many files."""

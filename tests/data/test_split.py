@@ -41,6 +41,7 @@ def test_stratified_split_gives_each_label_its_exact_share_in_any_order():
     assert max(drift) > 0
 
 
+@pytest.mark.slow  # several whole Ray Data executions: 30-50 s on 2 cores
 def test_ray_data_cut_points_match_the_in_memory_split_and_keep_mixed_clusters_whole(ray_session):
     import ray
 
@@ -81,6 +82,7 @@ def test_stratify_needs_a_labelled_source(tmp_path):
     assert "data.split.stratify" in str(err.value)
 
 
+@pytest.mark.slow  # several whole Ray Data executions: 30-50 s on 2 cores
 def test_data_stage_stratifies_real_digits(ray_session, tmp_path):
     from bigopt.data.prepare import run_data
 
