@@ -55,7 +55,9 @@ def _shards(run: RunDir, rel_dir: str) -> list[dict[str, Any]]:
             continue
         with fs.open_input_file(run.sub(rel)) as f:
             meta = pq.ParquetFile(f).metadata
-        shards.append({"path": rel, "rows": meta.num_rows, "bytes": fs.get_file_info(run.sub(rel)).size})
+        # relative to the run dir, as users read them (``data/train/...``)
+        shards.append({"path": f"{run.name}/{rel}", "rows": meta.num_rows,
+                       "bytes": fs.get_file_info(run.sub(rel)).size})
     return shards
 
 
@@ -392,7 +394,7 @@ def run_data(job: ResolvedJob, run: RunDir) -> tuple[dict[str, Any], str]:
         "rejected_by_reason": reasons,
         "steps": [{"step": "read", "rows_in": source.rows_in,
                    "kept": source.rows_in - len(source.rejected), "rejected": len(source.rejected),
-                   "rejects": "quarantine.jsonl" if source.rejected else None},
+                   "rejects": f"{run.name}/quarantine.jsonl" if source.rejected else None},
                   *source.steps],
         "split": {**spec.data.split.model_dump(), "key": split_key(spec)},
         # augmented copies are extra train rows, outside rows_in = rows_kept + rows_rejected

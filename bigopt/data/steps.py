@@ -181,7 +181,7 @@ def run_steps(ds: Any, steps: list[Any], ctx: StepContext, run: Any, *,
                 for r in rejected.select_columns([ctx.key, "reason"]).take(3)])
         records.append({"step": step.kind, "rows_in": rows_in, "kept": n_kept,
                         "rejected": n_rejected, "rejected_by_reason": reasons,
-                        "rejects": where if n_rejected else None,
+                        "rejects": f"{run.name}/{where}" if n_rejected else None,  # run-relative
                         "seconds": round(time.time() - started, 2), "details": details})
         log.info("data.steps.%d %s: %d in, %d kept, %d rejected (%.1f s)", i, step.kind, rows_in,
                  n_kept, n_rejected, time.time() - started)

@@ -147,8 +147,7 @@ def test_image_models_must_match_the_sources_image_size(tmp_path):
 
 
 def _read_split(run, manifest, name):
-    # shard paths in the manifest are relative to the manifest's folder (the data stage's)
-    tables = [pq.read_table(run.fs.open_input_file(run.sub(f"data/{s['path']}")))
+    tables = [pq.read_table(run.fs.open_input_file(run.sub(s["path"])))
               for s in manifest["splits"][name]["shards"]]
     return [row for t in tables for row in t.to_pylist()]
 

@@ -97,7 +97,7 @@ def test_data_stage_stratifies_real_digits(ray_session, tmp_path):
     counts: Counter = Counter()
     for name, info in manifest["splits"].items():
         for shard in info["shards"]:
-            table = pq.read_table(run.fs.open_input_file(run.sub(f"data/{shard['path']}")))
+            table = pq.read_table(run.fs.open_input_file(run.sub(shard["path"])))
             counts.update((y, name) for y in table.column("labels").to_pylist())
     for label in range(10):
         n = sum(counts[(label, s)] for s in ("train", "val", "test"))
