@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         sp = with_spec(stage.name, f"run only the {stage.name} stage: {stage.help}")
         with_run_options(sp, stage.resumable)
+        if "data" in stage.consumes:  # kept: users' scripts (and the regression checks) use it
+            sp.add_argument("--data-from", help="same as --from data=RUN_DIR")
     rep = sub.add_parser("report", help="(re)write report.md for a run directory")
     rep.add_argument("run_dir")
     return p
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyError, ValueError) as exc:
         print(f"--from: {exc}", file=sys.stderr)
         return 2
+    if getattr(args, "data_from", None):
+        inputs_from["data"] = args.data_from
     stages = None if args.command == "run" else [args.command]
     from bigopt.train.stage import UntrustedCheckpointError
 
