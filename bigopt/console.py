@@ -210,7 +210,9 @@ class MetricsFollower:
         self.bar.close()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
+        # poll fast until the first optimizer step (its line is the start-up figure users
+        # watch), then every few seconds
+        while not self._stop.wait(0.25 if not self.last else self.every_s):
             self._poll()
 
     def _poll(self) -> None:
@@ -226,8 +228,13 @@ class MetricsFollower:
             row = json.loads(lines[-1])
         except ValueError:  # a line being written
             return
+        first = not self.last
         self.last.update(row)
         step = int(row.get("step", 0))
+        if first:
+            self.bar.clear()
+            log.info("%s: step %d/%d, the first optimizer step (loss %.4g)", self.bar.desc, step,
+                     self.total, float(row.get("loss", float("nan"))))
         self.bar.n = min(step, self.total)
         shown = {k: f"{self.last[k]:.4g}" for k in ("loss", "val_loss", "samples_per_s")
                  if isinstance(self.last.get(k), (int, float))}
