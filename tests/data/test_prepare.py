@@ -51,7 +51,7 @@ def test_data_stage_on_stdlib_conserves_rows(ray_session, tmp_path):
     for name, info in manifest["splits"].items():
         rows = 0
         for shard in info["shards"]:
-            table = pq.read_table(run.fs.open_input_file(run.sub(f"data/{shard['path']}")))
+            table = pq.read_table(run.fs.open_input_file(run.sub(shard["path"])))
             assert table.num_rows == shard["rows"]
             rows += table.num_rows
             for p in set(table.column("path").to_pylist()):
