@@ -17,7 +17,6 @@ import logging
 import os
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -241,6 +240,3 @@ class MetricsFollower:
         self.bar.set_postfix(shown, refresh=False)
         self.bar.refresh()
 
-
-def elapsed(started: float) -> str:
-    return f"{time.time() - started:.1f} s"

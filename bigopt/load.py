@@ -36,6 +36,26 @@ def find_model_artifact(where: str | RunDir) -> ModelArtifact:
                             "stage there (or pass a stage folder / artifact.json)")
 
 
+def safetensors_bytes(state: Any, metadata: dict[str, str] | None = None) -> bytes:
+    """A state dict as safetensors bytes: the one writer of the format ``load_state`` reads.
+    Tensors sharing a storage (tied weights) are cloned and all made contiguous, which
+    safetensors requires; a torchao tensor subclass is refused with the reason."""
+    import torch
+    from safetensors.torch import save
+
+    seen: set[int] = set()
+    tensors = {}
+    for name, tensor in state.items():
+        tensor = tensor.detach()
+        if type(tensor) is not torch.Tensor and not isinstance(tensor, torch.nn.Parameter):
+            raise TypeError(f"{name} is a {type(tensor).__name__}, which safetensors cannot store "
+                            "(a quantized tensor: measure it with quantized_size_bytes)")
+        ptr = tensor.untyped_storage().data_ptr()
+        tensors[name] = tensor.cpu().clone() if ptr in seen else tensor.cpu().contiguous()
+        seen.add(ptr)
+    return save(tensors, metadata=metadata)
+
+
 def load_state(weights_uri: str) -> dict[str, Any]:
     """The tensors of a safetensors file (local or S3)."""
     from safetensors.torch import load

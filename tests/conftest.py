@@ -83,6 +83,18 @@ def ray_session(s3_server):
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test (the machine is small and shared: faster and
+    steadier timings); the previous count is put back."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
 def repo_root() -> str:
     return REPO
 

@@ -12,6 +12,9 @@ import copy
 import socket
 from typing import Any
 
+import torch
+from torch import nn
+
 from bigopt.spec import JobSpec, parse_spec
 
 TINY: dict[str, Any] = {
@@ -82,6 +85,20 @@ def cli_validate(repo_root: str, tmp_path: Any, spec: dict[str, Any]) -> tuple[i
     proc = subprocess.run([sys.executable, "-m", "bigopt.cli", "validate", str(path)], cwd=repo_root,
                           capture_output=True, text=True, timeout=120)
     return proc.returncode, {line.split(":")[0] for line in proc.stderr.splitlines()}, proc.stderr
+
+
+class CallCounter(nn.Module):
+    """Scales its output by how many times it was called: Python state that an export
+    freezes, so the exported file honestly disagrees with eager PyTorch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.linear(x) * self.calls
 
 
 def free_port() -> int:

@@ -7,9 +7,7 @@ device; they run in eval mode under ``torch.inference_mode`` and put the mode ba
 from __future__ import annotations
 
 import math
-import os
 import statistics
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -31,32 +29,12 @@ def param_count(model: nn.Module) -> int:
 
 
 def size_bytes_safetensors(model: nn.Module) -> int:
-    """Bytes of ``model.state_dict()`` written as a ``.safetensors`` file.
+    """Bytes of ``model.state_dict()`` as a ``.safetensors`` file (what ``model.safetensors``
+    takes on disk). Quantized (torchao tensor-subclass) state dicts cannot be stored so: use
+    ``bigopt.compress.quantize.quantized_size_bytes`` for them."""
+    from bigopt.load import safetensors_bytes
 
-    safetensors refuses tensors that share storage (tied weights) and non-contiguous ones, so
-    those are cloned / made contiguous first: the file holds each of them once per name, as
-    a reloadable checkpoint must. Quantized (torchao tensor-subclass) state dicts cannot be
-    written as safetensors: use ``bigopt.compress.quantize.quantized_size_bytes`` for them.
-    """
-    from safetensors.torch import save_file
-
-    tensors: dict[str, Tensor] = {}
-    seen: set[int] = set()
-    for name, t in model.state_dict().items():
-        t = t.detach()
-        if type(t) is not Tensor and not isinstance(t, nn.Parameter):
-            raise TypeError(f"{name} is a {type(t).__name__}, which safetensors cannot store; "
-                            "use bigopt.compress.quantize.quantized_size_bytes for quantized models")
-        t = t.cpu()
-        key = t.untyped_storage().data_ptr()
-        if key in seen or not t.is_contiguous():
-            t = t.clone(memory_format=torch.contiguous_format)
-        seen.add(key)
-        tensors[name] = t
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "model.safetensors")
-        save_file(tensors, path)
-        return os.path.getsize(path)
+    return len(safetensors_bytes(model.state_dict()))
 
 
 @contextmanager

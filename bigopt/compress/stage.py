@@ -62,7 +62,7 @@ class EvalData:
 
     def __init__(self, data: DataArtifact, rows: int, batch_size: int = 256):
         from bigopt.tasks import get_task
-        from bigopt.train.stage import _read_in_driver
+        from bigopt.train.stage import read_split_in_driver
 
         self.split = "test" if "test" in data.splits else "val"
         self.task = get_task(data.task)
@@ -70,7 +70,7 @@ class EvalData:
         from bigopt.runtime import filesystem_for
 
         fs, path = filesystem_for(data.splits[self.split].uri)
-        ds = _read_in_driver(fs, path, list(data.columns)).limit(rows)
+        ds = read_split_in_driver(fs, path, list(data.columns)).limit(rows)
         self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
         for batch in ds.iter_torch_batches(batch_size=batch_size, drop_last=False):
             x = batch[x_col]
@@ -113,7 +113,8 @@ def measure(artifact: ModelArtifact, data: EvalData, repeats: int) -> dict[str, 
     else:
         folder, _, name = (artifact.weights or "").rpartition("/")
         size = RunDir(folder).fs.get_file_info(RunDir(folder).sub(name)).size
-    dense = load_model(artifact, transforms=False)
+    # the weights as stored (fp32), for counts and sparsity: the same model unless quantized
+    dense = load_model(artifact, transforms=False) if quantized else model
     report = sparsity_report(dense)
     latency = {f"batch_{b}": cpu_latency_ms(model, data.inputs(b), repeats=repeats)
                for b in (1, 64)}
@@ -156,7 +157,7 @@ def _save(out: RunDir, state: dict[str, torch.Tensor]) -> str:
     return write_weights(out, state)
 
 
-def run_step(i: int, step: Any, current: ModelArtifact, job: ResolvedJob, data: DataArtifact,
+def run_step(step: Any, current: ModelArtifact, job: ResolvedJob, data: DataArtifact,
              out: RunDir, options: StageOptions, example: torch.Tensor) -> ModelArtifact:
     """One recipe step: the variant's model artifact (weights written into ``out``)."""
     from bigopt.compress.hooks import L1Penalty, LoadWeights, PruneMasks, Teacher
@@ -266,7 +267,7 @@ def compress_stage(job: ResolvedJob, inputs: dict[str, Any], out: RunDir,
         started = time.time()
         name = step.name or f"{i + 1:02d}-{step.kind}"
         vout = out.stage(name)
-        variant = run_step(i, step, current, job, data, vout, options, evaluation.example)
+        variant = run_step(step, current, job, data, vout, options, evaluation.example)
         measured = measure(variant, evaluation, spec.latency_repeats)
         variant = variant.model_copy(update={
             "metrics": {**variant.metrics, **measured["metrics"]}, "params": measured["params"],

@@ -17,6 +17,7 @@ names the file to ship: the most accurate one within the size and latency budget
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -66,8 +67,6 @@ def preprocessing(data: DataArtifact) -> tuple[dict[str, Any], list[str] | None]
     from bigopt.runtime import filesystem_for
 
     fs, path = filesystem_for(data.manifest)
-    import json
-
     with fs.open_input_stream(path) as f:
         manifest = json.loads(f.read())
     source = manifest.get("source", {})
@@ -123,73 +122,57 @@ def export_variant(model_art: ModelArtifact, formats: list[str], evaluation: Any
                    calibration: list[np.ndarray]) -> list[dict[str, Any]]:
     """Every format of one variant: files, cards, measurements (a failing format is recorded
     with its error, nothing of it kept)."""
-    import torch
 
-    from bigopt.export.card import ModelCard, write_model_card
-    from bigopt.export.onnx import (
-        INT8_METHOD,
-        ExportParityError,
-        export_onnx,
-        onnx_latency_ms,
-        onnx_run,
-        quantize_onnx_int8,
-    )
+    from bigopt.export.card import ModelCard
+    from bigopt.export.onnx import INT8_METHOD, ExportParityError, export_onnx, quantize_onnx_int8
     from bigopt.load import load_model
 
     sequence = evaluation.task.is_sequence
     # the variant's float weights: torchao int8 is PyTorch's own format; the files carry
     # their runtime's int8 (onnx_int8) instead
     model = load_model(model_art, transforms=False)
+    reference = evaluation.metrics(model)  # the PyTorch fp32 figure every file is compared with
     example = (evaluation.inputs(2),)
     kind = model_art.arch["kind"]
     name = model_art.variant or model_art.stage
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bigopt-export-") as tmp:
-        fp32_onnx = None
+        fp32_onnx: tuple[str, dict[str, Any]] | None = None
         for fmt in formats:
             local = os.path.join(tmp, fmt, FILES[fmt])
             os.makedirs(os.path.dirname(local), exist_ok=True)
             row: dict[str, Any] = {"variant": name, "format": fmt, "model": model_art.artifact_uri}
             try:
-                if fmt == "onnx" or (fmt == "onnx_int8" and fp32_onnx is None):
+                if fmt in ("onnx", "onnx_int8") and fp32_onnx is None:
                     target = local if fmt == "onnx" else os.path.join(tmp, "fp32.onnx")
-                    result = export_onnx(model, example, target, dynamic_batch=True,
-                                         dynamic_seq=sequence, atol=spec.atol)
-                    fp32_onnx = (target, result)
+                    fp32_onnx = (target, export_onnx(model, example, target, dynamic_batch=True,
+                                                     dynamic_seq=sequence, atol=spec.atol))
                 if fmt == "onnx":
+                    assert fp32_onnx is not None
                     result = fp32_onnx[1]
-                    run_fn = lambda x, p=local: onnx_run(p, x)  # noqa: E731
-                    latency = {f"batch_{b}": onnx_latency_ms(local, evaluation.inputs(b).numpy(),
-                                                             repeats=spec_repeats(spec))
-                               for b in (1, 64)}
                 elif fmt == "onnx_int8":
+                    assert fp32_onnx is not None
                     method = INT8_METHOD.get(kind, "dynamic")
                     result = quantize_onnx_int8(fp32_onnx[0], local, method=method,
                                                 calibration=calibration if method == "static" else None)
                     result.update(path=local, format="onnx-int8", inputs=fp32_onnx[1]["inputs"],
                                   outputs=fp32_onnx[1]["outputs"])
-                    run_fn = lambda x, p=local: onnx_run(p, x)  # noqa: E731
-                    latency = {f"batch_{b}": onnx_latency_ms(local, evaluation.inputs(b).numpy(),
-                                                             repeats=spec_repeats(spec))
-                               for b in (1, 64)}
                 else:
-                    from bigopt.export.executorch import export_pte, pte_latency_ms, pte_run
+                    from bigopt.export.executorch import export_pte
 
                     result = export_pte(model, example, local, dynamic_batch=True,
                                         dynamic_seq=sequence, atol=spec.atol)
-                    run_fn = lambda x, p=local: pte_run(p, torch.from_numpy(x))  # noqa: E731
-                    latency = {f"batch_{b}": pte_latency_ms(local, evaluation.inputs(b),
-                                                            repeats=spec_repeats(spec))
-                               for b in (1, 64)}
+                run_fn, latency_fn = _runtime(fmt, local)
+                latency = {f"batch_{b}": latency_fn(evaluation.inputs(b), spec.latency_repeats)
+                           for b in (1, 64)}
                 quality = _evaluate(run_fn, evaluation.batches_of(64), sequence)
-                reference = _evaluate(lambda x: model(torch.from_numpy(x)).detach().numpy(),
-                                      evaluation.batches_of(64), sequence)
                 diff = result.get("max_abs_diff")
                 parity: dict[str, Any] = {"max_abs_diff": diff,
                                           "atol": spec.atol if diff is not None else None}
                 if fmt == "onnx_int8" and not sequence:
                     from bigopt.export.onnx import onnx_accuracy
 
+                    assert fp32_onnx is not None
                     agreement = onnx_accuracy(local, [x.numpy() for x, _ in evaluation.batches_of(64)],
                                               reference=fp32_onnx[0])
                     parity = {"top1_agreement": agreement.get("top1_agreement"),
@@ -206,10 +189,7 @@ def export_variant(model_art: ModelArtifact, formats: list[str], evaluation: Any
                     folder.write_bytes(FILES[fmt], f.read())
                 if sequence and data.tokenizer.get("uri"):
                     _copy_tokenizer(data.tokenizer["uri"], folder)
-                card_path = os.path.join(tmp, fmt, CARD_FILE)
-                write_model_card(card_path, card)
-                with open(card_path, "rb") as f:
-                    folder.write_bytes(CARD_FILE, f.read())
+                folder.write_text(CARD_FILE, json.dumps(card.model_dump(mode="json"), indent=2) + "\n")
                 row.update(file=folder.uri_of(FILES[fmt]), card=folder.uri_of(CARD_FILE),
                            bytes=int(result["bytes"]), metrics=quality, pytorch=reference,
                            latency_ms=latency, parity=parity, params=model_art.params)
@@ -227,8 +207,18 @@ def export_variant(model_art: ModelArtifact, formats: list[str], evaluation: Any
     return rows
 
 
-def spec_repeats(spec: ExportSpec) -> int:
-    return spec.latency_repeats
+def _runtime(fmt: str, path: str) -> tuple[Any, Any]:
+    """(run(x: ndarray) -> logits, latency(x: tensor, repeats) -> ms) of a file's own runtime."""
+    import torch
+
+    if fmt == "pte":
+        from bigopt.export.executorch import pte_latency_ms, pte_run
+
+        return (lambda x: pte_run(path, torch.from_numpy(x)),
+                lambda x, n: pte_latency_ms(path, x, repeats=n))
+    from bigopt.export.onnx import onnx_latency_ms, onnx_run
+
+    return (lambda x: onnx_run(path, x), lambda x, n: onnx_latency_ms(path, x.numpy(), repeats=n))
 
 
 def _describe(quality: dict[str, float]) -> str:
@@ -302,10 +292,10 @@ def _calibration(data: DataArtifact, rows: int) -> list[np.ndarray]:
     import torch
 
     from bigopt.runtime import filesystem_for
-    from bigopt.train.stage import _read_in_driver
+    from bigopt.train.stage import read_split_in_driver
 
     fs, path = filesystem_for(data.splits["train"].uri)
-    ds = _read_in_driver(fs, path, [data.columns[0]]).limit(rows)
+    ds = read_split_in_driver(fs, path, [data.columns[0]]).limit(rows)
     out = []
     for batch in ds.iter_torch_batches(batch_size=32, drop_last=False):
         x = batch[data.columns[0]]

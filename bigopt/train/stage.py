@@ -86,7 +86,7 @@ def plan_splits(job: ResolvedJob, data: DataArtifact, *, test: bool = False) -> 
         fs, path = filesystem_for(uri)
         materialize = split != "train" or job.data_order == "deterministic"
         if materialize and _total_bytes(fs, path) <= DRIVER_READ_MAX_BYTES:
-            sources[split] = _read_in_driver(fs, path, list(data.columns))
+            sources[split] = read_split_in_driver(fs, path, list(data.columns))
             continue
         ds = ray.data.read_parquet(path, filesystem=fs).select_columns(
             list(data.columns))  # pushed down into the Parquet read
@@ -107,7 +107,7 @@ def _total_bytes(fs: Any, path: str) -> int:
     return sum(i.size or 0 for i in infos if i.type == pafs.FileType.File)
 
 
-def _read_in_driver(fs: Any, path: str, columns: list[str]) -> Any:
+def read_split_in_driver(fs: Any, path: str, columns: list[str]) -> Any:
     """One block per shard, in shard-name order (the order the data stage wrote them)."""
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from bigopt.load import safetensors_bytes
 from bigopt.models import from_arch
 from bigopt.runtime import RunDir
 from bigopt.train.engine import DeepSpeedCheckpointing
@@ -62,19 +63,6 @@ def load_trained_model(arch: Mapping[str, Any], checkpoint_dir: str) -> nn.Modul
     return model
 
 
-def safetensors_bytes(state: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    """A state dict as safetensors bytes (shared storages cloned: safetensors refuses them)."""
-    from safetensors.torch import save
-
-    seen: set[int] = set()
-    tensors = {}
-    for name, tensor in state.items():
-        ptr = tensor.untyped_storage().data_ptr()
-        tensors[name] = tensor.clone() if ptr in seen else tensor.contiguous()
-        seen.add(ptr)
-    return save(tensors, metadata=metadata)
-
-
 def write_weights(out: RunDir, state: Mapping[str, torch.Tensor], *, rel: str = WEIGHTS_FILE,
                   metadata: dict[str, str] | None = None) -> str:
     """Write ``state`` as ``<out>/<rel>`` (local or S3); returns its URI."""
@@ -98,8 +86,3 @@ def consolidate_checkpoint(out: RunDir, arch: Mapping[str, Any], checkpoint_uri:
         state = finalize(state)
     return write_weights(out, state)
 
-
-def state_dict_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load
-
-    return load(data)

@@ -34,13 +34,7 @@ SMALL_CNN = dict(in_channels=1, image_size=28, stem_channels=8, num_classes=10, 
 ])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the test machine is small and shared: one intra-op thread is faster and steadier here
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp() -> nn.Module:

@@ -26,13 +26,7 @@ from bigopt.compress.quantize import (
 from bigopt.models import build_model
 from bigopt.tasks import IGNORE_INDEX
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def models() -> dict[str, nn.Module]:

@@ -13,7 +13,9 @@ pytest.importorskip("executorch", reason="the edge extra: pip install 'bigopt[ed
 
 from bigopt.export.card import ModelCard  # noqa: E402
 from bigopt.export.executorch import ExportParityError, export_pte, pte_latency_ms, pte_run  # noqa: E402
-from bigopt.models import build_model  # noqa: E402
+from bigopt.models import build_model
+
+from factories import CallCounter  # noqa: E402
 
 CNN = {"in_channels": 1, "image_size": 12, "stem_channels": 8, "blocks": [
     {"type": "resnet", "channels": 8, "stride": 1}, {"type": "resnet", "channels": 16, "stride": 2}]}
@@ -60,19 +62,6 @@ def test_pte_parity_through_executorch(
         monkeypatch.chdir(tmp_path)
         exec(compile(card.how_to_run, "how_to_run", "exec"), namespace)
         assert tuple(namespace["outputs"][0].shape) == (1, 4)
-
-
-class CallCounter(nn.Module):
-    """Scales by how many times it has been called: Python state that an export freezes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = nn.Linear(4, 3)
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.linear(x) * self.calls
 
 
 def test_pte_parity_error_leaves_no_file(tmp_path: Path) -> None:

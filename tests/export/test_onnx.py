@@ -22,6 +22,8 @@ from bigopt.export.onnx import (
 )
 from bigopt.models import build_model
 
+from factories import CallCounter
+
 #: every CNN block type, tiny
 ALL_BLOCKS = [
     {"type": "resnet", "channels": 8, "stride": 1},
@@ -90,19 +92,6 @@ def test_fixed_batch_when_not_dynamic(tmp_path: Path) -> None:
     assert result["checked_shapes"] == [[4, 6]]
     with pytest.raises(Exception, match="(?i)dim|shape|invalid"):
         onnx_run(tmp_path / "fixed.onnx", np.zeros((2, 6), np.float32))
-
-
-class CallCounter(nn.Module):
-    """Scales by how many times it has been called: Python state that an export freezes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = nn.Linear(4, 3)
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.linear(x) * self.calls
 
 
 def test_parity_error_names_the_difference_and_leaves_no_file(tmp_path: Path) -> None:
