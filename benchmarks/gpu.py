@@ -31,9 +31,17 @@ REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "jobs" / "quickstart.yaml"
 
 
-def plan(smoke: bool, models: list[str], precisions: list[str], steps: int,
-         batch: int) -> list[tuple[str, str, list[str]]]:
-    """(model, precision, spec overrides) per run.
+# model:precision:zero[:probe] per run. The probe is an fp16 run started at a loss scale high
+# enough to overflow, with a short growth window, logged every step: its scale sequence is
+# checked against DeepSpeed's dynamic loss-scaling rule (check_loss_scale).
+DEFAULT_MATRIX = ("gpt2-124m:bf16:0,gpt2-124m:fp16:0,gpt2-124m:bf16:2,gpt2-124m:fp16:2:probe,"
+                  "gpt2-350m:bf16:0")
+PROBE = {"initial_scale_power": 24, "loss_scale_window": 10, "hysteresis": 2, "min_loss_scale": 1}
+
+
+def plan(smoke: bool, matrix: str, steps: int,
+         batch: int) -> list[tuple[str, str, int, bool, list[str]]]:
+    """(model, precision, zero stage, probe, spec overrides) per run.
 
     Every preset field is also set explicitly: quickstart.yaml's own n_layer/d_model/context
     count as explicitly set, so ``model.preset`` alone would keep its 4 x 128 model (see
@@ -41,19 +49,55 @@ def plan(smoke: bool, models: list[str], precisions: list[str], steps: int,
     """
     from bigopt.models import GPT_PRESETS
 
-    common = ["cluster.num_workers=1", "train.strategy=deepspeed", "train.zero.stage=0",
+    common = ["cluster.num_workers=1", "train.strategy=deepspeed",
               f"train.max_steps={steps}", f"train.batch_size={batch}", "train.eval_every=0",
-              "train.eval_batches=1", "train.checkpoint_every=0", "train.schedule.warmup_steps=2",
-              f"train.log_every={1 if smoke else 10}"]
+              "train.eval_batches=1", "train.checkpoint_every=0", "train.schedule.warmup_steps=2"]
     common += (["cluster.gpus_per_worker=0", "cluster.cpus_per_worker=1"] if smoke else
                ["cluster.gpus_per_worker=1", "cluster.cpus_per_worker=4"])
     runs = []
-    for model in models:
-        preset = [f"model.preset={model}"] + [f"model.{k}={v}"
-                                              for k, v in GPT_PRESETS[model].items()]
-        for precision in precisions:
-            runs.append((model, precision, preset + common + [f"train.precision={precision}"]))
+    for item in matrix.split(","):
+        model, precision, zero, *flags = item.split(":")
+        probe = "probe" in flags
+        overrides = [f"model.preset={model}"] + [f"model.{k}={v}"
+                                                 for k, v in GPT_PRESETS[model].items()]
+        overrides += common + [f"train.precision={precision}", f"train.zero.stage={zero}",
+                               f"train.log_every={1 if smoke or probe else 10}"]
+        if probe:
+            overrides += [f"train.fp16.{k}={v}" for k, v in PROBE.items()]
+        runs.append((model, precision, int(zero), probe, overrides))
     return runs
+
+
+def check_loss_scale(rows: list[dict[str, Any]], initial_scale_power: int, loss_scale_window: int,
+                     hysteresis: int, min_loss_scale: float) -> dict[str, Any]:
+    """Replay DeepSpeed's dynamic loss scaler (``DynamicLossScaler.update_scale``) on the
+    overflows the run reported (a step whose ``skipped_steps`` grew) and compare its scale
+    after every step with the logged ``loss_scale``. Needs a row per step (log_every=1)."""
+    rows = sorted(rows, key=lambda r: r["step"])
+    scale, hyst, last_overflow, prev_skipped = 2.0 ** initial_scale_power, hysteresis, -1, 0
+    mismatches, overflows, halvings, growths = [], 0, 0, 0
+    for i, row in enumerate(rows):
+        if row["step"] != i + 1 or row.get("loss_scale") is None:
+            return {"ok": False, "why": f"row {i}: need a row with loss_scale for every step"}
+        overflow = row["skipped_steps"] > prev_skipped
+        prev_skipped = row["skipped_steps"]
+        if overflow:
+            overflows += 1
+            if hyst == 1:
+                new = max(scale / 2, min_loss_scale)
+                halvings += new < scale
+                scale = new
+            else:
+                hyst -= 1
+            last_overflow = i
+        elif (i - last_overflow - 1) > 0 and (i - last_overflow - 1) % loss_scale_window == 0:
+            hyst, scale, growths = hysteresis, scale * 2, growths + 1  # a window of clean steps
+        if row["loss_scale"] != scale:
+            mismatches.append({"step": row["step"], "logged": row["loss_scale"], "expected": scale})
+    return {"ok": not mismatches and overflows > 0 and growths > 0, "overflows": overflows,
+            "halvings": halvings, "growths": growths, "first_scale": rows[0]["loss_scale"],
+            "last_scale": rows[-1]["loss_scale"], "mismatches": mismatches[:5],
+            "scales": [r["loss_scale"] for r in rows]}
 
 
 def steady(rows: list[dict[str, Any]], warmup: int) -> dict[str, float | None]:
@@ -111,25 +155,25 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="CPU, gpt-1m, bf16, 5 steps")
     p.add_argument("--dry-run", action="store_true", help="validate the specs, start nothing")
-    p.add_argument("--models", default="gpt2-124m,gpt2-350m")
-    p.add_argument("--precisions", default="bf16,fp16")
+    p.add_argument("--matrix", default=DEFAULT_MATRIX,
+                   help="runs as model:precision:zero[:probe], comma-separated")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=20, help="steps left out of the averages")
     p.add_argument("--batch", type=int, default=16, help="micro-batch (sequences per step)")
     p.add_argument("--storage", default=str(REPO / "runs" / "benchmarks-gpu"))
     args = p.parse_args()
     if args.smoke:
-        args.models, args.precisions, args.steps, args.warmup, args.batch = (
-            "gpt-1m", "bf16", 5, 2, 4)
+        args.matrix, args.steps, args.warmup, args.batch = "gpt-1m:bf16:0", 5, 2, 4
     os.chdir(REPO)
 
     import bigopt
 
-    runs = plan(args.smoke, args.models.split(","), args.precisions.split(","), args.steps,
-                args.batch)
-    specs = [(m, prec, bigopt.load_spec(QUICKSTART, overrides=o)) for m, prec, o in runs]
-    for m, prec, spec in specs:
-        print(f"{m} {prec}: {spec.model.model_dump(exclude={'kind'})} "
+    runs = plan(args.smoke, args.matrix, args.steps, args.batch)
+    specs = [(m, prec, zero, probe, bigopt.load_spec(QUICKSTART, overrides=o))
+             for m, prec, zero, probe, o in runs]
+    for m, prec, zero, probe, spec in specs:
+        print(f"{m} {prec} zero-{zero}{' probe' if probe else ''}: "
+              f"{spec.model.model_dump(exclude={'kind'})} "
               f"batch {spec.train.batch_size} x {spec.context} tokens, {spec.train.max_steps} steps")
     if args.dry_run:
         return
@@ -148,7 +192,7 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     try:
         data: dict[int, Path] = {}  # context -> prepared run dir, shared by the runs
-        for model, precision, spec in specs:
+        for model, precision, zero, probe, spec in specs:
             ctx = spec.context
             if ctx not in data:
                 data[ctx] = storage / f"data-ctx{ctx}"
@@ -156,14 +200,29 @@ def main() -> None:
                     bigopt.run(spec, stages=["data"], run_dir=str(data[ctx]))
             from bigopt.runtime import RunDir
 
-            run = RunDir.create(str(storage), f"{model}-{precision}")
+            name = f"{model}-{precision}-z{zero}{'-probe' if probe else ''}"
+            run = RunDir.create(str(storage), name)
             shutil.copytree(data[ctx] / "data", Path(run.path) / "data")
             t0 = time.time()
-            bigopt.run(spec, stages=["train"], run_dir=run.uri)
+            try:
+                bigopt.run(spec, stages=["train"], run_dir=run.uri)
+            except Exception as e:  # one failed configuration must not hide the others
+                print(f"[{name}] FAILED: {type(e).__name__}: {e}", flush=True)
+                results.append({"model": model, "precision": precision, "zero": zero,
+                                "probe": probe, "error": f"{type(e).__name__}: {e}"[:2000]})
+                continue
             rows = run.read_jsonl("train/metrics.jsonl")
             shutil.rmtree(Path(run.path) / "train" / "checkpoints", ignore_errors=True)
-            results.append({"model": model, "precision": precision, "run_dir": run.uri,
-                            "wall_s": time.time() - t0, **steady(rows, args.warmup)})
+            result = {"model": model, "precision": precision, "zero": zero, "probe": probe,
+                      "run_dir": run.uri, "wall_s": time.time() - t0,
+                      "loss_first": rows[0].get("loss"), "loss_last": rows[-1].get("loss"),
+                      **steady(rows, args.warmup)}
+            if probe:
+                # ZeRO-0's fp16 optimizer (DeepSpeed's FP16_UnfusedOptimizer) halves on every
+                # overflow: it has no hysteresis. ZeRO 1-3 use DynamicLossScaler, which has.
+                rule = {**PROBE, "hysteresis": PROBE["hysteresis"] if zero > 0 else 1}
+                result["loss_scale_check"] = check_loss_scale(rows, **rule)
+            results.append(result)
             print(f"[{model} {precision}] {results[-1]}", flush=True)
     finally:
         ray.shutdown()
@@ -178,19 +237,32 @@ def report(results: list[dict[str, Any]], info: dict[str, Any], args: argparse.N
            wall: float, storage: Path) -> None:
     lines = [f"{' '.join(sys.argv)}  ({dt.datetime.now():%Y-%m-%d %H:%M}, {wall:.0f} s)",
              f"device: {info}", "",
-             "| model | precision | step ms | tokens/s | TFLOP/s | MFU | x bf16 (tokens/s) "
-             "| skipped steps | GPU peak MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    bf16 = {r["model"]: r["tokens_per_s"] for r in results if r["precision"] == "bf16"}
+             "| model | precision | ZeRO | step ms | tokens/s | TFLOP/s | MFU | x bf16 (tokens/s) "
+             "| loss first -> last | loss scale (last) | skipped steps | GPU peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    bf16 = {(r["model"], r["zero"]): r.get("tokens_per_s") for r in results
+            if r["precision"] == "bf16"}
     for r in results:
-        base = bf16.get(r["model"])
+        head = f"| {r['model']} | {r['precision']}{' (probe)' if r['probe'] else ''} | {r['zero']} "
+        if "error" in r:
+            lines.append(head + f"| FAILED: {r['error'][:200]} |")
+            continue
+        base = bf16.get((r["model"], r["zero"]))
         ratio = r["tokens_per_s"] / base if base and r["tokens_per_s"] else None
         lines.append(
-            f"| {r['model']} | {r['precision']} | {fmt(r['step_s'], 1e3)} "
+            head + f"| {fmt(r['step_s'], 1e3)} "
             f"| {fmt(r['tokens_per_s'], 1, '.0f')} | {fmt(r['flops_per_s'], 1e-12, '.2f')} "
             f"| {fmt(r['mfu'], 100)} {'%' if r['mfu'] is not None else ''} "
-            f"| {fmt(ratio, 1, '.2f')} | {r['skipped_steps'] if r['skipped_steps'] is not None else '-'} "
+            f"| {fmt(ratio, 1, '.2f')} | {fmt(r['loss_first'], 1, '.2f')} -> "
+            f"{fmt(r['loss_last'], 1, '.2f')} | {fmt(r['loss_scale'], 1, '.0f')} "
+            f"| {r['skipped_steps'] if r['skipped_steps'] is not None else '-'} "
             f"| {fmt(r['gpu_peak_mb'], 1, '.0f')} |")
+    for r in results:
+        if "loss_scale_check" in r:
+            c = r["loss_scale_check"]
+            lines.append(f"\nloss-scale check ({r['model']} fp16 ZeRO-{r['zero']}, {PROBE}): "
+                         f"{'OK' if c['ok'] else 'FAILED'}; " + ", ".join(
+                             f"{k} {v}" for k, v in c.items() if k not in ("ok", "scales")))
     text = "\n".join(lines)
     print("\n" + text)
     stamp = f"{dt.datetime.now():%Y%m%d-%H%M%S}"

@@ -33,7 +33,9 @@ class FP16Spec(Section):
     loss_scale: float = Field(0, ge=0, description="0: dynamic; >0: a fixed scale.")
     initial_scale_power: int = Field(16, ge=0, le=32)
     loss_scale_window: int = Field(1000, ge=1)
-    hysteresis: int = Field(2, ge=1)
+    hysteresis: int = Field(
+        2, ge=1, description="Overflows before the scale halves (ZeRO 1-3; DeepSpeed's ZeRO-0 "
+        "fp16 optimizer halves on every overflow).")
     min_loss_scale: float = Field(1, gt=0)
 
 
