@@ -1,10 +1,12 @@
-"""GPU benchmark driver (run by benchmarks/gpu.sh): MFU and fp16 vs bf16 through bigopt.
+"""GPU benchmark driver (run by benchmarks/gpu.sh): MFU, fp16 and bf16 through bigopt.
 
-For each model (GPT-2 124M, 350M presets) and precision (bf16, fp16): one ``bigopt.run`` with
-1 worker, 1 GPU, DeepSpeed ZeRO-0, on stdlib data prepared once at the model's context. The
-numbers come from bigopt's own ``train/metrics.jsonl`` (``tokens_per_s``, ``flops_per_s``,
-``mfu``) over the log windows after warm-up. Ratios: fp16 vs bf16 of the same model, measured
-in the same run.
+For each entry of ``--matrix`` (model:precision:zero[:probe]; zero ``ddp`` = bigopt's plain
+PyTorch strategy): one ``bigopt.run`` with 1 worker, 1 GPU, on stdlib data prepared once at
+the model's context. The numbers come from bigopt's own ``train/metrics.jsonl``
+(``tokens_per_s``, ``flops_per_s``, ``mfu``) over the log windows after warm-up. Ratios: fp16
+vs bf16 of the same model and strategy, measured in the same run. A ``probe`` run (fp16) logs
+every step from a loss scale that overflows and is checked against DeepSpeed's dynamic
+loss-scaling rule. BENCHMARKS.md section 2 has the H200 figures.
 
     python benchmarks/gpu.py                # the GPU matrix (what gpu.sh runs)
     python benchmarks/gpu.py --smoke        # CPU: gpt-1m, bf16, 5 steps (checks the logic)
@@ -40,7 +42,7 @@ PROBE = {"initial_scale_power": 24, "loss_scale_window": 10, "hysteresis": 2, "m
 
 
 def plan(smoke: bool, matrix: str, steps: int,
-         batch: int) -> list[tuple[str, str, int, bool, list[str]]]:
+         batch: int) -> list[tuple[str, str, str, bool, list[str]]]:
     """(model, precision, zero stage, probe, spec overrides) per run.
 
     Every preset field is also set explicitly: quickstart.yaml's own n_layer/d_model/context
@@ -49,7 +51,7 @@ def plan(smoke: bool, matrix: str, steps: int,
     """
     from bigopt.models import GPT_PRESETS
 
-    common = ["cluster.num_workers=1", "train.strategy=deepspeed",
+    common = ["cluster.num_workers=1",
               f"train.max_steps={steps}", f"train.batch_size={batch}", "train.eval_every=0",
               "train.eval_batches=1", "train.checkpoint_every=0", "train.schedule.warmup_steps=2"]
     common += (["cluster.gpus_per_worker=0", "cluster.cpus_per_worker=1"] if smoke else
@@ -60,11 +62,14 @@ def plan(smoke: bool, matrix: str, steps: int,
         probe = "probe" in flags
         overrides = [f"model.preset={model}"] + [f"model.{k}={v}"
                                                  for k, v in GPT_PRESETS[model].items()]
-        overrides += common + [f"train.precision={precision}", f"train.zero.stage={zero}",
-                               f"train.log_every={1 if smoke or probe else 10}"]
+        # zero "ddp": bigopt's plain-PyTorch strategy (fp32 weights, autocast, fused AdamW)
+        strategy = (["train.strategy=ddp"] if zero == "ddp" else
+                    ["train.strategy=deepspeed", f"train.zero.stage={zero}"])
+        overrides += common + strategy + [f"train.precision={precision}",
+                                          f"train.log_every={1 if smoke or probe else 10}"]
         if probe:
             overrides += [f"train.fp16.{k}={v}" for k, v in PROBE.items()]
-        runs.append((model, precision, int(zero), probe, overrides))
+        runs.append((model, precision, zero, probe, overrides))
     return runs
 
 
@@ -220,7 +225,7 @@ def main() -> None:
             if probe:
                 # ZeRO-0's fp16 optimizer (DeepSpeed's FP16_UnfusedOptimizer) halves on every
                 # overflow: it has no hysteresis. ZeRO 1-3 use DynamicLossScaler, which has.
-                rule = {**PROBE, "hysteresis": PROBE["hysteresis"] if zero > 0 else 1}
+                rule = {**PROBE, "hysteresis": PROBE["hysteresis"] if zero != "0" else 1}
                 result["loss_scale_check"] = check_loss_scale(rows, **rule)
             results.append(result)
             print(f"[{model} {precision}] {results[-1]}", flush=True)

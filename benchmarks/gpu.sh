@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# MFU and fp16-vs-bf16 throughput of GPT-2 124M and 350M through bigopt on one NVIDIA GPU.
+# MFU, fp16 and bf16, ZeRO-0/2 and ddp of GPT-2 124M and 350M through bigopt on one NVIDIA GPU
+# (BENCHMARKS.md section 2; benchmarks/gpu_breakdown.py splits a step's time by phase).
 #
 #   bash benchmarks/gpu.sh             # one GPU: install, then 4 runs (~5-8 minutes)
 #   SMOKE=1 bash benchmarks/gpu.sh     # CPU smoke test of the logic: gpt-1m, bf16, 5 steps
@@ -8,7 +9,8 @@
 # Install: a venv (.venv-gpu, --system-site-packages so an image's own CUDA torch is reused);
 # `pip install torch` (a CUDA build from PyPI) only when torch cannot see a GPU; then
 # `pip install -e .`. Offline: WHEELS=/dir/of/wheels installs from there (--no-index).
-# Knobs: MODELS=gpt2-124m,gpt2-350m PRECISIONS=bf16,fp16 STEPS=60 BATCH=16 PYTHON=python3.
+# Knobs: MATRIX=model:precision:zero[:probe],... (gpu.py's --matrix; zero 'ddp' = strategy ddp)
+# STEPS=60 BATCH=16 PYTHON=python3.
 # Results: a table on stdout, runs/benchmarks-gpu/gpu-results-*.{md,json} (and $OUT if set).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,8 +40,8 @@ else
   "$PY" -c 'import bigopt, deepspeed, ray' 2>/dev/null || pip_install -e .
   "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
   torch.cuda.get_device_name())'
-  args+=(--models "${MODELS:-gpt2-124m,gpt2-350m}" --precisions "${PRECISIONS:-bf16,fp16}"
-         --steps "${STEPS:-60}" --batch "${BATCH:-16}")
+  args+=(--steps "${STEPS:-60}" --batch "${BATCH:-16}")
+  [[ -n "${MATRIX:-}" ]] && args+=(--matrix "$MATRIX")
 fi
 
 export PYTHONUNBUFFERED=1

@@ -57,7 +57,9 @@ class DDPEngine:
         self.optimizer = (
             torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)
             if train.optimizer == "sgd"
-            else torch.optim.AdamW(groups, lr=train.lr, betas=train.betas, eps=1e-8))
+            # fused: one kernel for all parameters on CUDA (measured on an H200, BENCHMARKS 9)
+            else torch.optim.AdamW(groups, lr=train.lr, betas=train.betas, eps=1e-8,
+                                   **({"fused": True} if device.type == "cuda" else {})))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(train.schedule, train.max_steps))
         self.grad_accum, self.clip_grad, self.device = train.grad_accum, train.clip_grad, device

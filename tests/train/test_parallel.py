@@ -100,6 +100,32 @@ def test_dynamic_loss_scaler_follows_our_fp16_fields():
     for _ in range(20):
         scaler.update_scale(overflow=True)
     assert scaler.cur_scale == 2         # floor
+
+    # The GPU benchmark's replay of this rule (benchmarks/gpu.py check_loss_scale, which judged
+    # the H200 fp16 run in BENCHMARKS 2a) agrees with the scaler step by step, and catches a
+    # scale that strays from it.
+    import importlib.util
+    import random
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu.py"
+    module_spec = importlib.util.spec_from_file_location("gpu_benchmark", path)
+    gpu = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(gpu)
+    rule = {"initial_scale_power": 10, "loss_scale_window": 4, "hysteresis": 2,
+            "min_loss_scale": 1}
+    scaler = DynamicLossScaler(init_scale=2 ** 10, scale_window=4, min_scale=1, delayed_shift=2,
+                               consecutive_hysteresis=False, raise_error_at_min_scale=False)
+    rows, skipped, rng = [], 0, random.Random(0)
+    for step in range(1, 61):
+        overflow = step <= 6 or rng.random() < 0.15
+        scaler.update_scale(overflow)
+        skipped += overflow
+        rows.append({"step": step, "loss_scale": scaler.cur_scale, "skipped_steps": skipped})
+    check = gpu.check_loss_scale(rows, **rule)
+    assert check["ok"] and check["growths"] > 0 and check["halvings"] > 0, check
+    rows[40]["loss_scale"] *= 2
+    assert not gpu.check_loss_scale(rows, **rule)["ok"]
     dist.destroy_process_group()
 
 
