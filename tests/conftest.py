@@ -47,7 +47,9 @@ def s3_server():
     proc = None
     if not endpoint:
         port = free_port()
-        proc = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)],
+        # this interpreter's moto, not whichever `moto_server` comes first on PATH
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                                 "-p", str(port)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         endpoint = f"http://127.0.0.1:{port}"
         os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")

@@ -2,7 +2,9 @@
 
 ``make_spec``/``spec_dict`` build a job spec from a small base merged with what the test
 says: nested dicts merge key by key, ``None`` removes a section. ``TINY`` is a complete small
-run (stdlib text, a 2-layer GPT, 2 workers, fp32): cheap enough for many Ray Train runs.
+run (stdlib text, a 2-layer GPT, 2 workers) with the user's defaults (precision auto: bf16 on
+CPU; the default data order and failure handling): cheap enough for many Ray Train runs. A test
+that needs another precision sets it and says why.
 ``BARE`` is the least a spec holds, for validation tests.
 """
 
@@ -23,7 +25,7 @@ TINY: dict[str, Any] = {
     "data": {"source": {"kind": "text_tree", "path": "stdlib", "max_files": 40},
              "split": {"val": 0.1}},
     "model": {"kind": "gpt", "n_layer": 2, "n_head": 2, "d_model": 32, "context": 32},
-    "train": {"strategy": "deepspeed", "zero": {"stage": 0}, "precision": "fp32", "batch_size": 4,
+    "train": {"strategy": "deepspeed", "zero": {"stage": 0}, "batch_size": 4,
               "max_steps": 20, "log_every": 1, "eval_every": 0, "eval_batches": 2,
               "checkpoint_every": 10, "keep_last": 2, "seed": 0},
 }
