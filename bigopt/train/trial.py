@@ -1,10 +1,16 @@
 """The trainer inside a Ray Tune trial: a search stage's trials train with bigopt's own loop.
 
 Small trials (``cluster.num_workers: 1``) run in the trial's own process, with a one-rank
-process group; large ones run a ``TorchTrainer`` inside the trial, whose reports reach Tune
-through Ray's ``TuneReportCallback``. Either way every eval's ``val_loss`` reaches Tune's
-scheduler (ASHA stops on it, PBT exploits on it), each trial writes its own run dir, and all
-trials read one prepared data artifact.
+process group; large ones run a ``TorchTrainer`` inside the trial. Either way every eval's
+``val_loss`` reaches Tune's scheduler (ASHA stops on it, PBT and PB2 exploit on it) together
+with the checkpoint taken at that step, each trial writes its own run dir, and all trials read
+one prepared data artifact.
+
+PBT's exploit restarts a trial from the donor's checkpoint (``tune.get_checkpoint()``): the
+one-worker trial loads it in its process; the multi-worker trial hands it to its TorchTrainer as
+the checkpoint to resume from. Ray's own ``TuneReportCallback`` forwards a TorchTrainer's
+metrics to Tune without the checkpoint (only its path, as a metric), which would leave PBT
+nothing to copy; ``CheckpointRelay`` forwards both.
 """
 
 from __future__ import annotations
@@ -59,6 +65,84 @@ def train_in_process(job: ResolvedJob, data: DataArtifact, out: RunDir, reporter
             dist.destroy_process_group()
 
 
+#: the key under which ``CheckpointRelay`` passes a report's checkpoint folder name
+CHECKPOINT_NAME_KEY = "__bigopt_checkpoint__"
+
+
+def _relay_callback(queue: Any) -> Any:
+    """A Ray Train callback (it runs in the TorchTrainer's controller) that puts each report's
+    metrics, and the name of the checkpoint folder it persisted, on ``queue``."""
+    from ray.train.v2.api.callback import UserCallback
+
+    class CheckpointRelay(UserCallback):
+        def __init__(self, queue: Any):
+            self.queue = queue
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]],
+                         checkpoint: Any) -> None:
+            item = dict(metrics[0])  # rank 0's metrics: the ones bigopt's trainer reports
+            if checkpoint is not None:
+                item[CHECKPOINT_NAME_KEY] = os.path.basename(checkpoint.path.rstrip("/"))
+            self.queue.put(item)
+
+    return CheckpointRelay(queue)
+
+
+def checkpoint_uri(checkpoint: Any) -> str:
+    """A Ray checkpoint's location as bigopt URIs are written (a path, or ``s3://...``)."""
+    import pyarrow.fs as pafs
+
+    if isinstance(checkpoint.filesystem, pafs.S3FileSystem):
+        return "s3://" + checkpoint.path.lstrip("/")
+    return checkpoint.path
+
+
+def train_with_workers(job: ResolvedJob, data: DataArtifact, out: RunDir, *,
+                       hooks: TrainHooks | None, resume_uri: str | None) -> None:
+    """Run a TorchTrainer for the trial and report each of its results to Tune with its
+    checkpoint, from the trial's own thread (``tune.report`` is the trial session's)."""
+    import queue as queue_module
+    import threading
+
+    import ray.train
+    from ray import tune
+    from ray.util.queue import Empty, Queue
+
+    from bigopt.train.layout import CHECKPOINTS
+    from bigopt.train.stage import train_stage
+
+    relay = Queue(actor_options={"num_cpus": 0})
+    failure: queue_module.SimpleQueue[BaseException] = queue_module.SimpleQueue()
+
+    def fit() -> None:
+        try:
+            # trust_checkpoint: the resume point is this search's own trial checkpoint (PBT's
+            # donor), not a file from outside the run
+            train_stage(job, {"data": data}, out,
+                        StageOptions(hooks=hooks, ray_callbacks=[_relay_callback(relay)],
+                                     resume=resume_uri, trust_checkpoint=resume_uri is not None))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the trial's thread
+            failure.put(exc)
+
+    def forward(item: dict[str, Any]) -> None:
+        name = item.pop(CHECKPOINT_NAME_KEY, None)
+        checkpoint = (ray.train.Checkpoint(out.sub(f"{CHECKPOINTS}/{name}"), filesystem=out.fs)
+                      if name else None)
+        tune.report({**item, "trial_run": out.parent.uri}, checkpoint=checkpoint)
+
+    worker = threading.Thread(target=fit, name="bigopt-trial-fit", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        try:
+            forward(relay.get(timeout=0.5))
+        except Empty:
+            pass
+    while not relay.empty():
+        forward(relay.get())
+    if not failure.empty():
+        raise failure.get()
+
+
 def tune_trainable(spec: JobSpec, data: DataArtifact, *, hooks: TrainHooks | None = None,
                    to_values: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                    trials_dir: str | None = None) -> Callable[[dict[str, Any]], None]:
@@ -81,11 +165,10 @@ def tune_trainable(spec: JobSpec, data: DataArtifact, *, hooks: TrainHooks | Non
             train_in_process(job, data, out, TuneReporter(out, keep_last=job.spec.train.keep_last),
                              hooks=hooks)
         else:
-            from ray.tune.integration.ray_train import TuneReportCallback
+            from ray import tune
 
-            from bigopt.train.stage import train_stage
-
-            train_stage(job, {"data": data}, out,
-                        StageOptions(hooks=hooks, ray_callbacks=[TuneReportCallback()]))
+            donor = tune.get_checkpoint()  # set when PBT/PB2 exploited another trial
+            train_with_workers(job, data, out, hooks=hooks,
+                               resume_uri=checkpoint_uri(donor) if donor is not None else None)
 
     return trainable

@@ -131,18 +131,26 @@ def _digest(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-@pytest.mark.parametrize("kind", ["pbt", "pb2"])
-def test_pbt_exploit_continues_from_the_donor_checkpoint_step_and_weights(ray_session, tmp_path, kind):
+@pytest.mark.parametrize("kind,workers,precision", [
+    ("pbt", 1, "auto"), ("pb2", 1, "auto"),
+    ("pbt", 1, "fp32"),   # the user's default is auto (bf16 on CPU); fp32 is the other common one
+    ("pbt", 2, "auto"),   # a TorchTrainer inside each trial
+])
+def test_pbt_exploit_continues_from_the_donor_checkpoint_step_and_weights(
+        ray_session, tmp_path, kind, workers, precision):
     # two trials; one lr far too small: at each interval the worse copies the better, then
     # changes lr and batch size (PBT: perturbs or resamples; PB2: a GP bandit's pick)
     mutate = {"train.lr": {"loguniform": [1e-6, 3e-2]}, "train.batch_size": {"randint": [16, 64]}}
+    # 2 trials x 2 workers x 0.5 CPU fit the session's 3 CPUs, with one left for Ray Data
+    cluster = ({"cluster.num_workers": 1} if workers == 1 else
+               {"cluster.num_workers": 2, "cluster.cpus_per_worker": 0.5})
     spec = parse_spec(search_spec(
         tmp_path, searcher="random", num_trials=2, max_concurrent=2,
         space={"train.lr": {"choice": [1e-6, 2e-2]}, "train.batch_size": {"choice": [32]}},
         scheduler={"kind": kind, "interval_steps": 10, "quantile": 0.5, "mutate": mutate,
                    "synch": True},  # both trials meet at each interval: an exploit every time
         trial={"train.max_steps": 40, "train.eval_every": 10, "train.checkpoint_every": 10,
-               "train.keep_last": 10, "cluster.num_workers": 1}))
+               "train.keep_last": 10, "train.precision": precision, **cluster}))
     run = bigopt.run(spec, stages=["data", "search"]).run_uri
     exploited = []
     for result_path in glob.glob(os.path.join(run, "search", "trials", "*", "train", "result.json")):
@@ -151,11 +159,19 @@ def test_pbt_exploit_continues_from_the_donor_checkpoint_step_and_weights(ray_se
             exploited.append(result)
     assert exploited, "no trial was exploited"
     for result in exploited:
-        donor = result["resumed_checkpoint"]
-        state = json.load(open(os.path.join(donor, "bigopt_state.json")))
-        assert result["resumed_from"] == state["step"] > 0
-        saved = torch.load(os.path.join(donor, "ddp_state.pt"), weights_only=True)["model"]
-        assert result["resumed_weights_sha256"] == _digest(saved)
+        # Tune hands the trial a copy of the donor's checkpoint (and keeps only the newest 2
+        # per trial, so the copy may be gone by now); the donor trial's own checkpoint at that
+        # step is the original: the weights loaded must be exactly those of one of them.
+        step = result["resumed_from"]
+        assert step > 0 and "search/tune/" in result["resumed_checkpoint"]
+        originals = glob.glob(os.path.join(run, "search", "trials", "*", "train", "checkpoints",
+                                           f"step_{step:06d}"))
+        digests = set()
+        for donor in originals:
+            assert json.load(open(os.path.join(donor, "bigopt_state.json")))["step"] == step
+            saved = torch.load(os.path.join(donor, "ddp_state.pt"), weights_only=True)["model"]
+            digests.add(_digest(saved))
+        assert result["resumed_weights_sha256"] in digests
         assert result["steps"] == 40  # and it went on to the end from there
     # the explored values reached the trials as valid spec values (an int batch size; PBT's
     # x0.8 / x1.2 perturbations may leave the initial range, by design)

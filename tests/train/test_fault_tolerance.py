@@ -37,12 +37,16 @@ def newest_complete_step(run_root) -> int:
     return max(steps, default=0)
 
 
-def test_worker_sigkill_resumes_and_completes(ray_session, tmp_path, repo_root):
+# None: the spec leaves precision to its default (auto: bf16 on CPU), as users do; a bf16
+# restart once died in the weights digest while the fp32-only test passed. fp32: the other.
+@pytest.mark.parametrize("precision", [None, "fp32"], ids=["default-precision", "fp32"])
+def test_worker_sigkill_resumes_and_completes(ray_session, tmp_path, repo_root, precision):
     steps, every = 100, 20  # steps: room for the kill to land before the run ends
     # no train.max_failures: the default must survive a failure when checkpoints are on
     spec = spec_dict(tmp_path, name="ft", data={"source": {"max_files": 30}},
                      train={"zero": {"stage": 2}, "max_steps": steps, "eval_batches": 1,
-                            "checkpoint_every": every})  # the default (seeded) data order
+                            "checkpoint_every": every,  # the default (seeded) data order
+                            **({"precision": precision} if precision else {})})
     (tmp_path / "ft.yaml").write_text(yaml.safe_dump(spec))
     log = open(tmp_path / "run.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "bigopt.cli", "run", str(tmp_path / "ft.yaml")],
