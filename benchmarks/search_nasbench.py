@@ -71,6 +71,15 @@ def evaluate(table: Table, config: dict[str, Any], run_seed: int, trial_index: i
 
 
 def make_searcher(name: str, seed: int, queries: int, **overrides: Any) -> Searcher:
+    if name in ("evolution-default", "rl-default", "random-default", "tpe-default"):
+        # what a user gets: the search stage's own builder on a search section left at its
+        # defaults (searcher, seed and num_trials set)
+        from bigopt.search.spec import SearchSpec
+        from bigopt.search.stage import build_searcher
+
+        kind = name.split("-")[0]
+        search = SearchSpec.model_validate({"searcher": kind, "seed": seed, "num_trials": queries})
+        return build_searcher(search, SPACE, METRIC, "max")
     if name == "random":
         return RandomSearcher(SPACE, METRIC, "max", seed=seed, max_trials=queries)
     if name == "evolution":
@@ -89,7 +98,8 @@ def make_searcher(name: str, seed: int, queries: int, **overrides: Any) -> Searc
     raise ValueError(f"searcher: {name!r}")
 
 
-SEARCHERS = ["random", "evolution", "evolution-paper", "rl-lstm", "rl-transformer", "tpe"]
+SEARCHERS = ["random", "evolution-default", "evolution", "evolution-paper", "rl-default",
+             "rl-transformer", "tpe"]
 
 
 def drive(searcher: Searcher, table: Table, run_seed: int, queries: int) -> list[tuple[str, float]]:
@@ -198,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     header = ("| data set | searcher | acc | observed | regret | x random | x TPE | "
               "published (150 seeds) |")
     print(header + "\n|" + "---|" * 8)
+    paired: list[str] = []
     for label in datasets:
         table = load_table(DATASETS[label])
         top = max(statistics.fmean(v) for v in table.values())
@@ -213,6 +224,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {label} | {n} | {acc:.2f} +- {acc_se:.2f} | {obs:.2f} +- {obs_se:.2f} | "
                   f"{regret[n]:.2f} | {vs[0]} | {vs[1]} | {pub} |", flush=True)
         print(f"| {label} | best cell | {top:.2f} | | 0 | | | {published['best cell']:.2f} |", flush=True)
+        for base in ("random", "tpe"):
+            if base not in res:
+                continue
+            for n in names:
+                if n == base:
+                    continue
+                diffs = [a - b for (a, _), (b, _) in zip(res[n], res[base], strict=True)]
+                mean, se = stats(diffs)
+                wins = sum(d > 0 for d in diffs)
+                losses = sum(d < 0 for d in diffs)
+                verdict = ("not shown" if abs(mean) < 1.96 * se else
+                           "better" if mean > 0 else "worse")
+                paired.append(f"| {label} | {n} - {base} | {mean:+.3f} +- {se:.3f} | "
+                              f"{wins} / {len(diffs) - wins - losses} / {losses} | {verdict} |")
+    print(f"\nPaired differences over the same seeds ({len(seeds)}): acc(searcher) - acc(base), "
+          "mean +- s.e.; 'not shown' where the 95 % interval includes zero\n")
+    print("| data set | pair | difference (points) | wins / ties / losses | reading |\n|---|---|---|---|---|")
+    print("\n".join(paired))
     print(f"\nwall time (direct path): {time.time() - started:.0f} s")
     if args.verify_tuner:
         import tempfile
