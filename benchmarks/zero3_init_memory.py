@@ -48,19 +48,17 @@ MB = 2**20
 
 
 def ds_config() -> dict[str, Any]:
-    """What bigopt.train.parallel.build_deepspeed_config gives for ZeRO-3, bf16, AdamW, 2 ranks."""
-    return {
-        "train_micro_batch_size_per_gpu": BATCH,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": BATCH * WORLD,
-        "gradient_clipping": 1.0,
-        "optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                  "weight_decay": 0.1, "torch_adam": True}},
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-        "bf16": {"enabled": True},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
+    """bigopt's own DeepSpeed config for this model (``build_deepspeed_config``, the builder
+    the trainer calls): ZeRO-3, bf16, AdamW, 2 ranks."""
+    sys.path.insert(0, str(REPO))
+    from bigopt.spec import parse_spec
+    from bigopt.train.parallel import Layout, build_deepspeed_config
+
+    spec = parse_spec({"name": "zero3-init", "cluster": {"num_workers": WORLD},
+                       "model": {"kind": "gpt", **MODEL},
+                       "train": {"strategy": "deepspeed", "zero": {"stage": 3}, "precision": "bf16",
+                                 "batch_size": BATCH, "lr": 3e-4}})
+    return build_deepspeed_config(spec, Layout(WORLD, 1, 3), "bf16")
 
 
 def rss_mb() -> float:

@@ -170,6 +170,8 @@ class RLSearcher(_SeededSearcher):
     one config early; ``baseline_decay``: EMA decay of the reward baseline and of its spread;
     ``advantage_clip``: bound on one trial's normalised advantage; ``tanh_constant``: if set,
     logits are squashed to ``+-tanh_constant`` (ENAS), capping any choice's odds.
+    ``candidates`` > 1: that many samples per suggestion, of which the one
+    ``bigopt.search.surrogate.DensityRatio`` ranks first is tried (predictor-guided sampling).
     ``dedupe`` (default on): a sampled point already tried (by ``canonical``, as for
     ``EvolutionSearcher``) is sampled again, up to ``MAX_REDRAWS`` times: as the policy sharpens
     it re-draws its favourites, and re-training a known point spends a trial on nothing
@@ -188,8 +190,12 @@ class RLSearcher(_SeededSearcher):
                  heads: int = 2, bins: int = 8, lr: float | None = None, entropy_weight: float = 0.05,
                  baseline_decay: float = 0.9, advantage_clip: float = 3.0,
                  tanh_constant: float | None = None,
-                 canonical: Callable[[dict[str, Any]], Any] | None = None, dedupe: bool = True):
+                 canonical: Callable[[dict[str, Any]], Any] | None = None, dedupe: bool = True,
+                 candidates: int = 1):
         super().__init__(space, metric, mode, seed=seed, max_trials=max_trials)
+        if candidates < 1:
+            raise ValueError(f"candidates: {candidates} must be >= 1")
+        self.candidates = candidates
         self.canonical = (canonical or (lambda config: config)) if dedupe else None
         if not 0.0 <= baseline_decay < 1.0:
             raise ValueError(f"baseline_decay: {baseline_decay} must be in [0, 1)")
@@ -214,7 +220,13 @@ class RLSearcher(_SeededSearcher):
         return config
 
     def _next_config(self) -> dict[str, Any]:
-        return self._unseen(self._sample(), lambda _: self._sample())  # a tried point: ask again
+        options = []
+        for _ in range(self.candidates):
+            config = self._unseen(self._sample(), lambda _: self._sample())  # tried: ask again
+            options.append((config, self._last_actions))
+        # the policy learns from the actions of the sample that is tried
+        config, self._last_actions = self._choose(options, lambda option: option[0])
+        return config
 
     def _sample(self) -> dict[str, Any]:
         actions: list[int] = []

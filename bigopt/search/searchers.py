@@ -72,6 +72,22 @@ class _SeededSearcher(Searcher):
             config = redraw(config)
         return config
 
+    #: points drawn per suggestion, of which the surrogate's favourite is tried (1: none)
+    candidates: int = 1
+    #: completed trials before the surrogate ranks candidates (until then: the first one)
+    SURROGATE_MIN_TRIALS = 8
+
+    def _choose(self, options: list[Any], config_of: Callable[[Any], dict[str, Any]]) -> Any:
+        """The option whose config ``DensityRatio`` (TPE's l/g, fitted on the completed
+        trials) ranks first; the first option while there are too few trials to fit it."""
+        scored = [(c, s) for c, s in self.history if s is not None]
+        if len(options) == 1 or len(scored) < self.SURROGATE_MIN_TRIALS:
+            return options[0]
+        from bigopt.search.surrogate import DensityRatio
+
+        model = DensityRatio(self.space).fit([c for c, _ in scored], [s for _, s in scored])
+        return options[int(np.argmax(model.score([config_of(o) for o in options])))]
+
     def score(self, result: dict[str, Any] | None) -> float | None:
         """The metric oriented so that larger is better, or None for a failed trial."""
         if not result or self.metric not in result or result[self.metric] is None:
@@ -146,13 +162,21 @@ class EvolutionSearcher(_SeededSearcher):
     brings evolution level with TPE on CIFAR-100 and ImageNet16-120). ``canonical`` maps a
     config to the form that decides the trained model (for an architecture space,
     ``bigopt.search.arch.active``: decisions that do not shape the model nulled); default: the
-    config itself. ``dedupe=False`` is the paper's algorithm, which may repeat points."""
+    config itself. ``dedupe=False`` is the paper's algorithm, which may repeat points.
+
+    ``candidates`` > 1: each suggestion breeds that many children (a tournament and a mutation
+    each) and tries the one ``bigopt.search.surrogate.DensityRatio`` ranks first
+    (surrogate-assisted evolution; on NAS-Bench-201 it brings evolution level with TPE,
+    BENCHMARKS.md 5). 1: the paper's single child."""
 
     def __init__(self, space: dict[str, Any], metric: str, mode: str, *, seed: int = 0,
                  max_trials: int | None = None, population: int = 20, tournament: int = 5,
                  mutations: int = 1, canonical: Callable[[dict[str, Any]], Any] | None = None,
-                 dedupe: bool = True):
+                 dedupe: bool = True, candidates: int = 1):
         super().__init__(space, metric, mode, seed=seed, max_trials=max_trials)
+        if candidates < 1:
+            raise ValueError(f"candidates: {candidates} must be >= 1")
+        self.candidates = candidates
         self.canonical = (canonical or (lambda config: config)) if dedupe else None
         if not 1 <= tournament <= population:
             raise ValueError(f"tournament: {tournament} must be between 1 and population={population}")
@@ -178,6 +202,9 @@ class EvolutionSearcher(_SeededSearcher):
     def _next_config(self) -> dict[str, Any]:
         if len(self.population) < self.population_size:
             return self.space.sample(self.rng)
+        return self._choose([self._child() for _ in range(self.candidates)], lambda c: c)
+
+    def _child(self) -> dict[str, Any]:
         picks = self.rng.choice(len(self.population), size=self.tournament, replace=False)
         parent = max((self.population[int(i)] for i in picks), key=lambda member: member[1])[0]
         child = self.space.mutate(parent, self.rng, n=self.mutations)

@@ -72,6 +72,9 @@ class EvolutionOptions(Section):
     population: int = Field(8, ge=2)
     tournament: int = Field(3, ge=1)
     mutations: int = Field(1, ge=1, description="Decisions changed per child.")
+    candidates: int = Field(
+        8, ge=1, description="Children bred per trial; the one a TPE-style density ratio of the "
+        "trials so far ranks first is trained (1: plain regularized evolution).")
 
 
 class RLOptions(Section):
@@ -81,6 +84,9 @@ class RLOptions(Section):
     lr: float | None = Field(None, gt=0)
     entropy_weight: float | None = Field(None, ge=0)
     baseline_decay: float | None = Field(None, ge=0, lt=1)
+    candidates: int = Field(
+        8, ge=1, description="Policy samples per trial; the one a TPE-style density ratio of the "
+        "trials so far ranks first is trained (1: plain REINFORCE).")
 
 
 class SchedulerSpec(Section):

@@ -66,7 +66,8 @@ def build_searcher(search: SearchSpec, space: dict[str, Any], metric: str, mode:
     if search.searcher == "evolution":
         e = search.evolution
         return EvolutionSearcher(space, metric, mode, seed=search.seed, population=e.population,
-                                 tournament=e.tournament, mutations=e.mutations, canonical=active)
+                                 tournament=e.tournament, mutations=e.mutations,
+                                 candidates=e.candidates, canonical=active)
     if search.searcher == "rl":
         from bigopt.search.rl import RLSearcher
 
