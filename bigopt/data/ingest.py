@@ -24,11 +24,14 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 def epoch_batches(shard: Any, *, batch_size: int, seed: int, dp: int = 1, dp_rank: int = 0,
                   shuffle_buffer: int = 0, columns: tuple[str, str] = ("input_ids", "labels"),
-                  device: torch.device | None = None, augment: Any = None) -> Iterator[Batch]:
+                  device: torch.device | None = None, augment: Any = None,
+                  float_dtype: torch.dtype | None = None) -> Iterator[Batch]:
     """Endless ``(inputs, targets)`` batches; each pass over the shard is a new epoch.
 
     A local shuffle buffer reseeded per epoch gives a per-epoch shuffle that is still
     reproducible. With ``dp > 1`` only every ``dp``-th batch is kept (deterministic mode).
+    ``float_dtype``: floating inputs (images, features) are cast to it: a DeepSpeed engine in
+    bf16 or fp16 holds its weights in that dtype and does not cast its inputs.
     """
     x_col, y_col = columns
     epoch = 0
@@ -54,8 +57,7 @@ def epoch_batches(shard: Any, *, batch_size: int, seed: int, dp: int = 1, dp_ran
                 continue
             kept += 1
             x, y = batch[x_col], batch[y_col]
-            if not torch.is_floating_point(x):
-                x = x.long()
+            x = x.long() if not torch.is_floating_point(x) else x.to(float_dtype or x.dtype)
             yield (x.to(device) if device else x), (y.long().to(device) if device else y.long())
         if kept == 0:
             raise ValueError(

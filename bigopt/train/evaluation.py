@@ -24,7 +24,8 @@ def evaluate(trainer: Trainer) -> float:
         # The same first batches every time: evals are comparable across steps, and
         # holding them in memory avoids starting a Ray Data execution per eval.
         val = epoch_batches(trainer.val_data, batch_size=train.batch_size, seed=0, dp=dp,
-                            dp_rank=dp_rank, columns=trainer.columns, device=trainer.device)
+                            dp_rank=dp_rank, columns=trainer.columns, device=trainer.device,
+                            float_dtype=trainer.input_dtype)
         trainer._val_batches = [next(val) for _ in range(train.eval_batches)]
     trainer.engine.eval()
     losses, counts = [], {}
@@ -66,7 +67,8 @@ def evaluate_test(trainer: Trainer) -> dict[str, float]:
         if i % dp != dp_rank:
             continue
         x, y = batch[x_col], batch[y_col].long()
-        x = (x if torch.is_floating_point(x) else x.long()).to(trainer.device)
+        x = (x.to(trainer.input_dtype or x.dtype) if torch.is_floating_point(x)
+             else x.long()).to(trainer.device)
         y = y.to(trainer.device)
         out = trainer.engine(x)
         mine, first = mine + 1, first if first is not None else x
@@ -84,6 +86,8 @@ def evaluate_test(trainer: Trainer) -> dict[str, float]:
     for _ in range(int(most.item()) - mine):
         if first is None:  # no batch at all here: a one-row stand-in of the model's input
             first = trainer.engine.module.example_input(1, device=trainer.device)[0]
+            if torch.is_floating_point(first) and trainer.input_dtype is not None:
+                first = first.to(trainer.input_dtype)
         trainer.engine(first)
     trainer.engine.train()
     world = torch.distributed.get_world_size()

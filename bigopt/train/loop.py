@@ -198,7 +198,15 @@ class Trainer:
             dp=self.layout.dp if self.deterministic else 1,
             dp_rank=dp_rank if self.deterministic else 0,
             shuffle_buffer=train.shuffle_buffer, columns=self.columns, device=self.device,
-            augment=self.train_time_augment(self.job)))
+            augment=self.train_time_augment(self.job), float_dtype=self.input_dtype))
+
+    @property
+    def input_dtype(self) -> torch.dtype | None:
+        """The dtype floating inputs must have: a DeepSpeed engine in bf16/fp16 holds its
+        weights in it and does not cast inputs (ddp autocasts fp32 weights: inputs stay)."""
+        if self.train_spec.strategy != "deepspeed":
+            return None
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
 
     def build_metrics(self, world_size: int) -> MetricsProcessor:
         """Throughput, MFU where the device's peak is known; rank 0 writes metrics.jsonl."""
@@ -298,8 +306,9 @@ class Trainer:
         if self.teacher is None:
             loss = self.loss_fn(output, target)
         else:
-            with torch.no_grad():
-                teacher_output = self.teacher(inputs)
+            with torch.no_grad():  # the teacher is an fp32 module
+                teacher_output = self.teacher(inputs.float() if inputs.is_floating_point()
+                                              else inputs)
             loss = self.loss_fn(output, target, teacher_output)
         for regularizer in self.hooks.regularizers:
             loss = loss + regularizer(self.engine.module)
