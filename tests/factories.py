@@ -107,3 +107,15 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def drive_searcher(searcher: Any, objective: Any, trials: int, *, start: int = 0,
+                   metric: str = "acc") -> list[dict[str, Any]]:
+    """Trials ``start``..``trials - 1`` of a Tune ``Searcher`` driven as a sequential Tuner
+    does (suggest -> on_trial_complete with ``objective(config)``); the configs, in order."""
+    configs = []
+    for i in range(start, trials):
+        config = searcher.suggest(f"t{i}")
+        configs.append(config)
+        searcher.on_trial_complete(f"t{i}", {metric: objective(config)})
+    return configs

@@ -22,6 +22,15 @@ import torch
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+def model_input(x: torch.Tensor, float_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A batch's inputs as a model takes them: token ids as int64, floating inputs (images,
+    features) in ``float_dtype`` when given (a DeepSpeed engine in bf16/fp16 holds its weights
+    in that dtype and does not cast its inputs)."""
+    if not torch.is_floating_point(x):
+        return x.long()
+    return x.to(float_dtype) if float_dtype is not None else x
+
+
 def epoch_batches(shard: Any, *, batch_size: int, seed: int, dp: int = 1, dp_rank: int = 0,
                   shuffle_buffer: int = 0, columns: tuple[str, str] = ("input_ids", "labels"),
                   device: torch.device | None = None, augment: Any = None,
@@ -30,8 +39,7 @@ def epoch_batches(shard: Any, *, batch_size: int, seed: int, dp: int = 1, dp_ran
 
     A local shuffle buffer reseeded per epoch gives a per-epoch shuffle that is still
     reproducible. With ``dp > 1`` only every ``dp``-th batch is kept (deterministic mode).
-    ``float_dtype``: floating inputs (images, features) are cast to it: a DeepSpeed engine in
-    bf16 or fp16 holds its weights in that dtype and does not cast its inputs.
+    Inputs go through ``model_input(x, float_dtype)``.
     """
     x_col, y_col = columns
     epoch = 0
@@ -57,7 +65,7 @@ def epoch_batches(shard: Any, *, batch_size: int, seed: int, dp: int = 1, dp_ran
                 continue
             kept += 1
             x, y = batch[x_col], batch[y_col]
-            x = x.long() if not torch.is_floating_point(x) else x.to(float_dtype or x.dtype)
+            x = model_input(x, float_dtype)
             yield (x.to(device) if device else x), (y.long().to(device) if device else y.long())
         if kept == 0:
             raise ValueError(

@@ -192,10 +192,8 @@ class RLSearcher(_SeededSearcher):
                  tanh_constant: float | None = None,
                  canonical: Callable[[dict[str, Any]], Any] | None = None, dedupe: bool = True,
                  candidates: int = 1):
-        super().__init__(space, metric, mode, seed=seed, max_trials=max_trials)
-        if candidates < 1:
-            raise ValueError(f"candidates: {candidates} must be >= 1")
-        self.candidates = candidates
+        super().__init__(space, metric, mode, seed=seed, max_trials=max_trials,
+                         candidates=candidates)
         self.canonical = (canonical or (lambda config: config)) if dedupe else None
         if not 0.0 <= baseline_decay < 1.0:
             raise ValueError(f"baseline_decay: {baseline_decay} must be in [0, 1)")

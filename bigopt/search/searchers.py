@@ -22,9 +22,12 @@ from bigopt.search.space import Space
 
 class _SeededSearcher(Searcher):
     def __init__(self, space: dict[str, Any], metric: str, mode: str, *, seed: int = 0,
-                 max_trials: int | None = None):
+                 max_trials: int | None = None, candidates: int = 1):
         if mode not in ("min", "max"):
             raise ValueError(f"mode: {mode!r} must be 'min' or 'max'")
+        if candidates < 1:
+            raise ValueError(f"candidates: {candidates} must be >= 1")
+        self.candidates = candidates
         super().__init__(metric=metric, mode=mode)
         self.space, self.seed, self.max_trials = Space(space), seed, max_trials
         self.rng = np.random.default_rng(seed)
@@ -72,14 +75,13 @@ class _SeededSearcher(Searcher):
             config = redraw(config)
         return config
 
-    #: points drawn per suggestion, of which the surrogate's favourite is tried (1: none)
-    candidates: int = 1
     #: completed trials before the surrogate ranks candidates (until then: the first one)
     SURROGATE_MIN_TRIALS = 8
 
     def _choose(self, options: list[Any], config_of: Callable[[Any], dict[str, Any]]) -> Any:
-        """The option whose config ``DensityRatio`` (TPE's l/g, fitted on the completed
-        trials) ranks first; the first option while there are too few trials to fit it."""
+        """Of the ``candidates`` options drawn for one suggestion, the one whose config
+        ``DensityRatio`` (TPE's l/g, fitted on the completed trials) ranks first; the first
+        option while there are too few trials to fit it."""
         scored = [(c, s) for c, s in self.history if s is not None]
         if len(options) == 1 or len(scored) < self.SURROGATE_MIN_TRIALS:
             return options[0]
@@ -173,10 +175,8 @@ class EvolutionSearcher(_SeededSearcher):
                  max_trials: int | None = None, population: int = 20, tournament: int = 5,
                  mutations: int = 1, canonical: Callable[[dict[str, Any]], Any] | None = None,
                  dedupe: bool = True, candidates: int = 1):
-        super().__init__(space, metric, mode, seed=seed, max_trials=max_trials)
-        if candidates < 1:
-            raise ValueError(f"candidates: {candidates} must be >= 1")
-        self.candidates = candidates
+        super().__init__(space, metric, mode, seed=seed, max_trials=max_trials,
+                         candidates=candidates)
         self.canonical = (canonical or (lambda config: config)) if dedupe else None
         if not 1 <= tournament <= population:
             raise ValueError(f"tournament: {tournament} must be between 1 and population={population}")

@@ -57,7 +57,7 @@ class DDPEngine:
         self.optimizer = (
             torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)
             if train.optimizer == "sgd"
-            # fused: one kernel for all parameters on CUDA (measured on an H200, BENCHMARKS 9)
+            # fused: one kernel for all parameters on CUDA (measured on an H200, BENCHMARKS.md 2)
             else torch.optim.AdamW(groups, lr=train.lr, betas=train.betas, eps=1e-8,
                                    **({"fused": True} if device.type == "cuda" else {})))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from bigopt.data.ingest import epoch_batches
+from bigopt.data.ingest import epoch_batches, model_input
 
 if TYPE_CHECKING:
     from bigopt.train.loop import Trainer
@@ -67,8 +67,7 @@ def evaluate_test(trainer: Trainer) -> dict[str, float]:
         if i % dp != dp_rank:
             continue
         x, y = batch[x_col], batch[y_col].long()
-        x = (x.to(trainer.input_dtype or x.dtype) if torch.is_floating_point(x)
-             else x.long()).to(trainer.device)
+        x = model_input(x, trainer.input_dtype).to(trainer.device)
         y = y.to(trainer.device)
         out = trainer.engine(x)
         mine, first = mine + 1, first if first is not None else x
@@ -85,9 +84,8 @@ def evaluate_test(trainer: Trainer) -> dict[str, float]:
     torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
     for _ in range(int(most.item()) - mine):
         if first is None:  # no batch at all here: a one-row stand-in of the model's input
-            first = trainer.engine.module.example_input(1, device=trainer.device)[0]
-            if torch.is_floating_point(first) and trainer.input_dtype is not None:
-                first = first.to(trainer.input_dtype)
+            first = model_input(trainer.engine.module.example_input(1, device=trainer.device)[0],
+                                trainer.input_dtype)
         trainer.engine(first)
     trainer.engine.train()
     world = torch.distributed.get_world_size()

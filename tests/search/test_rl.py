@@ -12,6 +12,8 @@ from ray import tune
 from bigopt.search import RandomSearcher, RLSearcher
 from bigopt.search.rl import choices_for
 
+from factories import drive_searcher
+
 SPACE = {"model": {"depth": tune.choice([1, 2, 3, 4, 5, 6, 7, 8]),
                    "width": tune.choice([16, 32, 64, 128, 256])},
          "train": {"lr": tune.loguniform(1e-4, 1e-1), "batch_size": tune.randint(8, 65),
@@ -26,12 +28,7 @@ def objective(config) -> float:
 
 
 def drive(searcher, trials: int, *, start: int = 0) -> list[dict]:
-    configs = []
-    for i in range(start, trials):
-        config = searcher.suggest(f"t{i}")
-        configs.append(config)
-        searcher.on_trial_complete(f"t{i}", {"acc": objective(config)})
-    return configs
+    return drive_searcher(searcher, objective, trials, start=start)
 
 
 def test_choices_cover_each_range_within_bounds_and_quantization():

@@ -8,6 +8,8 @@ from ray import tune
 from bigopt.search import EvolutionSearcher, RandomSearcher, RLSearcher
 from bigopt.search.space import Space
 
+from factories import drive_searcher
+
 SPACE = {"model": {"depth": tune.choice([1, 2, 3, 4, 5, 6, 7, 8]),
                    "width": tune.choice([16, 32, 64, 128, 256])},
          "train": {"lr": tune.loguniform(1e-4, 1e-1), "batch_size": tune.randint(8, 65),
@@ -23,13 +25,8 @@ def objective(config) -> float:
             - abs(math.log10(config["train.lr"]) + 2))
 
 
-def drive(searcher, trials: int, *, stop_after: int | None = None) -> list[dict]:
-    configs = []
-    for i in range(trials if stop_after is None else stop_after):
-        config = searcher.suggest(f"t{i}")
-        configs.append(config)
-        searcher.on_trial_complete(f"t{i}", {"acc": objective(config)})
-    return configs
+def drive(searcher, trials: int, *, start: int = 0) -> list[dict]:
+    return drive_searcher(searcher, objective, trials, start=start)
 
 
 def test_space_samples_within_domains_and_keeps_constants():
@@ -63,7 +60,7 @@ def test_save_restore_resumes_with_the_same_next_suggestions(cls, tmp_path):
                   if cls is EvolutionSearcher else cls(SPACE, metric="acc", mode="max", seed=1), 30)
     kwargs = {"population": 10, "tournament": 3} if cls is EvolutionSearcher else {}
     first = cls(SPACE, metric="acc", mode="max", seed=1, **kwargs)
-    drive(first, 30, stop_after=17)
+    drive(first, 17)
     first.save(str(tmp_path / "s.json"))
     again = cls(SPACE, metric="acc", mode="max", seed=99, **kwargs)  # seed comes from the file
     again.restore(str(tmp_path / "s.json"))

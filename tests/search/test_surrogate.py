@@ -11,6 +11,8 @@ from bigopt.search import EvolutionSearcher, RLSearcher
 from bigopt.search.space import Space
 from bigopt.search.surrogate import DensityRatio
 
+from factories import drive_searcher
+
 SPACE = {"width": tune.choice([[8, 8], [16, 16], [32, 32]]),  # unhashable choices
          "op": tune.choice(["conv", "pool", "none"]),
          "lr": tune.loguniform(1e-4, 1e-1)}
@@ -36,13 +38,8 @@ def objective(config) -> float:
             - abs(np.log10(config["lr"]) + 2))
 
 
-def drive(searcher, trials: int, start: int = 0) -> list[dict]:
-    out = []
-    for i in range(start, trials):
-        config = searcher.suggest(f"t{i}")
-        out.append(config)
-        searcher.on_trial_complete(f"t{i}", {"acc": objective(config)})
-    return out
+def drive(searcher, trials: int, *, start: int = 0) -> list[dict]:
+    return drive_searcher(searcher, objective, trials, start=start)
 
 
 @pytest.mark.parametrize("cls,kwargs", [(EvolutionSearcher, {"population": 6, "tournament": 2}),
