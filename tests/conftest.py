@@ -24,9 +24,14 @@ import pytest  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # `factories` (the shared spec factory and free-port helper) and tests/integration's
 # `ray_helpers` are plain modules; --import-mode=importlib puts no test dir on sys.path.
-for _dir in (os.path.join(REPO, "tests"), os.path.join(REPO, "tests", "integration")):
+_HELPER_DIRS = (os.path.join(REPO, "tests"), os.path.join(REPO, "tests", "integration"))
+for _dir in _HELPER_DIRS:
     if _dir not in sys.path:
         sys.path.insert(0, _dir)
+# Ray workers unpickle a test's closures by importing the test module, which imports
+# `factories`: they need the same dirs, and they inherit this environment from ray.init.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [*_HELPER_DIRS, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
 
 from factories import free_port  # noqa: E402
 
