@@ -119,3 +119,42 @@ def drive_searcher(searcher: Any, objective: Any, trials: int, *, start: int = 0
         configs.append(config)
         searcher.on_trial_complete(f"t{i}", {metric: objective(config)})
     return configs
+
+
+def rejected_rows(run: Any, step: str | None = None) -> list[dict[str, Any]]:
+    """Every row of ``<run>/data/rejects/**/*.parquet`` (a RunDir), or only ``step``'s."""
+    import pyarrow.parquet as pq
+
+    rows = []
+    for rel in run.list("data/rejects"):
+        if rel.endswith(".parquet"):
+            with run.fs.open_input_file(run.sub(rel)) as f:
+                rows += pq.read_table(f).to_pylist()
+    return [r for r in rows if step is None or r["step"] == step]
+
+
+def dirty_text_rows(files: int = 60, seed: int = 0) -> list[dict[str, Any]]:
+    """Rows ``{path, text, reject_reason}`` as a text reader gives them: ``files`` real stdlib
+    sources (sorted, from the 40th on: past the tiny ``__init__`` files) plus what cleaning
+    must catch: a read reject, an empty and a non-UTF-8 text, a too-short one, byte-identical
+    copies, and near-copies (a few lines edited)."""
+    import random
+
+    from bigopt.data.text import list_files, resolve_root
+
+    root = resolve_root("stdlib")
+    names = list_files(root, ["*.py"], ["site-packages/*", "test/*"], files + 40)[40:]
+    texts = {name: (root / name).read_bytes() for name in names}
+    rng = random.Random(seed)
+    for name in names[:6]:  # near-copies: ~2 % of the lines changed
+        lines = texts[name].splitlines(keepends=True)
+        for i in rng.sample(range(len(lines)), max(1, len(lines) // 50)):
+            lines[i] = b"# edited\n"
+        texts[f"near/{name}"] = b"".join(lines)
+    for name in names[6:9]:
+        texts[f"copy/{name}"] = texts[name]
+    texts.update({"bad/empty.py": b"  \n", "bad/latin1.py": "caf\xe9 = 1\n".encode("latin-1"),
+                  "bad/tiny.py": b"x"})
+    rows = [{"path": p, "text": t, "reject_reason": ""} for p, t in sorted(texts.items())]
+    rows.append({"path": "bad/unreadable.py", "text": b"", "reject_reason": "unreadable: OSError"})
+    return rows

@@ -62,7 +62,7 @@ from typing import Any
 
 import numpy as np
 
-from bigopt.data.steps import StepContext, StepOutput, split_by_reason
+from bigopt.data.steps import Marked, StepContext, StepOutput, split_by_reason
 
 log = logging.getLogger("bigopt")
 
@@ -110,6 +110,32 @@ def _add_hash(batch: dict[str, np.ndarray], content: str) -> dict[str, np.ndarra
     return batch
 
 
+def _exact_reason(key: Any, kept: Any) -> str:
+    return "" if kept is None or _py(key) == kept else f"exact_duplicate: same content as {kept}"
+
+
+def _exact_details(sizes: list[tuple[int, Any]], members: dict[Any, list[Any]]) -> dict[str, Any]:
+    """``sizes``: (rows, kept key) of every duplicated content; ``members``: the smallest
+    rejected keys of the largest groups (``_top_groups``), for the report."""
+    sizes = sorted(sizes, key=lambda s: (-s[0], str(s[1])))
+    examples = [{"kept": k, "rows": n, "rejected": members.get(k, [])} for n, k in sizes[:EXAMPLES]]
+    return {"duplicate_groups": len(sizes), "rows_removed": sum(n - 1 for n, _ in sizes),
+            "examples": examples}
+
+
+def _top_groups(sizes: list[tuple[int, Any]]) -> set[Any]:
+    return {k for _, k in sorted(sizes, key=lambda s: (-s[0], str(s[1])))[:EXAMPLES]}
+
+
+def _add_member(members: dict[Any, list[Any]], kept: Any, key: Any) -> None:
+    """Keep the EXAMPLES smallest rejected keys of a group (by str): bounded, and the same
+    whatever order the rows arrive in."""
+    got = members[kept]
+    got.append(key)
+    got.sort(key=str)
+    del got[EXAMPLES:]
+
+
 def exact_duplicates(ds: Any, step: Any, ctx: StepContext) -> StepOutput:
     """Rows whose content hash equals another's: the smallest key is kept, the others rejected."""
     from ray.data.aggregate import Count, Min
@@ -128,31 +154,42 @@ def exact_duplicates(ds: Any, step: Any, ctx: StepContext) -> StepOutput:
             sizes.append((int(n), _py(kept)))
 
     def reasons(batch: dict[str, np.ndarray]) -> list[str]:
-        out = []
-        for key, h in zip(batch[ctx.key], batch["_hash"], strict=True):
-            kept = kept_of.get(str(h))
-            out.append("" if kept is None or _py(key) == kept
-                       else f"exact_duplicate: same content as {kept}")
-        return out
+        return [_exact_reason(key, kept_of.get(str(h)))
+                for key, h in zip(batch[ctx.key], batch["_hash"], strict=True)]
 
     out = split_by_reason(hashed, "exact_dedup", reasons)
     out.kept = out.kept.drop_columns(["_hash"])
     out.rejected = out.rejected.drop_columns(["_hash"])
-    sizes.sort(key=lambda s: (-s[0], str(s[1])))
-    examples = []
-    if sizes:  # the rejected keys of the largest groups, for the report
-        wanted = {k for _, k in sizes[:EXAMPLES]}
-        members: dict[Any, list[Any]] = {k: [] for k in wanted}
+    wanted = _top_groups(sizes)
+    members: dict[Any, list[Any]] = {k: [] for k in wanted}
+    if wanted:  # the rejected keys of the largest groups, for the report
         for row in out.rejected.select_columns([ctx.key, "reason"]).iter_rows():
             kept = row["reason"].split(" as ", 1)[1]
             for k in wanted:
-                if str(k) == kept and len(members[k]) < EXAMPLES:
-                    members[k].append(_py(row[ctx.key]))
-        examples = [{"kept": k, "rows": n, "rejected": sorted(members[k], key=str)}
-                    for n, k in sizes[:EXAMPLES]]
-    details = {"duplicate_groups": len(sizes), "rows_removed": sum(n - 1 for n, _ in sizes),
-               "examples": examples}
-    return StepOutput(out.kept, out.rejected, details)
+                if str(k) == kept:
+                    _add_member(members, k, _py(row[ctx.key]))
+    return StepOutput(out.kept, out.rejected, _exact_details(sizes, members))
+
+
+def exact_duplicates_single(batch: dict[str, np.ndarray], step: Any, ctx: StepContext) -> Marked:
+    """``exact_dedup`` over one in-memory batch: the same hashes, kept keys and reasons as
+    :func:`exact_duplicates`, grouped with a dict instead of a Ray Data groupby."""
+    keys = [_py(k) for k in batch[ctx.key]]
+    hashes = [content_hash(v) for v in batch[ctx.content]]
+    groups: dict[str, list[Any]] = {}
+    for key, h in zip(keys, hashes, strict=True):
+        groups.setdefault(h, []).append(key)
+    kept_of = {h: min(members) for h, members in groups.items() if len(members) >= 2}
+    sizes = [(len(groups[h]), kept) for h, kept in kept_of.items()]
+    reasons = [_exact_reason(key, kept_of.get(h)) for key, h in zip(keys, hashes, strict=True)]
+    wanted = _top_groups(sizes)
+    members: dict[Any, list[Any]] = {k: [] for k in wanted}
+    for h, kept in kept_of.items():
+        if kept in wanted:
+            for key in groups[h]:
+                if key != kept:
+                    _add_member(members, kept, key)
+    return Marked(reasons, _exact_details(sizes, members))
 
 
 # --------------------------------------------------------------------------- MinHash + LSH
@@ -213,17 +250,21 @@ def _signatures(docs: list[bytes], k: int, a: np.ndarray, b: np.ndarray) -> np.n
     x = _mix64(h) >> np.uint64(32)  # 32-bit shingle hashes
     ends = np.cumsum(lengths)
     doc_of = np.repeat(np.arange(len(docs)), lengths)[:n_win]
-    inside = np.arange(n_win) + k <= ends[doc_of]  # windows inside one document
+    # windows inside one document: all but the last k-1 starts of each (they cross into the
+    # next); marked by index, not by comparing every window with its document's end
+    inside = np.ones(n_win, dtype=bool)
+    crossing = (ends[:, None] - np.arange(1, k, dtype=np.int64)[None, :]).ravel()
+    inside[crossing[(crossing >= 0) & (crossing < n_win)]] = False
     # each document's distinct shingles only (sorted by document): in source code ~75 % of
     # 5-byte shingles repeat within a file (indentation, keywords), so this is ~4x less work
     both = np.unique((doc_of[inside].astype(np.uint64) << np.uint64(32)) | x[inside])
     x = both & np.uint64(0xFFFFFFFF)
     seg = np.searchsorted(both >> np.uint64(32), np.arange(len(docs), dtype=np.uint64))
     out = np.empty((len(docs), len(a)), dtype=np.uint32)
-    block = max(1, min(len(a), (1 << 22) // max(1, len(x))))
-    for p in range(0, len(a), block):
-        hv = (x[:, None] * a[None, p:p + block] + b[None, p:p + block]) >> np.uint64(32)
-        out[:, p:p + block] = np.minimum.reduceat(hv, seg, axis=0)
+    # one permutation at a time over a contiguous vector: ~5x faster than a [shingles, block]
+    # matrix (whose reduceat strides across rows), the same values
+    for p in range(len(a)):
+        out[:, p] = np.minimum.reduceat((x * a[p] + b[p]) >> np.uint64(32), seg)
     return out
 
 
@@ -276,18 +317,35 @@ def _hot_rows(batch: dict[str, np.ndarray], hot: np.ndarray) -> dict[str, np.nda
     return {name: np.asarray(values)[mask] for name, values in batch.items()}
 
 
+def bucket_pairs(keys: Iterable[Any]) -> list[tuple[str, str]]:
+    """Candidate pairs of one LSH bucket's keys (see step 3 of the module docstring)."""
+    members = sorted({str(k) for k in keys})
+    if len(members) <= MAX_BUCKET_PAIRS_MEMBERS:
+        return [(x, y) for i, x in enumerate(members) for y in members[i + 1:]]
+    pairs = [(members[0], y) for y in members[1:]]
+    return pairs + [(x, y) for x, y in zip(members[1:], members[2:], strict=False)]
+
+
 def _bucket_pairs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    left, right = [], []
-    for keys in batch["keys"]:
-        members = sorted({str(k) for k in keys})
-        if len(members) <= MAX_BUCKET_PAIRS_MEMBERS:
-            pairs = [(x, y) for i, x in enumerate(members) for y in members[i + 1:]]
-        else:
-            pairs = [(members[0], y) for y in members[1:]]
-            pairs += [(x, y) for x, y in zip(members[1:], members[2:], strict=False)]
-        left += [p[0] for p in pairs]
-        right += [p[1] for p in pairs]
-    return {"a": np.array(left, dtype=object), "b": np.array(right, dtype=object)}
+    pairs = [p for keys in batch["keys"] for p in bucket_pairs(keys)]
+    return {"a": np.array([p[0] for p in pairs], dtype=object),
+            "b": np.array([p[1] for p in pairs], dtype=object)}
+
+
+def local_candidates(keys: np.ndarray, sig: np.ndarray, bands: int, rows: int) -> set[tuple[str, str]]:
+    """Candidate pairs of rows held in one process: the rows sharing a band's bucket, found by
+    sorting each band's hashes (the same buckets as the distributed groupby, so the same pairs)."""
+    hashes = band_hashes(sig, bands, rows)
+    keys = np.asarray(keys, dtype=object)
+    candidates: set[tuple[str, str]] = set()
+    for band in range(bands):
+        order = np.argsort(hashes[:, band], kind="stable")
+        ordered = hashes[order, band]
+        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+        sizes = np.diff(np.r_[starts, len(ordered)])
+        for start, size in zip(starts[sizes >= 2], sizes[sizes >= 2], strict=True):
+            candidates.update(bucket_pairs(keys[order[start:start + size]]))
+    return candidates
 
 
 def _select_keys(batch: dict[str, np.ndarray], key: str, wanted: frozenset[str]) -> dict[str, np.ndarray]:
@@ -314,17 +372,96 @@ class _UnionFind:
             self.parent.setdefault(min(rx, ry), min(rx, ry))
 
 
+def _near_params(step: Any, ctx: StepContext) -> tuple[float, int, int, str, int, int]:
+    if ctx.modality != "text":
+        raise ValueError(f"data.steps[].kind: near_dedup needs text rows, not {ctx.modality} "
+                         "(use exact_dedup for images)")
+    threshold, shingle, num_perm = float(step.threshold), int(step.shingle), int(step.num_perm)
+    bands, rows = lsh_params(threshold, num_perm)
+    return threshold, shingle, num_perm, getattr(step, "action", "drop"), bands, rows
+
+
+def _clusters(candidates: set[tuple[str, str]], matrix: np.ndarray, index: dict[str, int],
+              threshold: float) -> tuple[dict[str, list[str]], dict[str, tuple[str, float]], int]:
+    """Verified pairs -> clusters (root -> members) and each non-root member's (root, ~J)."""
+
+    def similarity(x: list[str], y: list[str]) -> np.ndarray:
+        if not x:
+            return np.empty(0)
+        return (matrix[[index[k] for k in x]] == matrix[[index[k] for k in y]]).mean(axis=1)
+
+    pair_list = sorted(candidates)
+    sims = similarity([p[0] for p in pair_list], [p[1] for p in pair_list])
+    uf = _UnionFind()
+    verified = 0
+    for (x, y), s in zip(pair_list, sims, strict=True):
+        if s >= threshold:
+            uf.union(x, y)
+            verified += 1
+    clusters: dict[str, list[str]] = {}
+    for k in sorted(uf.parent):
+        clusters.setdefault(uf.find(k), []).append(k)
+    clusters = {root: m for root, m in clusters.items() if len(m) >= 2}
+    kept_of: dict[str, tuple[str, float]] = {}
+    for root, members in clusters.items():
+        others = [m for m in members if m != root]
+        for m, s in zip(others, similarity(others, [root] * len(others)), strict=True):
+            kept_of[m] = (root, float(s))
+    return clusters, kept_of, verified
+
+
+def _near_reasons(keys: Iterable[Any], kept_of: dict[str, tuple[str, float]]) -> list[str]:
+    out = []
+    for k in keys:
+        hit = kept_of.get(str(k))
+        out.append("" if hit is None else f"near_duplicate: ~J={hit[1]:.2f} with {hit[0]}")
+    return out
+
+
+def _groups(keys: Iterable[Any], clusters: dict[str, list[str]]) -> np.ndarray:
+    """action: group: each row's cluster (its kept key), or the row's own key."""
+    groups = {m: root for root, members in clusters.items() for m in members}
+    return np.array([groups.get(str(k), str(k)) for k in keys], dtype=object)
+
+
+def _near_details(clusters: dict[str, list[str]], kept_of: dict[str, tuple[str, float]],
+                  action: str, params: dict[str, Any]) -> dict[str, Any]:
+    ranked = sorted(clusters.items(), key=lambda c: (-len(c[1]), c[0]))
+    examples = [{"kept": root, "rows": len(members),
+                 "similar": [{"key": m, "jaccard": round(kept_of[m][1], 3)}
+                             for m in members if m != root][:EXAMPLES]}
+                for root, members in ranked[:EXAMPLES]]
+    return {"clusters": len(clusters), "rows_in_clusters": sum(len(m) for m in clusters.values()),
+            "rows_removed": 0 if action == "group" else len(kept_of), "action": action,
+            **params, "examples": examples}
+
+
+def near_duplicates_single(batch: dict[str, np.ndarray], step: Any, ctx: StepContext) -> Marked:
+    """``near_dedup`` over one in-memory batch: the same signatures, buckets, pairs, clusters
+    and reasons as :func:`near_duplicates`, with numpy sorts instead of Ray Data groupbys."""
+    threshold, shingle, num_perm, action, bands, rows = _near_params(step, ctx)
+    clock = time.perf_counter()
+    keys = np.array([str(k) for k in batch[ctx.key]], dtype=object)
+    sig = minhash_signatures(batch[ctx.content], shingle, num_perm)
+    candidates = local_candidates(keys, sig, bands, rows)
+    clusters, kept_of, verified = _clusters(candidates, sig, {k: i for i, k in enumerate(keys)},
+                                            threshold)
+    log.info("near_dedup (single task): %d rows in %.1f s, %d candidate pairs, %d verified",
+             len(keys), time.perf_counter() - clock, len(candidates), verified)
+    params = {"bands": bands, "rows_per_band": rows, "threshold": threshold, "shingle": shingle,
+              "num_perm": num_perm, "candidate_pairs": len(candidates), "verified_pairs": verified}
+    details = _near_details(clusters, kept_of, action, params)
+    if action == "group":
+        return Marked([""] * len(keys), details, {"group": _groups(keys, clusters)})
+    return Marked(_near_reasons(keys, kept_of), details)
+
+
 def near_duplicates(ds: Any, step: Any, ctx: StepContext) -> StepOutput:
     """Near-duplicate text rows by MinHash + LSH (see the module docstring)."""
     from ray.data.aggregate import AsList, Count
     from ray.data.expressions import col
 
-    if ctx.modality != "text":
-        raise ValueError(f"data.steps[].kind: near_dedup needs text rows, not {ctx.modality} "
-                         "(use exact_dedup for images)")
-    threshold, shingle, num_perm = float(step.threshold), int(step.shingle), int(step.num_perm)
-    action = getattr(step, "action", "drop")
-    bands, rows = lsh_params(threshold, num_perm)
+    threshold, shingle, num_perm, action, bands, rows = _near_params(step, ctx)
     clock = [time.perf_counter()]
     sigs = ds.select_columns([ctx.key, ctx.content]).map_batches(
         _signature_batch, batch_size=256,
@@ -364,62 +501,22 @@ def near_duplicates(ds: Any, step: Any, ctx: StepContext) -> StepOutput:
             parts.append(np.asarray(batch["sig"], dtype=np.uint32).reshape(-1, num_perm))
         matrix = np.concatenate(parts) if parts else matrix
         index = {k: i for i, k in enumerate(keys)}
-
-    def similarity(x: list[str], y: list[str]) -> np.ndarray:
-        if not x:
-            return np.empty(0)
-        return (matrix[[index[k] for k in x]] == matrix[[index[k] for k in y]]).mean(axis=1)
-
-    pair_list = sorted(candidates)
-    sims = similarity([p[0] for p in pair_list], [p[1] for p in pair_list])
-    uf = _UnionFind()
-    verified = 0
-    for (x, y), s in zip(pair_list, sims, strict=True):
-        if s >= threshold:
-            uf.union(x, y)
-            verified += 1
+    clusters, kept_of, verified = _clusters(candidates, matrix, index, threshold)
     clock.append(time.perf_counter())
     log.info("near_dedup: signatures %.1f s, LSH buckets and candidate pairs %.1f s, verification "
              "and clusters %.1f s (%d bands x %d rows, %d candidate pairs, %d verified)",
              clock[1] - clock[0], clock[2] - clock[1], clock[3] - clock[2], bands, rows,
              len(candidates), verified)
-    clusters: dict[str, list[str]] = {}
-    for k in sorted(uf.parent):
-        clusters.setdefault(uf.find(k), []).append(k)
-    clusters = {root: m for root, m in clusters.items() if len(m) >= 2}
-    kept_of: dict[str, tuple[str, float]] = {}
-    for root, members in clusters.items():
-        others = [m for m in members if m != root]
-        for m, s in zip(others, similarity(others, [root] * len(others)), strict=True):
-            kept_of[m] = (root, float(s))
-
     if action == "group":
-        groups = {m: root for root, members in clusters.items() for m in members}
         out = split_by_reason(ds, "near_dedup", lambda batch: [""] * len(batch[ctx.key]))
 
         def add_group(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            batch["group"] = np.array([groups.get(str(k), str(k)) for k in batch[ctx.key]], dtype=object)
+            batch["group"] = _groups(batch[ctx.key], clusters)
             return batch
 
         out.kept = out.kept.map_batches(add_group, batch_size=256)
     else:
-        def reasons(batch: dict[str, np.ndarray]) -> list[str]:
-            out = []
-            for k in batch[ctx.key]:
-                hit = kept_of.get(str(k))
-                out.append("" if hit is None else f"near_duplicate: ~J={hit[1]:.2f} with {hit[0]}")
-            return out
-
-        out = split_by_reason(ds, "near_dedup", reasons)
-
-    ranked = sorted(clusters.items(), key=lambda c: (-len(c[1]), c[0]))
-    examples = [{"kept": root, "rows": len(members),
-                 "similar": [{"key": m, "jaccard": round(kept_of[m][1], 3)}
-                             for m in members if m != root][:EXAMPLES]}
-                for root, members in ranked[:EXAMPLES]]
-    details = {"clusters": len(clusters), "rows_in_clusters": sum(len(m) for m in clusters.values()),
-               "rows_removed": 0 if action == "group" else len(kept_of), "action": action,
-               "bands": bands, "rows_per_band": rows, "threshold": threshold, "shingle": shingle,
-               "num_perm": num_perm, "candidate_pairs": len(candidates), "verified_pairs": verified,
-               "examples": examples}
-    return StepOutput(out.kept, out.rejected, details)
+        out = split_by_reason(ds, "near_dedup", lambda batch: _near_reasons(batch[ctx.key], kept_of))
+    params = {"bands": bands, "rows_per_band": rows, "threshold": threshold, "shingle": shingle,
+              "num_perm": num_perm, "candidate_pairs": len(candidates), "verified_pairs": verified}
+    return StepOutput(out.kept, out.rejected, _near_details(clusters, kept_of, action, params))

@@ -1,7 +1,10 @@
 """The data stage: source -> checked rows -> split -> tokenized windows -> Parquet shards.
 
-Every step is a Ray Data transform, so the same job runs on a laptop and on a cluster. Rows
-(source files) are conserved: each is kept or quarantined with a reason, and the manifest
+The cleaning steps run in one Ray task per step over an Arrow table for inputs that fit one
+worker, and as Ray Data transforms across the cluster for larger ones (``bigopt.data.engine``:
+one rule, by measured size); the rest is Ray Data. Rows (source files, records, images) are
+conserved: each is kept or rejected with a reason (the reader's own rejects as the "read"
+step), every rejected row is written as Parquet under ``data/rejects/``, and the manifest
 records ``rows_in == rows_kept + rows_rejected``.
 """
 
@@ -66,21 +69,41 @@ class SourceRows:
     """What a source hands the shared split/write/manifest code."""
 
     kept: Any  # ray.data.Dataset of model-ready rows with a "split" column
-    rejected: list[dict[str, str]]  # {"key", "reason"}
     rows_in: int
     info: dict[str, Any]
     #: hash of the source's content, computed from what was read (see ``fingerprint``)
     content_hash: str
-    #: per-step counts of ``data.steps`` (``bigopt.data.steps.run_steps``)
+    #: per-step records: the reader's rejects ("read") then ``data.steps``
+    #: (``bigopt.data.steps.run_steps``); every rejected row is in one of them
     steps: list[dict[str, Any]] = field(default_factory=list)
     #: source rows left after reading and the steps, counted on the data (not derived)
     rows_kept: int | None = None
 
 
-def _clean(spec: JobSpec, ds: Any, run: RunDir, ctx: StepContext) -> tuple[Any, list[dict[str, Any]], int]:
-    """Run ``data.steps`` on the source rows; returns (kept rows, step records, kept count)."""
-    kept, records = run_steps(ds, spec.data.steps, ctx, run)
-    return kept, records, kept.count()
+def _clean(spec: JobSpec, ds: Any, run: RunDir, ctx: StepContext, *, read: bool = True,
+           input_bytes: int | None = None) -> tuple[Any, list[dict[str, Any]], int]:
+    """The reader's rejects (``read``: ``ds`` has a ``reject_reason`` column) then
+    ``data.steps`` on the source rows; returns (kept rows, step records, kept count)."""
+    assert spec.data is not None
+    kept, records = run_steps(ds, spec.data.steps, ctx, run, engine=spec.data.engine, read=read,
+                              input_bytes=input_bytes)
+    # the last step counted its kept rows on the data itself; with no step at all, count here
+    return kept, records, records[-1]["kept"] if records else kept.count()
+
+
+def _driver_read_record(run: RunDir, rejected: list[dict[str, Any]], rows_in: int,
+                        key: str) -> dict[str, Any]:
+    """The "read" step of a source checked in the driver (IDX): its few rejects as Parquet."""
+    import pyarrow as pa
+
+    from bigopt.data.engine import reason_counts, step_record, write_rejects
+
+    reasons = [r["reason"] for r in rejected]
+    if rejected:
+        write_rejects(run, "rejects/read", pa.table({
+            key: [r["key"] for r in rejected], "reason": reasons, "step": ["read"] * len(rejected)}))
+    return step_record("read", rows_in, rows_in - len(rejected), len(rejected),
+                       reason_counts(reasons), "rejects/read", run.name, 0.0, {}, "single")
 
 
 def _text_rows(spec: JobSpec, context: int, run: RunDir) -> SourceRows:
@@ -98,7 +121,17 @@ def _text_rows(spec: JobSpec, context: int, run: RunDir) -> SourceRows:
         batch_size=32,
     ).materialize()
     return _text_source_rows(spec, context, run, checked, len(files), {
-        "source": {"kind": src.kind, "root": str(root), "include": src.include}})
+        "source": {"kind": src.kind, "root": str(root), "include": src.include}},
+        input_bytes=_tree_bytes(root, files))
+
+
+def _tree_bytes(root: Any, files: list[str]) -> int | None:
+    """The listed files' total size (what ``choose_engine`` measures for a text tree)."""
+    import os
+
+    if isinstance(root, str):  # s3://: Ray Data's in-memory size of what was read instead
+        return None
+    return sum(os.path.getsize(root / f) for f in files)
 
 
 def _table_rows(spec: JobSpec, context: int, run: RunDir) -> SourceRows:
@@ -114,14 +147,12 @@ def _table_rows(spec: JobSpec, context: int, run: RunDir) -> SourceRows:
 
 
 def _text_source_rows(spec: JobSpec, context: int, run: RunDir, checked: Any, rows_in: int,
-                      info: dict[str, Any]) -> SourceRows:
-    """Text rows ``{path, text, reject_reason}`` (materialized; '' keeps a row) -> steps,
-    split by key, tokenizer, windows: shared by every text source."""
-    rejected = [{"key": r["path"], "reason": r["reject_reason"]} for r in
-                checked.filter(lambda r: r["reject_reason"] != "").drop_columns(["text"]).take_all()]
-    kept = checked.filter(lambda r: r["reject_reason"] == "").drop_columns(["reject_reason"])
-    kept, steps, n_kept = _clean(spec, kept, run, StepContext(
-        key="path", content="text", label=None, modality="text", seed=spec.data.split.seed))
+                      info: dict[str, Any], input_bytes: int | None = None) -> SourceRows:
+    """Text rows ``{path, text, reject_reason}`` (materialized; '' keeps a row) -> read
+    rejects and steps, split by key, tokenizer, windows: shared by every text source."""
+    kept, steps, n_kept = _clean(spec, checked, run, StepContext(
+        key="path", content="text", label=None, modality="text", seed=spec.data.split.seed),
+        input_bytes=input_bytes)
     # near-duplicate clusters kept together (near_dedup action: group) split as one key
     key = "group" if "group" in kept.schema().names else split_key(spec)
     kept = split_dataset(kept, spec.data.split, key, label=None)
@@ -150,7 +181,7 @@ def _text_source_rows(spec: JobSpec, context: int, run: RunDir, checked: Any, ro
     for path, text in sorted((r["path"], r["text"]) for r in
                              checked.select_columns(["path", "text"]).iter_rows()):
         digest.update(path.encode() + b"\0" + hashlib.sha256(text).digest())
-    return SourceRows(windows, rejected, rows_in, {**info, "tokenizer": tokenizer, "context": context},
+    return SourceRows(windows, rows_in, {**info, "tokenizer": tokenizer, "context": context},
                       digest.hexdigest(), steps, n_kept)
 
 
@@ -159,18 +190,15 @@ def _image_rows(spec: JobSpec, run: RunDir) -> SourceRows:
 
     src = spec.data.source
     rows = load_digits_rows(src.max_rows)
-    ds = ray.data.from_items(rows, override_num_blocks=8)
-    reasons = [check_image_row(r) for r in rows]
-    rejected = [{"key": r["id"], "reason": why} for r, why in zip(rows, reasons, strict=True) if why]
-    bad = {r["key"] for r in rejected}
-    kept = ds.filter(lambda r: r["id"] not in bad) if bad else ds
-    kept, steps, n_kept = _clean(spec, kept, run, StepContext(
+    ds = ray.data.from_items([{**r, "reject_reason": check_image_row(r)} for r in rows],
+                             override_num_blocks=8)
+    kept, steps, n_kept = _clean(spec, ds, run, StepContext(
         key="id", content="inputs", label="labels", modality="image", seed=spec.data.split.seed))
     kept = split_dataset(kept, spec.data.split, split_key(spec), label="labels")
     digest = hashlib.sha256()
     for r in rows:
         digest.update(json.dumps(r, sort_keys=True, default=str).encode())
-    return SourceRows(kept, rejected, len(rows), {
+    return SourceRows(kept, len(rows), {
         "source": {"kind": src.kind, "root": "sklearn.datasets.load_digits", "include": ["8x8"]},
         "classes": 10}, digest.hexdigest(), steps, n_kept)
 
@@ -190,10 +218,13 @@ def _idx_rows(spec: JobSpec, run: RunDir) -> SourceRows:
     blocks = max(1, min(4, table.num_rows // 4096))
     rows = table.num_rows // blocks + 1
     ds = ray.data.from_arrow([table.slice(i * rows, rows) for i in range(blocks)])
+    rows_in = sum(p["rows"] for p in info["parts"].values())
     ds, steps, n_kept = _clean(spec, ds, run, StepContext(
-        key="id", content="inputs", label="labels", modality="image", seed=spec.data.split.seed))
+        key="id", content="inputs", label="labels", modality="image", seed=spec.data.split.seed),
+        read=False, input_bytes=table.nbytes)
+    steps = [_driver_read_record(run, rejected, rows_in, "id"), *steps]
     digest = hashlib.sha256("".join(info["hashes"]).encode())
-    return SourceRows(ds, rejected, sum(p["rows"] for p in info["parts"].values()), {
+    return SourceRows(ds, rows_in, {
         "source": {"kind": src.kind, "root": src.path, "include": [
             f.rsplit("/", 1)[-1] for p in info["parts"].values() for f in p["files"]]},
         "classes": 10, "parts": info["parts"]}, digest.hexdigest(), steps, n_kept)
@@ -211,19 +242,15 @@ def _image_folder_rows(spec: JobSpec, run: RunDir) -> SourceRows:
     if num_classes is not None and num_classes < len(classes):
         raise SpecError([("model.num_classes", f"{num_classes} < the {len(classes)} class folders "
                           f"under {src.path} ({', '.join(classes[:10])})")])
-    rejected = [{"key": r["id"], "reason": r["reject_reason"]} for r in
-                decoded.select_columns(["id", "reject_reason"]).filter(
-                    lambda r: r["reject_reason"] != "").take_all()]
     digest = hashlib.sha256()
     for key, sha in sorted((r["id"], r["sha256"]) for r in
                            decoded.select_columns(["id", "sha256"]).iter_rows()):
         digest.update(f"{key}\0{sha}\n".encode())
-    kept = decoded.filter(lambda r: r["reject_reason"] == "").drop_columns(["reject_reason", "sha256"])
-    kept, steps, n_kept = _clean(spec, kept, run, StepContext(
+    kept, steps, n_kept = _clean(spec, decoded.drop_columns(["sha256"]), run, StepContext(
         key="id", content="inputs", label="labels", modality="image", seed=spec.data.split.seed))
     kept = split_dataset(kept, spec.data.split, split_key(spec), label="labels")
     log.info("data: %d images in %d classes under %s", files, len(classes), src.path)
-    return SourceRows(kept, rejected, files, {
+    return SourceRows(kept, files, {
         "source": {"kind": src.kind, "root": src.path, "include": ["png", "jpg", "jpeg"],
                    "image_shape": list(src.image_shape)},
         "classes": classes, "num_classes": len(classes)}, digest.hexdigest(), steps, n_kept)
@@ -374,16 +401,10 @@ def run_data(job: ResolvedJob, run: RunDir) -> tuple[dict[str, Any], str]:
             "shards": _shards(run, name),
         }
     reasons: dict[str, int] = {}
-    for r in source.rejected:
-        kind = r["reason"].split(":")[0]
-        reasons[kind] = reasons.get(kind, 0) + 1
-    if source.rejected:
-        run.write_text("quarantine.jsonl", "".join(json.dumps(r) + "\n" for r in source.rejected))
-    step_rejected = sum(r["rejected"] for r in source.steps)
-    for record in source.steps:
+    for record in source.steps:  # the read step's included: every reject is in data/rejects/
         for kind, n in record["rejected_by_reason"].items():
             reasons[kind] = reasons.get(kind, 0) + n
-    rows_rejected = len(source.rejected) + step_rejected
+    rows_rejected = sum(r["rejected"] for r in source.steps)
     # counted on the kept rows themselves; the check below compares it with rows_in
     rows_kept = source.rows_kept if source.rows_kept is not None else source.rows_in - rows_rejected
     manifest = {
@@ -392,10 +413,7 @@ def run_data(job: ResolvedJob, run: RunDir) -> tuple[dict[str, Any], str]:
         "rows_kept": rows_kept,
         "rows_rejected": rows_rejected,
         "rejected_by_reason": reasons,
-        "steps": [{"step": "read", "rows_in": source.rows_in,
-                   "kept": source.rows_in - len(source.rejected), "rejected": len(source.rejected),
-                   "rejects": f"{run.name}/quarantine.jsonl" if source.rejected else None},
-                  *source.steps],
+        "steps": source.steps,
         "split": {**spec.data.split.model_dump(), "key": split_key(spec)},
         # augmented copies are extra train rows, outside rows_in = rows_kept + rows_rejected
         "augmented": augmented or ({"when": "train"} if spec.data.augment else None),

@@ -7,7 +7,7 @@ import glob
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag, field_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from bigopt.sections import Section
 
@@ -197,6 +197,22 @@ StepSpec = Annotated[IncompleteStep | NoiseStep | ExactDedupStep | NearDedupStep
                      Field(discriminator="kind")]
 
 
+#: The cleaning a source gets when ``data.steps`` is left out (or null): every text corpus has
+#: empty and undecodable files, byte-identical copies and near-copies (Python's own standard
+#: library: 46 and 89, BENCHMARKS 7b), and images have exact copies; ``steps: []`` turns it off.
+#: ``near_dedup`` and ``noise`` read text, so image sources get the other two.
+DEFAULT_STEPS: dict[str, list[str]] = {
+    "text": ["incomplete", "noise", "exact_dedup", "near_dedup"],
+    "image": ["incomplete", "exact_dedup"],
+}
+
+
+def default_steps(source_kind: str) -> list[dict[str, str]]:
+    """The ``data.steps`` a source of this kind gets when the spec names none."""
+    modality = "text" if source_kind in ("text_tree", "table") else "image"
+    return [{"kind": kind} for kind in DEFAULT_STEPS[modality]]
+
+
 class AugmentSpec(Section):
     """Image augmentation (kornia), seeded: at prepare time (``copies`` materialised copies of
     each training row, counted) or on the fly as training reads each batch."""
@@ -226,13 +242,31 @@ class DataSpec(Section):
     )
     steps: list[StepSpec] = Field(
         default_factory=list, description="Cleaning steps, run in this order on the source rows "
-        "before the split; each writes its rejected rows to data/rejects/ with the reason.")
+        "before the split; each writes its rejected rows to data/rejects/ with the reason. "
+        "Left out or null: the source's defaults (text: incomplete, noise, exact_dedup, "
+        "near_dedup; images and tables of images: incomplete, exact_dedup), written out in "
+        "the run's spec.yaml; [] turns cleaning off.")
+    engine: Literal["auto", "single", "distributed"] = Field(
+        "auto", description="How the cleaning steps (and, for text, the whole stage) run. auto: "
+        "by the input's measured size (bigopt.data.engine.choose_engine: up to "
+        "SINGLE_TASK_MAX_BYTES, each step is one Ray task over one Arrow table, no shuffle; "
+        "above, Ray Data's distributed transforms). single / distributed force one; the "
+        "results are the same either way.")
     augment: AugmentSpec | None = Field(None, description="Image sources only.")
     rows_per_shard: int = Field(4096, ge=1)
     shuffle_seed: int | None = Field(
         0, description="Rows are written in an order shuffled by this seed (a hash of each "
         "row's identity: the same for every run and cluster). null: source order (sorted by "
         "path, then window), which puts the alphabetically first files first.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_steps(cls, value: Any) -> Any:
+        # Filled in here, from the raw section, so that "left out" and "null" differ from
+        # "[]" and the resolved spec (spec.yaml, the fingerprint) lists the steps that run.
+        if isinstance(value, dict) and value.get("steps") is None:
+            value = {**value, "steps": default_steps(_source_kind(value.get("source") or {}))}
+        return value
 
     def problems(self, spec: JobSpec) -> list[tuple[str, str]]:
         return data_problems(spec)

@@ -1,11 +1,14 @@
-"""Cleaning steps: ``data.steps`` run in order on the source rows, each as Ray Data transforms.
+"""Cleaning steps: ``data.steps`` run in order on the source rows, in one of two engines.
 
-A step is ``fn(ds, step_spec, ctx) -> StepOutput``: the rows it keeps and the rows it rejects
-(with ``step`` and ``reason`` columns). ``run_steps`` runs the list, counts each step's input,
-kept and rejected rows independently (three ``count()``s, none derived from another) and stops
-on any mismatch, writes every rejected row with Ray Data to ``data/rejects/NN-<kind>/``
-(Parquet), and returns per-step counts for the manifest and the report. Steps are registered
-by ``kind`` in ``STEP_FUNCTIONS`` (``module:function``, imported when used).
+A step has two implementations with the same decisions row by row (``bigopt.data.engine``
+chooses between them by the input's size): ``fn(ds, step_spec, ctx) -> StepOutput`` as Ray
+Data transforms (the rows it keeps and the rows it rejects, with ``step`` and ``reason``
+columns), registered in ``STEP_FUNCTIONS``, and ``fn(batch, step_spec, ctx) -> Marked`` over
+the whole input in one Ray task (one reason per row), in ``SINGLE_STEP_FUNCTIONS``.
+``run_steps`` runs the list, counts each step's input, kept and rejected rows independently
+(none derived from another) and stops on any mismatch, writes every rejected row as Parquet
+to ``data/rejects/NN-<kind>/`` (the reader's own rejects, the "read" step, to
+``data/rejects/read/``), and returns per-step records for the manifest and the report.
 """
 
 from __future__ import annotations
@@ -26,11 +29,22 @@ log = logging.getLogger("bigopt")
 REASON = "_reject_reason"
 
 STEP_FUNCTIONS: dict[str, str] = {
+    "read": "bigopt.data.steps:read_rejects",
     "incomplete": "bigopt.data.steps:incomplete_rows",
     "noise": "bigopt.data.steps:noise_filter",
     "exact_dedup": "bigopt.data.dedup:exact_duplicates",
     "near_dedup": "bigopt.data.dedup:near_duplicates",
     "labels": "bigopt.data.labels:label_errors",
+}
+#: The same steps over one in-memory batch (the whole input as numpy columns), run in one Ray
+#: task by ``bigopt.data.engine``: ``fn(batch, step_spec, ctx) -> Marked``. A kind missing here
+#: (labels: it trains its own per-fold tasks) runs distributed whatever the engine.
+SINGLE_STEP_FUNCTIONS: dict[str, str] = {
+    "read": "bigopt.data.steps:read_single",
+    "incomplete": "bigopt.data.steps:incomplete_single",
+    "noise": "bigopt.data.steps:noise_single",
+    "exact_dedup": "bigopt.data.dedup:exact_duplicates_single",
+    "near_dedup": "bigopt.data.dedup:near_duplicates_single",
 }
 
 
@@ -45,9 +59,24 @@ class StepContext:
 
 @dataclass
 class StepOutput:
+    """A step's result on the distributed path (Ray Data)."""
+
     kept: Any  # ray.data.Dataset
     rejected: Any  # ray.data.Dataset: the input columns + "step" + "reason"
     details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Marked:
+    """A step's result on the single-task path (``bigopt.data.engine``): one reject reason per
+    input row ('' keeps it), in row order, and columns to add to the kept rows."""
+
+    reasons: list[str]
+    details: dict[str, Any] = field(default_factory=dict)
+    #: full-length columns (one value per input row); the kept rows' values are added
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
+    #: input columns dropped from both outputs (the read step's reason column)
+    drop: list[str] = field(default_factory=list)
 
 
 def split_by_reason(ds: Any, step: str, reasons: Callable[[dict[str, np.ndarray]], list[str]]) -> StepOutput:
@@ -78,32 +107,53 @@ def _as_text(value: Any) -> str | None:
     return str(value)
 
 
-def incomplete_rows(ds: Any, step: Any, ctx: StepContext) -> StepOutput:
-    def reasons(batch: dict[str, np.ndarray]) -> list[str]:
-        out = []
-        for i in range(len(batch[ctx.key])):
-            why = ""
-            for name, values in batch.items():
-                if values[i] is None:
-                    why = f"incomplete: {name} is null"
-                    break
-            if not why and ctx.modality == "text":
-                try:
-                    text = _as_text(batch[ctx.content][i])
-                    if not text or not text.strip():
-                        why = f"incomplete: {ctx.content} is empty"
-                except UnicodeDecodeError as exc:
-                    why = f"incomplete: {ctx.content} is not UTF-8 ({exc.reason} at byte {exc.start})"
-            elif not why:
-                pixels = np.asarray(batch[ctx.content][i], dtype=np.float32)
-                if pixels.size == 0 or not np.all(np.isfinite(pixels)):
-                    why = f"incomplete: {ctx.content} has missing or non-finite pixels"
-            if not why and ctx.label is not None and batch[ctx.label][i] is None:
-                why = f"incomplete: {ctx.label} is null"
-            out.append(why)
-        return out
+def incomplete_reasons(batch: dict[str, np.ndarray], ctx: StepContext) -> list[str]:
+    """Each row's ``incomplete`` reject reason ('' keeps it): a null field, an empty or
+    non-UTF-8 text, missing or non-finite pixels, a null label."""
+    out = []
+    for i in range(len(batch[ctx.key])):
+        why = ""
+        for name, values in batch.items():
+            if values[i] is None:
+                why = f"incomplete: {name} is null"
+                break
+        if not why and ctx.modality == "text":
+            try:
+                text = _as_text(batch[ctx.content][i])
+                if not text or not text.strip():
+                    why = f"incomplete: {ctx.content} is empty"
+            except UnicodeDecodeError as exc:
+                why = f"incomplete: {ctx.content} is not UTF-8 ({exc.reason} at byte {exc.start})"
+        elif not why:
+            pixels = np.asarray(batch[ctx.content][i], dtype=np.float32)
+            if pixels.size == 0 or not np.all(np.isfinite(pixels)):
+                why = f"incomplete: {ctx.content} has missing or non-finite pixels"
+        if not why and ctx.label is not None and batch[ctx.label][i] is None:
+            why = f"incomplete: {ctx.label} is null"
+        out.append(why)
+    return out
 
-    return split_by_reason(ds, "incomplete", reasons)
+
+def incomplete_rows(ds: Any, step: Any, ctx: StepContext) -> StepOutput:
+    return split_by_reason(ds, "incomplete", lambda batch: incomplete_reasons(batch, ctx))
+
+
+def incomplete_single(batch: dict[str, np.ndarray], step: Any, ctx: StepContext) -> Marked:
+    return Marked(incomplete_reasons(batch, ctx))
+
+
+#: ASCII characters that are neither printable nor whitespace (C0 controls but \t-\r and
+#: \x1c-\x1f, which Python counts as whitespace, and DEL): what ``noise_reason`` counts as odd
+_ODD_ASCII = bytes(c for c in [*range(0x20), 0x7F] if not chr(c).isspace())
+_NOT_ODD_ASCII = bytes(c for c in range(0x80) if c not in _ODD_ASCII)
+
+
+def _odd_characters(text: str) -> int:
+    """Characters neither printable nor whitespace, or private-use (mojibake, binary)."""
+    if text.isascii():  # most code: count the few odd bytes in C instead of per character
+        return len(text.encode("ascii").translate(None, _NOT_ODD_ASCII))
+    return sum(1 for ch in text if not ch.isprintable() and not ch.isspace()
+               or unicodedata.category(ch) == "Co")
 
 
 def noise_reason(text: str, step: Any, patterns: list[re.Pattern[str]]) -> str:
@@ -112,8 +162,7 @@ def noise_reason(text: str, step: Any, patterns: list[re.Pattern[str]]) -> str:
         return f"noise: {len(text)} chars < min_chars {step.min_chars}"
     if step.max_chars is not None and len(text) > step.max_chars:
         return f"noise: {len(text)} chars > max_chars {step.max_chars}"
-    odd = sum(1 for ch in text if not ch.isprintable() and not ch.isspace()
-              or unicodedata.category(ch) == "Co")
+    odd = _odd_characters(text)
     if text and odd / len(text) > step.max_nonprintable:
         return f"noise: {odd / len(text):.0%} non-printable characters > {step.max_nonprintable:.0%}"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -127,63 +176,120 @@ def noise_reason(text: str, step: Any, patterns: list[re.Pattern[str]]) -> str:
     return ""
 
 
-def noise_filter(ds: Any, step: Any, ctx: StepContext) -> StepOutput:
+def noise_reasons(batch: dict[str, np.ndarray], step: Any, ctx: StepContext) -> list[str]:
+    """Each row's ``noise`` reject reason ('' keeps it)."""
     patterns = [re.compile(p) for p in step.reject_patterns]
-
-    def reasons(batch: dict[str, np.ndarray]) -> list[str]:
-        out = []
-        for value in batch[ctx.content]:
-            try:
-                out.append(noise_reason(_as_text(value) or "", step, patterns))
-            except UnicodeDecodeError:
-                out.append("noise: not UTF-8")
-        return out
-
-    return split_by_reason(ds, "noise", reasons)
+    out = []
+    for value in batch[ctx.content]:
+        try:
+            out.append(noise_reason(_as_text(value) or "", step, patterns))
+        except UnicodeDecodeError:
+            out.append("noise: not UTF-8")
+    return out
 
 
-def _load(ref: str) -> Callable[..., StepOutput]:
+def noise_filter(ds: Any, step: Any, ctx: StepContext) -> StepOutput:
+    return split_by_reason(ds, "noise", lambda batch: noise_reasons(batch, step, ctx))
+
+
+#: the column a source's reader marks unreadable rows in ('' keeps a row): the "read" step
+READ_REASON = "reject_reason"
+
+
+def read_rejects(ds: Any, step: Any, ctx: StepContext) -> StepOutput:
+    """The "read" step: rows the source's reader could not use (a file that does not parse or
+    decode, too large, empty), with the reader's reason."""
+    from ray.data.expressions import col
+
+    kept = ds.filter(expr=col(READ_REASON) == "").drop_columns([READ_REASON])
+
+    def label(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch["reason"] = batch.pop(READ_REASON)
+        batch["step"] = np.array(["read"] * len(batch["reason"]), dtype=object)
+        return batch
+
+    return StepOutput(kept, ds.filter(expr=col(READ_REASON) != "").map_batches(label, batch_size=256))
+
+
+def read_single(batch: dict[str, np.ndarray], step: Any, ctx: StepContext) -> Marked:
+    return Marked([str(r) for r in batch[READ_REASON]], drop=[READ_REASON])
+
+
+def noise_single(batch: dict[str, np.ndarray], step: Any, ctx: StepContext) -> Marked:
+    return Marked(noise_reasons(batch, step, ctx))
+
+
+def load_step(ref: str) -> Callable[..., Any]:
+    """A registered step function from its ``module:function`` name."""
     module, _, name = ref.partition(":")
     return getattr(importlib.import_module(module), name)
 
 
+def _distributed_step(ds: Any, kind: str, fn: Callable[..., StepOutput], step: Any,
+                      ctx: StepContext, run: Any, where: str) -> tuple[Any, dict[str, Any]]:
+    """One step as Ray Data transforms; returns (kept rows, materialized; manifest record)."""
+    from bigopt.data.engine import reason_counts, step_record
+
+    started = time.time()
+    rows_in = ds.count()
+    out = fn(ds, step, ctx)
+    kept, rejected = out.kept.materialize(), out.rejected.materialize()
+    n_kept, n_rejected = kept.count(), rejected.count()
+    if rows_in != n_kept + n_rejected:
+        raise RuntimeError(f"data.steps ({kind}): {rows_in} rows in but {n_kept} kept "
+                           f"+ {n_rejected} rejected: a step lost or duplicated rows")
+    details = dict(out.details)
+    reasons: list[str] = []
+    if n_rejected:
+        rejected.write_parquet(run.sub(where), filesystem=run.fs)
+        reasons = [row["reason"] for row in rejected.select_columns(["reason"]).iter_rows()]
+        details.setdefault("examples", [
+            {"key": str(r[ctx.key]), "reason": r["reason"]}
+            for r in rejected.select_columns([ctx.key, "reason"]).take(3)])
+    return kept, step_record(kind, rows_in, n_kept, n_rejected, reason_counts(reasons), where,
+                             run.name, time.time() - started, details, "distributed")
+
+
 def run_steps(ds: Any, steps: list[Any], ctx: StepContext, run: Any, *,
               functions: dict[str, Callable[..., StepOutput]] | None = None,
+              engine: str = "auto", read: bool = False, input_bytes: int | None = None,
               ) -> tuple[Any, list[dict[str, Any]]]:
-    """Run ``steps`` in order; returns the kept rows and one count record per step.
+    """Run ``steps`` in order; returns the kept rows (a Ray Dataset) and one record per step.
 
-    ``run`` (a RunDir) receives each step's rejected rows under ``data/rejects/NN-<kind>/``.
-    ``functions`` overrides the registry by kind (tests plug in a faulty step with it).
+    ``read``: ``ds`` has the reader's ``reject_reason`` column, split off first as the "read"
+    step. ``run`` (a RunDir) receives each step's rejected rows as Parquet under
+    ``data/rejects/NN-<kind>/`` (the read step's under ``data/rejects/read/``). ``engine``
+    (``data.engine``) and the input's size choose where each step runs
+    (``bigopt.data.engine.choose_engine``: ``input_bytes``, else the rows' in-memory size).
+    ``functions`` overrides the registry by kind (tests plug in a faulty step with it); an
+    overridden step runs distributed.
     """
-    records = []
+    import ray
+
+    from bigopt.data.engine import choose_engine, has_single, run_single_step
+
     ds = ds.materialize()
-    for i, step in enumerate(steps):
-        started = time.time()
-        rows_in = ds.count()
-        fn = (functions or {}).get(step.kind) or _load(STEP_FUNCTIONS[step.kind])
-        out = fn(ds, step, ctx)
-        kept, rejected = out.kept.materialize(), out.rejected.materialize()
-        n_kept, n_rejected = kept.count(), rejected.count()
-        if rows_in != n_kept + n_rejected:
-            raise RuntimeError(f"data.steps.{i} ({step.kind}): {rows_in} rows in but {n_kept} kept "
-                               f"+ {n_rejected} rejected: a step lost or duplicated rows")
-        where = f"rejects/{i:02d}-{step.kind}"
-        if n_rejected:
-            rejected.write_parquet(run.sub(where), filesystem=run.fs)
-        reasons: dict[str, int] = {}
-        details = dict(out.details)
-        if n_rejected:
-            for row in rejected.select_columns(["reason"]).iter_rows():
-                kind = row["reason"].split(":")[0]
-                reasons[kind] = reasons.get(kind, 0) + 1
-            details.setdefault("examples", [
-                {"key": str(r[ctx.key]), "reason": r["reason"]}
-                for r in rejected.select_columns([ctx.key, "reason"]).take(3)])
-        records.append({"step": step.kind, "rows_in": rows_in, "kept": n_kept,
-                        "rejected": n_rejected, "rejected_by_reason": reasons,
-                        "rejects": f"{run.name}/{where}" if n_rejected else None,  # run-relative
-                        "seconds": round(time.time() - started, 2), "details": details})
-        log.info("data.steps.%d %s: %d in, %d kept, %d rejected (%.1f s)", i, step.kind, rows_in,
-                 n_kept, n_rejected, time.time() - started)
-        ds = kept
+    chosen = choose_engine(input_bytes if input_bytes is not None else ds.size_bytes() or 0, engine)
+    plan = [("read", None, "rejects/read")] if read else []
+    plan += [(step.kind, step, f"rejects/{i:02d}-{step.kind}") for i, step in enumerate(steps)]
+    records: list[dict[str, Any]] = []
+    refs: list[Any] | None = None  # the single-task path's table, in the object store
+    for kind, step, where in plan:
+        override = (functions or {}).get(kind)
+        if chosen == "single" and override is None and has_single(kind):
+            refs = refs if refs is not None else ds.to_arrow_refs()
+            kept_ref, record = run_single_step(refs, kind, step, ctx, run, where)
+            refs, ds = [kept_ref], None
+        else:
+            if ds is None:
+                ds = ray.data.from_arrow_refs(refs)
+            ds, record = _distributed_step(ds, kind, override or load_step(STEP_FUNCTIONS[kind]),
+                                           step, ctx, run, where)
+            refs = None
+        records.append(record)
+        log.info("data.steps %s (%s): %d in, %d kept, %d rejected (%.1f s)", kind,
+                 record["engine"], record["rows_in"], record["kept"], record["rejected"],
+                 record["seconds"])
+    if ds is None:
+        ds = ray.data.from_arrow_refs(refs)
     return ds, records

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pyarrow.parquet as pq
 import pytest
 
@@ -13,7 +11,7 @@ from bigopt.resolve import resolve
 from bigopt.runtime import RunDir
 from bigopt.spec import SplitSpec, parse_spec
 
-from factories import make_spec, spec_dict
+from factories import make_spec, rejected_rows, spec_dict
 
 
 def test_split_is_deterministic_and_order_free():
@@ -36,15 +34,17 @@ def test_data_stage_on_stdlib_conserves_rows(ray_session, tmp_path):
     (src / "empty.py").write_text("")
     spec = make_spec(tmp_path / "runs", name="d", train=None,
                      data={"source": {"path": str(src), "max_files": None}, "split": {"val": 0.25},
-                           "context": 32, "rows_per_shard": 50})
+                           "context": 32, "rows_per_shard": 50, "steps": []})
     run = RunDir.create(spec.storage, spec.name)
     manifest, _ = run_data(resolve(spec), run.stage("data"))
     assert manifest["rows_in"] == 42
     assert manifest["rows_in"] == manifest["rows_kept"] + manifest["rows_rejected"]
     assert manifest["rows_rejected"] == 2
     assert manifest["rejected_by_reason"] == {"not_utf8": 1, "empty": 1}
-    quarantined = [json.loads(x) for x in run.read_text("data/quarantine.jsonl").splitlines()]
-    assert {q["key"] for q in quarantined} == {"bad.py", "empty.py"}
+    # the reader's rejects are Parquet rows like any step's, with the step and the reason
+    assert {(r["path"], r["step"], r["reason"]) for r in rejected_rows(run)} == {
+        ("bad.py", "read", "not_utf8"), ("empty.py", "read", "empty")}
+    assert not run.exists("data/quarantine.jsonl")
     # Every kept file lands in exactly one split; shard row counts add up; tokens all there.
     files = {}
     total_tokens = 0

@@ -14,7 +14,7 @@ import pytest
 from bigopt.runtime import RunDir
 from bigopt.spec import SpecError, parse_spec
 
-from factories import spec_dict
+from factories import rejected_rows, spec_dict
 
 GOOD = [f"record {i}: the quick brown fox {i * 7}" for i in range(12)]
 
@@ -22,7 +22,7 @@ GOOD = [f"record {i}: the quick brown fox {i * 7}" for i in range(12)]
 def table_spec(tmp_path, source, model=None, **data):
     raw = spec_dict(tmp_path / "runs", name="tbl", train=None, model=None,
                     data={"source": {**source, "max_files": None}, "split": {"val": 0.25},
-                          "context": 64, **data})
+                          "context": 64, "steps": [], **data})  # the reader's rows, uncleaned
     if model is not None:
         raw["model"] = model
     return raw
@@ -32,7 +32,8 @@ def folder_spec(tmp_path, path, model=None, **source):
     raw = spec_dict(tmp_path / "runs", name="img", train=None, model=None,
                     data={"source": {"kind": "image_folder", "path": str(path), "max_files": None,
                                      **source},
-                          "split": {"val": 0.25}})
+                          # one grey level per class: identical images, kept (no exact_dedup)
+                          "split": {"val": 0.25}, "steps": []})
     if model is not None:
         raw["model"] = model
     return raw
@@ -195,7 +196,7 @@ def test_table_corpus_through_the_data_stage(ray_session, tmp_path, fmt):
     # 12 good + null + empty records, + the broken file counted as one quarantined row
     assert manifest["rows_in"] == 15 == manifest["rows_kept"] + manifest["rows_rejected"]
     assert manifest["rows_kept"] == 12
-    quarantine = {r["key"]: r["reason"] for r in run.read_jsonl("data/quarantine.jsonl")}
+    quarantine = {r["path"]: r["reason"] for r in rejected_rows(run, "read")}
     assert quarantine[f"broken.{fmt}"].startswith(f"unreadable: not valid {fmt}")
     # CSV has no null apart from an empty field: both read as an empty text
     null = "incomplete: text is empty" if fmt == "csv" else "incomplete: text is null"
@@ -226,8 +227,8 @@ def test_jsonl_on_s3_with_an_id_column(ray_session, s3_server, tmp_path):
     run, manifest = _run_data(spec)
     assert manifest["rows_in"] == 13 == manifest["rows_kept"] + manifest["rows_rejected"]
     assert manifest["rows_rejected"] == 1
-    (bad,) = run.read_jsonl("data/quarantine.jsonl")
-    assert bad["key"] == "bad.jsonl" and bad["reason"].startswith("unreadable: not valid jsonl")
+    (bad,) = rejected_rows(run, "read")
+    assert bad["path"] == "bad.jsonl" and bad["reason"].startswith("unreadable: not valid jsonl")
     assert shard_texts(run, manifest) == {f"d{i}": GOOD[i].encode() for i in range(12)}
 
 
@@ -248,11 +249,11 @@ def test_text_tree_on_s3(ray_session, s3_server, tmp_path):
     spec = parse_spec(spec_dict(tmp_path / "runs", name="tree", train=None, data={
         "source": {"kind": "text_tree", "path": f"{s3_server}/readers/tree/", "include": ["*.py"],
                    "exclude": ["skip/*"], "max_files": None},
-        "split": {"val": 0.5}, "context": 16}))
+        "split": {"val": 0.5}, "context": 16, "steps": []}))
     run, manifest = _run_data(spec)
     assert manifest["rows_in"] == 3 == manifest["rows_kept"] + manifest["rows_rejected"]
-    (bad,) = run.read_jsonl("data/quarantine.jsonl")
-    assert bad == {**bad, "key": "bad.py", "reason": "not_utf8"}
+    (bad,) = rejected_rows(run, "read")
+    assert bad == {**bad, "path": "bad.py", "reason": "not_utf8", "step": "read"}
     where: dict[str, str] = {}
     for name, split in manifest["splits"].items():
         for shard in split["shards"]:
@@ -316,8 +317,8 @@ def test_image_folder_through_the_data_stage(ray_session, tmp_path):
     assert manifest["classes"] == ["cat", "dog", "emu"] and manifest["num_classes"] == 3
     assert manifest["rows_in"] == 19 == manifest["rows_kept"] + manifest["rows_rejected"]
     assert manifest["rows_kept"] == 18
-    (bad,) = run.read_jsonl("data/quarantine.jsonl")
-    assert bad["key"] == "dog/corrupt.png"
+    (bad,) = rejected_rows(run, "read")
+    assert bad["id"] == "dog/corrupt.png"
     assert bad["reason"].startswith("incomplete: undecodable image (")
     rows = [row for split in manifest["splits"].values() for shard in split["shards"]
             for row in pq.read_table(run.fs.open_input_file(run.sub(shard["path"]))).to_pylist()]
@@ -355,8 +356,8 @@ def test_image_folder_on_s3(ray_session, s3_server, tmp_path):
     run, manifest = _run_data(spec)
     assert manifest["classes"] == ["a", "b"]
     assert manifest["rows_in"] == 7 and manifest["rows_kept"] == 6
-    (bad,) = run.read_jsonl("data/quarantine.jsonl")
-    assert bad["key"] == "a/bad.jpg" and bad["reason"].startswith("incomplete: undecodable image")
+    (bad,) = rejected_rows(run, "read")
+    assert bad["id"] == "a/bad.jpg" and bad["reason"].startswith("incomplete: undecodable image")
     rows = [row for split in manifest["splits"].values() for shard in split["shards"]
             for row in pq.read_table(run.fs.open_input_file(run.sub(shard["path"]))).to_pylist()]
     assert sorted((r["id"], r["labels"]) for r in rows) == [

@@ -1,0 +1,159 @@
+"""Where the data stage's work runs: one Ray task over one Arrow table, or Ray Data.
+
+**The rule** (the one place the data stage chooses by size): :func:`choose_engine` looks at the
+measured size of the input (the source files' bytes for a text tree, the materialized rows'
+in-memory bytes otherwise) and picks
+
+- ``single`` up to ``SINGLE_TASK_MAX_BYTES``: each cleaning step is one Ray task that reads the
+  whole input as one Arrow table, marks each row kept or rejected (the same per-row functions
+  and the same decisions as the distributed path, with a dict or a numpy sort where that path
+  uses a Ray Data ``groupby``), writes its rejects as Parquet and hands the kept table to the
+  next step through the object store. No shuffle, no groupby, no materialize per step: on
+  2 cores each of those costs seconds of scheduling, more than the work itself on a corpus
+  the size of Python's standard library (BENCHMARKS 7a).
+- ``distributed`` above it: Ray Data transforms across the cluster, as before.
+
+``data.engine: single | distributed`` forces one (the tests run both on the same input and
+compare kept and rejected keys and reasons). Why 256 MiB: the single task holds the input, the
+kept copy and the step's working set (MinHash works through ~4M shingles at a time, ~100 MB)
+in one worker's memory; 256 MiB of rows stays under ~1 GB there, which any laptop or cluster
+node has, while the distributed path's fixed cost (tens of seconds on 2 cores) is repaid only
+by inputs far larger than that.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections import Counter
+from typing import Any, Literal
+
+import numpy as np
+
+from bigopt.data.steps import SINGLE_STEP_FUNCTIONS, Marked, StepContext, load_step
+
+log = logging.getLogger("bigopt")
+
+Engine = Literal["single", "distributed"]
+
+#: Inputs up to this many bytes run in one Ray task per step (see the module docstring).
+SINGLE_TASK_MAX_BYTES = 256 * 2**20
+
+
+def choose_engine(input_bytes: int, forced: str = "auto") -> Engine:
+    """``single`` for inputs up to ``SINGLE_TASK_MAX_BYTES``, else ``distributed``; ``forced``
+    (``data.engine``) other than ``auto`` wins."""
+    if forced in ("single", "distributed"):
+        return forced  # type: ignore[return-value]
+    if forced != "auto":
+        raise ValueError(f"data.engine: {forced!r}, expected auto, single or distributed")
+    return "single" if input_bytes <= SINGLE_TASK_MAX_BYTES else "distributed"
+
+
+def has_single(kind: str) -> bool:
+    """Whether a step kind has a single-task implementation (labels trains its own tasks)."""
+    return kind in SINGLE_STEP_FUNCTIONS
+
+
+def concat(blocks: tuple[Any, ...] | list[Any]) -> Any:
+    """Arrow tables (Ray Data blocks) as one table; an empty input keeps its schema."""
+    import pyarrow as pa
+
+    tables = [b for b in blocks if b is not None]
+    if len(tables) == 1:
+        return tables[0]
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def as_batch(table: Any) -> dict[str, np.ndarray]:
+    """The table as the numpy columns a Ray Data ``map_batches`` function receives (tensor
+    columns as ndarrays, binary as object arrays): the per-row functions see the same values."""
+    from ray.data.block import BlockAccessor
+
+    return BlockAccessor.for_block(table).to_batch_format("numpy")
+
+
+def split_marked(table: Any, marked: Marked, step_name: str) -> tuple[Any, Any]:
+    """(kept rows + the step's added columns, rejected rows + ``reason`` and ``step``)."""
+    import pyarrow as pa
+
+    reasons = np.asarray(marked.reasons, dtype=object)
+    if len(reasons) != table.num_rows:
+        raise RuntimeError(f"{step_name}: {len(reasons)} reasons for {table.num_rows} rows")
+    keep = reasons == ""
+    kept = table.filter(pa.array(keep))
+    for name, values in marked.columns.items():
+        kept = kept.append_column(name, pa.array(np.asarray(values, dtype=object)[keep].tolist()))
+    rejected = table.filter(pa.array(~keep))
+    rejected = rejected.append_column("reason", pa.array(reasons[~keep].tolist(), pa.string()))
+    rejected = rejected.append_column("step", pa.array([step_name] * rejected.num_rows, pa.string()))
+    if marked.drop:
+        kept, rejected = kept.drop_columns(marked.drop), rejected.drop_columns(marked.drop)
+    return kept, rejected
+
+
+def write_rejects(run: Any, where: str, rejected: Any) -> None:
+    """One Parquet file of a step's rejected rows (a fixed name: a rerun replaces it)."""
+    import pyarrow.parquet as pq
+
+    run.fs.create_dir(run.sub(where), recursive=True)
+    pq.write_table(rejected, f"{run.sub(where)}/part-00000.parquet", filesystem=run.fs)
+
+
+def step_record(name: str, rows_in: int, kept: int, rejected: int, reasons: dict[str, int],
+                where: str | None, run_name: str, seconds: float, details: dict[str, Any],
+                engine: Engine) -> dict[str, Any]:
+    """One step's line in the manifest (both engines write the same shape)."""
+    return {"step": name, "rows_in": rows_in, "kept": kept, "rejected": rejected,
+            "rejected_by_reason": reasons,
+            "rejects": f"{run_name}/{where}" if rejected and where else None,  # run-relative
+            "seconds": round(seconds, 2), "engine": engine, "details": details}
+
+
+def reason_counts(reasons: list[str]) -> dict[str, int]:
+    """Rejected rows per reason kind (the text before the first colon)."""
+    return dict(sorted(Counter(r.split(":")[0] for r in reasons).items()))
+
+
+def _single_step(kind: str, step: Any, ctx: StepContext, run: Any, where: str,
+                 *blocks: Any) -> tuple[Any, dict[str, Any]]:
+    """Ray task body: one step over the whole input; returns (kept table, manifest record)."""
+    started = time.time()
+    table = concat(blocks)
+    rows_in = table.num_rows
+    marked = load_step(SINGLE_STEP_FUNCTIONS[kind])(as_batch(table), step, ctx)
+    kept, rejected = split_marked(table, marked, kind)
+    # counted on the two outputs, not derived from each other or from the reasons
+    if rows_in != kept.num_rows + rejected.num_rows:
+        raise RuntimeError(f"data.steps ({kind}): {rows_in} rows in but {kept.num_rows} kept + "
+                           f"{rejected.num_rows} rejected: a step lost or duplicated rows")
+    details = dict(marked.details)
+    reasons = rejected.column("reason").to_pylist()
+    if reasons:
+        write_rejects(run, where, rejected)
+        keys = rejected.column(ctx.key).to_pylist()
+        details.setdefault("examples", [{"key": str(k), "reason": r}
+                                        for k, r in sorted(zip(keys, reasons, strict=True),
+                                                           key=lambda kr: str(kr[0]))[:3]])
+    record = step_record(kind, rows_in, kept.num_rows, rejected.num_rows, reason_counts(reasons),
+                         where, run.name, time.time() - started, details, "single")
+    return kept, record
+
+
+@functools.cache
+def _remote_step() -> Any:
+    import ray
+
+    # two returns: the kept table stays in the object store for the next step; only the
+    # small record comes back to the driver
+    return ray.remote(num_returns=2)(_single_step)
+
+
+def run_single_step(refs: list[Any], kind: str, step: Any, ctx: StepContext, run: Any,
+                    where: str) -> tuple[Any, dict[str, Any]]:
+    """Run one step as one Ray task over the blocks ``refs``; returns (kept table ref, record)."""
+    import ray
+
+    kept_ref, record_ref = _remote_step().remote(kind, step, ctx, run, where, *refs)
+    return kept_ref, ray.get(record_ref)
