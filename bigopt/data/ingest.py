@@ -5,10 +5,12 @@ Two ways to hand data to workers:
 * ``streaming`` (default): Ray Train's ``streaming_split`` gives each worker a disjoint stream,
   read in parallel with prefetch; fastest, but *which* rows reach which worker is decided at
   run time.
-* ``deterministic``: every worker iterates the dataset in one fixed order and keeps every
-  ``dp``-th batch at offset ``dp_rank``. Pipeline stages of one data-parallel group then see
-  identical batches (DeepSpeed's pipeline engine requires it), and a resumed run sees exactly
-  the batches the uninterrupted one would have.
+* ``deterministic``: the training split arrives as a ``bigopt.data.partition.ShardPlan`` and
+  each data-parallel rank reads only its own share of an order fixed by the seed. Pipeline
+  stages of one data-parallel group then see identical batches (DeepSpeed's pipeline engine
+  requires it), and a resumed run sees exactly the batches the uninterrupted one would have.
+  Validation data (small, read by every rank) is a materialized Dataset whose batches are
+  dealt by rank.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+from bigopt.data.partition import ShardPlan
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -37,10 +41,62 @@ def epoch_batches(shard: Any, *, batch_size: int, seed: int, dp: int = 1, dp_ran
                   float_dtype: torch.dtype | None = None) -> Iterator[Batch]:
     """Endless ``(inputs, targets)`` batches; each pass over the shard is a new epoch.
 
-    A local shuffle buffer reseeded per epoch gives a per-epoch shuffle that is still
-    reproducible. With ``dp > 1`` only every ``dp``-th batch is kept (deterministic mode).
+    ``shard`` a ``ShardPlan`` (deterministic training data): this rank reads its own share of
+    an order fixed by ``seed`` (``bigopt.data.partition``). A Dataset: a local shuffle buffer
+    reseeded per epoch gives a per-epoch shuffle that is still reproducible, and with
+    ``dp > 1`` only every ``dp``-th batch is kept (validation data, read by every rank).
     Inputs go through ``model_input(x, float_dtype)``.
     """
+    if isinstance(shard, ShardPlan):
+        return _rank_batches(shard, batch_size=batch_size, seed=seed, dp=dp, dp_rank=dp_rank,
+                             shuffle_buffer=shuffle_buffer, columns=columns, device=device,
+                             augment=augment, float_dtype=float_dtype)
+    return _dataset_batches(shard, batch_size=batch_size, seed=seed, dp=dp, dp_rank=dp_rank,
+                            shuffle_buffer=shuffle_buffer, columns=columns, device=device,
+                            augment=augment, float_dtype=float_dtype)
+
+
+class _RankBatches:
+    """Tensor batches from a ``RankStream``; ``skip`` fast-forwards without reading whole
+    epochs."""
+
+    def __init__(self, stream: Any, columns: tuple[str, str], device: torch.device | None,
+                 augment: Any, float_dtype: torch.dtype | None):
+        self.stream, self.columns, self.device = stream, columns, device
+        self.augment, self.float_dtype = augment, float_dtype
+
+    def __iter__(self) -> _RankBatches:
+        return self
+
+    def __next__(self) -> Batch:
+        x_col, y_col = self.columns
+        batch = next(self.stream)
+        if self.augment is not None:
+            from bigopt.data.augment import OnTheFly
+
+            batch = OnTheFly(self.augment, x_col,
+                             epoch_seed=self.stream.seed + self.stream.epoch)(batch)
+        x = model_input(torch.as_tensor(batch[x_col]), self.float_dtype)
+        y = torch.as_tensor(batch[y_col]).long()
+        return (x.to(self.device), y.to(self.device)) if self.device else (x, y)
+
+    def skip(self, n: int) -> None:
+        self.stream.skip(n)
+
+
+def _rank_batches(plan: Any, *, batch_size: int, seed: int, dp: int, dp_rank: int,
+                  shuffle_buffer: int, columns: tuple[str, str], device: torch.device | None,
+                  augment: Any, float_dtype: torch.dtype | None) -> _RankBatches:
+    from bigopt.data.partition import RankStream
+
+    stream = RankStream(plan, batch_size=batch_size, seed=seed, dp=dp, dp_rank=dp_rank,
+                        shuffle_buffer=shuffle_buffer)
+    return _RankBatches(stream, columns, device, augment, float_dtype)
+
+
+def _dataset_batches(shard: Any, *, batch_size: int, seed: int, dp: int, dp_rank: int,
+                     shuffle_buffer: int, columns: tuple[str, str], device: torch.device | None,
+                     augment: Any, float_dtype: torch.dtype | None) -> Iterator[Batch]:
     x_col, y_col = columns
     epoch = 0
     while True:
@@ -96,7 +152,11 @@ class TimedBatches:
         return wait
 
     def skip(self, n: int) -> None:
-        """Fast-forward ``n`` batches (resume in deterministic mode)."""
-        for _ in range(n):
-            next(self.batches)
+        """Fast-forward ``n`` batches (resume in deterministic mode): by arithmetic over whole
+        epochs when the batches come from a rank's own share, else by drawing them."""
+        if hasattr(self.batches, "skip"):
+            self.batches.skip(n)
+        else:
+            for _ in range(n):
+                next(self.batches)
         self.consumed += n

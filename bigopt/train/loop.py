@@ -100,6 +100,7 @@ class TrainResult:
     steps: int
     final_loss: float
     val_losses: dict[int, float]
+    ingest: dict[str, Any] | None = None
 
 
 class Trainer:
@@ -270,7 +271,26 @@ class Trainer:
                         **self.val_metrics.get(self.step, {})}  # a scheduler needs its metric
             self.checkpointer.save(self.step, self.state_dict(), reported, last=True)
         self.metrics.close()
-        return TrainResult(self.step, loss, self.val_losses)
+        return TrainResult(self.step, loss, self.val_losses, self.ingest_counts())
+
+    def ingest_counts(self) -> dict[str, Any] | None:
+        """Training rows each rank read (decoded) and used in this attempt, gathered on every
+        rank (a collective): the read amplification of the deterministic order, where each
+        data-parallel rank reads only its share. None for a streaming order."""
+        stream = getattr(self.batches.batches, "stream", None)
+        if stream is None:
+            return None
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        rank = torch.distributed.get_rank() if world > 1 else 0
+        counts = torch.zeros(2 * world, dtype=torch.float64)
+        counts[2 * rank], counts[2 * rank + 1] = stream.counter.read, stream.counter.used
+        if world > 1:
+            device = self.device if torch.distributed.get_backend() == "nccl" else None
+            counts = counts.to(device) if device is not None else counts
+            torch.distributed.all_reduce(counts)
+        values = [int(v) for v in counts.cpu().tolist()]
+        return {"split_rows": stream.plan.total_rows, "epochs_started": stream.epoch + 1,
+                "rows_read_by_rank": values[0::2], "rows_used_by_rank": values[1::2]}
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step; returns (loss averaged over data-parallel ranks, seconds)."""
@@ -435,6 +455,7 @@ class Trainer:
             "layout": vars(self.layout) | {"dp": self.layout.dp},
             "deepspeed_config": self.ds_config,
             "engine": self.engine_facts(),
+            "ingest": fit.ingest,
             **self.startup_report(),
         }
 

@@ -60,15 +60,16 @@ class TrainSpec(Section):
     batch_size: int = Field(16, ge=1, description="Micro-batch per data-parallel worker.")
     data_order: Literal["auto", "streaming", "deterministic"] = Field(
         "auto",
-        description="deterministic: one order fixed by the seed (block order and a local "
-        "buffer shuffled per epoch), batches dealt by data-parallel rank: the same spec and seed "
+        description="deterministic: one order fixed by the seed (row groups permuted per epoch, "
+        "each data-parallel rank reading only its contiguous share of them through a local "
+        "shuffle buffer): the same spec and seed "
         "give the same loss curve, a resume skips exactly the batches already seen, and "
         "pipeline stages see identical batches. streaming: Ray's streaming_split, rows reach "
         "whichever worker asks first (not reproducible). auto: deterministic.",
     )
     shuffle_buffer: int = Field(
         1024, ge=0, description="Rows in the local shuffle buffer, reseeded per epoch; with the "
-        "deterministic order the block order is shuffled per epoch too. 0: read in shard order.")
+        "deterministic order the row groups are permuted per epoch too. 0: read in shard order.")
     grad_accum: int = Field(1, ge=1)
     max_steps: int = Field(300, ge=1)
     optimizer: Literal["adamw", "sgd"] = Field(

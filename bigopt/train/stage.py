@@ -13,6 +13,7 @@ import uuid
 from typing import Any
 
 from bigopt.artifacts import DataArtifact, ModelArtifact
+from bigopt.data.partition import plan_shards
 from bigopt.resolve import ResolvedJob
 from bigopt.runtime import RunDir, filesystem_for
 from bigopt.stages import StageOptions
@@ -46,7 +47,7 @@ def ray_configs(job: ResolvedJob, out: RunDir, callbacks: list[Any] | None = Non
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_last),
             failure_config=FailureConfig(max_failures=job.max_failures),
             callbacks=callbacks or None),
-        # Deterministic mode deals batches by rank inside the worker, so nothing is split
+        # In the deterministic order each rank reads its own share itself, so nothing is split
         # (its train dataset travels in the loop config).
         "dataset_config": DataConfig(
             datasets_to_split=[] if deterministic else ["train"], execution_options=execution),
@@ -54,18 +55,20 @@ def ray_configs(job: ResolvedJob, out: RunDir, callbacks: list[Any] | None = Non
 
 
 def plan_splits(job: ResolvedJob, data: DataArtifact, *, test: bool = False) -> dict[str, Any]:
-    """The train and val splits of ``data`` as the workers get them: materialized Datasets
-    (read before the workers start: by the driver itself with pyarrow when small, by Ray Data
-    read tasks when large), or, for ``streaming`` training data, a lazy Dataset that Ray Train
-    splits between the workers.
+    """The train and val splits of ``data`` as the workers get them. Training data in the
+    deterministic order: a ``ShardPlan`` (files and row-group sizes) from which each
+    data-parallel rank reads only its own share; in the streaming order: a lazy Dataset that Ray
+    Train splits between the workers. Validation (and test) data: materialized Datasets (read
+    before the workers start: by the driver itself with pyarrow when small, by Ray Data read
+    tasks when large), which every worker iterates.
 
-    Every worker iterates the whole validation set (and, in deterministic mode, the whole
-    training set). Anything that needs a Ray task once training runs can deadlock on a busy
+    Anything that needs a Ray task once training runs can deadlock on a busy
     cluster: one worker's backpressured reader holds the CPU the other's needs while both wait
     in an all-reduce (seen with 2 workers on 2 cores), and a head whose CPUs the workers take
     in full has none left at all (even ``ray.data.from_arrow`` in a worker waits on a metadata
     task there: seen with a TorchTrainer inside a Tune trial). Materialized before the workers
-    start, these splits are read from the object store with no task at all.
+    start, the evaluation splits are read from the object store with no task at all, and the
+    ranks read their training shares with pyarrow in a thread of their own.
     """
     import ray.data
 
@@ -83,8 +86,13 @@ def plan_splits(job: ResolvedJob, data: DataArtifact, *, test: bool = False) -> 
     extra = ["test"] if test and "test" in data.splits else []
     for split in ("train", "val", *extra):
         uri = data.splits[split].uri
+        if split == "train" and job.data_order == "deterministic":
+            # each data-parallel rank reads only its own share, straight from the shards: the
+            # plan is the files and their row-group sizes (bigopt.data.partition)
+            sources[split] = plan_shards(uri, list(data.columns))
+            continue
         fs, path = filesystem_for(uri)
-        materialize = split != "train" or job.data_order == "deterministic"
+        materialize = split != "train"
         if materialize and _total_bytes(fs, path) <= DRIVER_READ_MAX_BYTES:
             sources[split] = read_split_in_driver(fs, path, list(data.columns))
             continue
@@ -191,9 +199,9 @@ def fit(job: ResolvedJob, data: DataArtifact, out: RunDir, options: StageOptions
     trainer = TorchTrainer(
         ray_train_entry,
         train_loop_config={"job": job.model_dump(mode="json"), "data": data.model_dump(mode="json"),
-                           # materialized splits every worker iterates itself: val, and train
-                           # in the deterministic order (block order and a local buffer
-                           # shuffled per epoch, batches dealt by data-parallel rank)
+                           # what the workers read themselves: materialized val (and test)
+                           # splits, and in the deterministic order the train split's shard
+                           # plan, of which each data-parallel rank reads its own share
                            "splits": splits,
                            "run_uri": out.uri, "resume_uri": resume,
                            "hooks": options.hooks,

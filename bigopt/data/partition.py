@@ -1,0 +1,287 @@
+"""The deterministic training order, with each data-parallel rank reading only its own part.
+
+The driver reads the Parquet footers of the train split once (``plan_shards``: file paths and
+the rows of each row group, no data). Each epoch every rank derives the same seeded permutation
+of the row groups and takes its contiguous share of the permuted rows: rank ``r`` of ``dp`` gets
+rows ``[r * n, (r + 1) * n)`` with ``n = total // dp``, so every rank makes the same number of
+batches per epoch and no row is used twice. A rank then reads only the row groups its share
+touches, straight from the shard files (pyarrow, on local disk or S3, in a prefetch thread:
+no Ray task once training runs, see ``bigopt.train.stage.plan_splits``), and shuffles them
+through a local buffer seeded by (seed, epoch, rank). A row group that straddles two ranks'
+shares is read by both and used by each for its own rows: with ``G`` rows per row group a rank
+reads at most ``n + 2 G`` rows per epoch.
+
+Why not Ray Data here: iterating one materialized dataset in every rank and keeping every
+``dp``-th batch (the previous deterministic mode) reads the whole split ``dp`` times and needs
+it whole in the object store; ``streaming_split`` reads each row once but not reproducibly.
+This keeps the order a function of (files, seed, epoch, dp, rank) alone, so the same spec gives
+the same batches, a resume lands on the same batch, and pipeline stages of one data-parallel
+group (same ``dp_rank``) see identical batches.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+#: row groups a rank's reader thread reads ahead of the batches the loop takes
+PREFETCH_ROW_GROUPS = 4
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """A split's Parquet files as the ranks read them: where they are and how many rows each
+    row group holds (from the footers). Small and picklable: it travels in the loop config."""
+
+    uri: str  # the split's root, local path or s3:// (decides the filesystem)
+    files: tuple[str, ...]  # paths inside that filesystem, in shard-name order
+    row_groups: tuple[tuple[int, ...], ...]  # rows of each row group, per file
+    columns: tuple[str, ...]
+
+    @property
+    def total_rows(self) -> int:
+        return sum(sum(groups) for groups in self.row_groups)
+
+    def units(self) -> list[tuple[int, int, int]]:
+        """(file index, row group index, rows) of every row group, in file order."""
+        return [(f, g, rows) for f, groups in enumerate(self.row_groups)
+                for g, rows in enumerate(groups)]
+
+
+def plan_shards(uri: str, columns: list[str]) -> ShardPlan:
+    """The plan of the split under ``uri``: footers only, no row data."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from bigopt.runtime import filesystem_for
+
+    fs, path = filesystem_for(uri)
+    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                   if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+    if not files:
+        raise FileNotFoundError(f"no Parquet shards under {uri}")
+    groups = []
+    for f in files:
+        with fs.open_input_file(f) as handle:
+            meta = pq.ParquetFile(handle).metadata
+            groups.append(tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups)))
+    return ShardPlan(uri=uri, files=tuple(files), row_groups=tuple(groups), columns=tuple(columns))
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``[start, stop)`` of one row group."""
+
+    file: int
+    group: int
+    start: int
+    stop: int
+
+
+def rank_pieces(plan: ShardPlan, *, seed: int, epoch: int, dp: int, dp_rank: int,
+                shuffle: bool = True) -> list[Piece]:
+    """The row-group pieces rank ``dp_rank`` uses in ``epoch``: its contiguous share of the
+    epoch's seeded permutation of row groups (the same permutation on every rank; file order
+    when not ``shuffle``)."""
+    units = plan.units()
+    order = (np.random.default_rng([seed, epoch]).permutation(len(units)) if shuffle
+             else np.arange(len(units)))
+    share = plan.total_rows // dp
+    lo, hi = dp_rank * share, (dp_rank + 1) * share
+    pieces, offset = [], 0
+    for i in order:
+        f, g, rows = units[int(i)]
+        start, stop = max(lo - offset, 0), min(hi - offset, rows)
+        if start < stop:
+            pieces.append(Piece(f, g, start, stop))
+        offset += rows
+        if offset >= hi:
+            break
+    return pieces
+
+
+def batches_per_epoch(plan: ShardPlan, *, batch_size: int, dp: int) -> int:
+    return (plan.total_rows // dp) // batch_size
+
+
+def to_numpy(column: Any, field: Any = None) -> np.ndarray:
+    """An Arrow column as a NumPy array. Fixed-shape tensor columns (Ray Data's tensor
+    extension: its shape read from the extension type, or from the field's metadata when the
+    file is read as the plain list type it is stored as) become ``(rows, *shape)``."""
+    import json
+
+    import pyarrow as pa
+
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    shape: tuple[int, ...] | None = None
+    if isinstance(column.type, pa.ExtensionType):
+        shape = tuple(getattr(column.type, "shape", ()) or ()) or None
+        column = column.storage
+    elif field is not None and field.metadata and b"ARROW:extension:metadata" in field.metadata:
+        shape = tuple(json.loads(field.metadata[b"ARROW:extension:metadata"]))
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
+            or pa.types.is_fixed_size_list(column.type)):
+        return column.to_numpy(zero_copy_only=False)
+    rows = len(column)
+    values = column.flatten()
+    while pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+        values = values.flatten()
+    array = values.to_numpy(zero_copy_only=False)
+    return array.reshape(rows, *shape) if shape else array.reshape(rows, -1)
+
+
+@dataclass
+class ReadCounter:
+    """Rows this rank decoded (``read``) and used (``used``): the read amplification."""
+
+    read: int = 0
+    used: int = 0
+    per_epoch: list[tuple[int, int]] = field(default_factory=list)  # (read, used) per epoch
+
+
+class RankStream:
+    """Endless ``{column: ndarray}`` batches of one rank's share, epoch after epoch.
+
+    ``skip(n)`` fast-forwards ``n`` batches reading only the epoch it lands in (whole epochs
+    are skipped by arithmetic: each has ``batches_per_epoch`` batches on every rank).
+    """
+
+    def __init__(self, plan: ShardPlan, *, batch_size: int, seed: int, dp: int = 1,
+                 dp_rank: int = 0, shuffle_buffer: int = 0):
+        if not 0 <= dp_rank < dp:
+            raise ValueError(f"dp_rank {dp_rank} outside 0..{dp - 1}")
+        self.plan, self.batch_size, self.seed = plan, batch_size, seed
+        self.dp, self.dp_rank, self.shuffle_buffer = dp, dp_rank, shuffle_buffer
+        self.per_epoch = batches_per_epoch(plan, batch_size=batch_size, dp=dp)
+        if self.per_epoch == 0:
+            raise ValueError(
+                f"the training data holds fewer than {batch_size * dp} rows ({plan.total_rows}): "
+                "lower train.batch_size or add data")
+        self.counter = ReadCounter()
+        self.epoch = 0  # the epoch of the batch last returned
+        self._epochs = self._from(epoch=0)
+
+    def __iter__(self) -> RankStream:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._epochs)
+
+    def skip(self, n: int) -> None:
+        epoch, within = divmod(n, self.per_epoch)
+        self._epochs.close()  # stops the reader thread of the epoch in progress
+        self._epochs = self._from(epoch=epoch)
+        for _ in range(within):
+            next(self._epochs)
+
+    def _from(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        while True:
+            self.epoch = epoch
+            yield from self._epoch(epoch)
+            epoch += 1
+
+    def _epoch(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        pieces = rank_pieces(self.plan, seed=self.seed, epoch=epoch, dp=self.dp,
+                             dp_rank=self.dp_rank, shuffle=self.shuffle_buffer > 0)
+        rng = np.random.default_rng([self.seed, epoch, self.dp_rank])
+        read_before, used_before = self.counter.read, self.counter.used
+        buffer: dict[str, np.ndarray] | None = None
+        made = 0
+        reader = _PieceReader(self.plan, pieces, self.counter)
+        try:
+            for chunk in reader:
+                buffer = {k: v.copy() for k, v in chunk.items()} if buffer is None else {
+                    k: np.concatenate([buffer[k], chunk[k]]) for k in buffer}
+                while made < self.per_epoch and _rows(buffer) >= self.shuffle_buffer + self.batch_size:
+                    batch, buffer = self._take(buffer, rng)
+                    made += 1
+                    yield batch
+            while made < self.per_epoch:  # the epoch's tail: the buffer drains
+                assert buffer is not None and _rows(buffer) >= self.batch_size
+                batch, buffer = self._take(buffer, rng)
+                made += 1
+                yield batch
+        finally:
+            reader.close()
+        self.counter.per_epoch.append((self.counter.read - read_before,
+                                       self.counter.used - used_before))
+
+    def _take(self, buffer: dict[str, np.ndarray],
+              rng: np.random.Generator) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        n = _rows(buffer)
+        if self.shuffle_buffer:
+            b = self.batch_size
+            chosen = rng.choice(n, size=b, replace=False)
+            batch = {k: v[chosen] for k, v in buffer.items()}
+            # the holes the batch leaves are filled from the buffer's tail: O(batch) per batch
+            tail = np.setdiff1d(np.arange(n - b, n), chosen, assume_unique=True)
+            holes = chosen[chosen < n - b]
+            for v in buffer.values():
+                v[holes] = v[tail]
+            return batch, {k: v[:n - b] for k, v in buffer.items()}
+        return ({k: v[:self.batch_size] for k, v in buffer.items()},
+                {k: v[self.batch_size:] for k, v in buffer.items()})
+
+
+def _rows(buffer: dict[str, np.ndarray]) -> int:
+    return len(next(iter(buffer.values())))
+
+
+class _PieceReader:
+    """Reads a rank's pieces in order in a background thread, ``PREFETCH_ROW_GROUPS`` ahead."""
+
+    _DONE = object()
+
+    def __init__(self, plan: ShardPlan, pieces: list[Piece], counter: ReadCounter):
+        self.plan, self.pieces, self.counter = plan, pieces, counter
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=PREFETCH_ROW_GROUPS)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="bigopt-rank-reader", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import pyarrow.parquet as pq
+
+        from bigopt.runtime import filesystem_for
+
+        try:
+            fs, _ = filesystem_for(self.plan.uri)
+            for piece in self.pieces:
+                if self.stopped.is_set():
+                    return
+                with fs.open_input_file(self.plan.files[piece.file]) as handle:
+                    table = pq.ParquetFile(handle).read_row_group(
+                        piece.group, columns=list(self.plan.columns))
+                self.counter.read += table.num_rows
+                table = table.slice(piece.start, piece.stop - piece.start)
+                self.counter.used += table.num_rows
+                self._put({c: to_numpy(table.column(c), table.schema.field(c))
+                           for c in self.plan.columns})
+            self._put(self._DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
+            self._put(exc)
+
+    def _put(self, item: Any) -> None:
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        while True:
+            item = self.queue.get()
+            if item is self._DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self.stopped.set()
