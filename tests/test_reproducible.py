@@ -42,6 +42,11 @@ def test_fresh_runs_reproduce_and_strategies_start_alike(ray_session, repo_root,
     assert sorted(zero2) == list(range(1, STEPS + 1))
     worst = max(rel(zero2[s], again[s]) for s in zero2)
     assert worst <= 1e-6, f"two runs of the same spec and seed differ by {worst:.2e}"
+    # each of the 2 data-parallel ranks reads about half the split, not all of it
+    (result,) = glob.glob(os.path.join(tmp_path / "a", "quickstart", "*", "train", "result.json"))
+    ingest = json.load(open(result))["ingest"]
+    assert sum(ingest["rows_used_by_rank"]) <= ingest["split_rows"], ingest
+    assert all(r <= 0.6 * ingest["split_rows"] for r in ingest["rows_read_by_rank"]), ingest
     zero0 = cli_run(repo_root, tmp_path / "z0", "--set", "train.zero.stage=0")
     zero3 = cli_run(repo_root, tmp_path / "z3", "--set", "train.zero.stage=3")
     ddp = cli_run(repo_root, tmp_path / "ddp", "--set", "train.strategy=ddp")
