@@ -228,11 +228,12 @@ def minhash_signatures(texts: Iterable[Any], shingle: int, num_perm: int,
     if not docs:
         return sig
     a, b = permutations(num_perm, seed)
-    # about 4M shingles at a time: memory stays ~100 MB whatever the batch holds
+    # about 0.5M shingles at a time: a few MB per array, which the allocator reuses from one
+    # chunk to the next (4M-shingle chunks took fresh pages each time: 1.7x slower)
     start = 0
     while start < len(docs):
         stop, total = start, 0
-        while stop < len(docs) and (stop == start or total + len(docs[stop]) <= 4_000_000):
+        while stop < len(docs) and (stop == start or total + len(docs[stop]) <= 500_000):
             total += len(docs[stop])
             stop += 1
         sig[start:stop] = _signatures(docs[start:stop], k, a, b)

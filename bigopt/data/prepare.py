@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from bigopt.artifacts import DataArtifact, SplitInfo
+from bigopt.data.engine import choose_engine
 from bigopt.data.images import check_image_row, idx_table, load_digits_rows
 from bigopt.data.split import split_dataset
 from bigopt.data.steps import StepContext, run_steps
@@ -78,15 +79,18 @@ class SourceRows:
     steps: list[dict[str, Any]] = field(default_factory=list)
     #: source rows left after reading and the steps, counted on the data (not derived)
     rows_kept: int | None = None
+    #: the manifest's splits, when the single-task path already wrote the shards
+    splits: dict[str, Any] | None = None
 
 
 def _clean(spec: JobSpec, ds: Any, run: RunDir, ctx: StepContext, *, read: bool = True,
-           input_bytes: int | None = None) -> tuple[Any, list[dict[str, Any]], int]:
+           input_bytes: int | None = None, engine: str | None = None,
+           ) -> tuple[Any, list[dict[str, Any]], int]:
     """The reader's rejects (``read``: ``ds`` has a ``reject_reason`` column) then
     ``data.steps`` on the source rows; returns (kept rows, step records, kept count)."""
     assert spec.data is not None
-    kept, records = run_steps(ds, spec.data.steps, ctx, run, engine=spec.data.engine, read=read,
-                              input_bytes=input_bytes)
+    kept, records = run_steps(ds, spec.data.steps, ctx, run, engine=engine or spec.data.engine,
+                              read=read, input_bytes=input_bytes)
     # the last step counted its kept rows on the data itself; with no step at all, count here
     return kept, records, records[-1]["kept"] if records else kept.count()
 
@@ -115,14 +119,20 @@ def _text_rows(spec: JobSpec, context: int, run: RunDir) -> SourceRows:
     if not files:
         raise FileNotFoundError(f"data.source: no files under {root} match {src.include}")
     log.info("data: %d files under %s", len(files), root)
+    info = {"source": {"kind": src.kind, "root": str(root), "include": src.include}}
+    size = _tree_bytes(root, files)
+    if size is not None and choose_engine(size, spec.data.engine) == "single":
+        from bigopt.data.small import read_text_tree
+
+        table, digest = read_text_tree(files, str(root), src.max_file_bytes)
+        return _text_source_rows(spec, context, run, [table], len(files), info, input_bytes=size,
+                                 digest=digest)
     rows = ray.data.from_items([{"path": f} for f in files], override_num_blocks=min(len(files), 32))
     checked = rows.map_batches(
         read_and_check, fn_kwargs={"root": str(root), "max_bytes": src.max_file_bytes},
         batch_size=32,
     ).materialize()
-    return _text_source_rows(spec, context, run, checked, len(files), {
-        "source": {"kind": src.kind, "root": str(root), "include": src.include}},
-        input_bytes=_tree_bytes(root, files))
+    return _text_source_rows(spec, context, run, checked, len(files), info, input_bytes=size)
 
 
 def _tree_bytes(root: Any, files: list[str]) -> int | None:
@@ -147,12 +157,32 @@ def _table_rows(spec: JobSpec, context: int, run: RunDir) -> SourceRows:
 
 
 def _text_source_rows(spec: JobSpec, context: int, run: RunDir, checked: Any, rows_in: int,
-                      info: dict[str, Any], input_bytes: int | None = None) -> SourceRows:
-    """Text rows ``{path, text, reject_reason}`` (materialized; '' keeps a row) -> read
-    rejects and steps, split by key, tokenizer, windows: shared by every text source."""
+                      info: dict[str, Any], input_bytes: int | None = None,
+                      digest: str | None = None) -> SourceRows:
+    """Text rows ``{path, text, reject_reason}`` (a materialized Dataset, or the single-task
+    reader's table refs, with its ``digest``; '' keeps a row) -> read
+    rejects and steps, split by key, tokenizer, windows: shared by every text source.
+    On the single-task path (``choose_engine``) the windows are written here, in one task."""
+    assert spec.data is not None
+    if input_bytes is None:
+        input_bytes = checked.size_bytes() or 0
+    engine = choose_engine(input_bytes, spec.data.engine)
     kept, steps, n_kept = _clean(spec, checked, run, StepContext(
         key="path", content="text", label=None, modality="text", seed=spec.data.split.seed),
-        input_bytes=input_bytes)
+        input_bytes=input_bytes, engine=engine)
+    if digest is None:
+        hasher = hashlib.sha256()  # sorted: Ray Data may hand blocks back in any order
+        for path, text in sorted((r["path"], r["text"]) for r in
+                                 checked.select_columns(["path", "text"]).iter_rows()):
+            hasher.update(path.encode() + b"\0" + hashlib.sha256(text).digest())
+        digest = hasher.hexdigest()
+    if engine == "single":
+        from bigopt.data.small import write_text_stage
+
+        refs = kept if isinstance(kept, list) else kept.to_arrow_refs()
+        out = write_text_stage(refs, spec.data, split_key(spec), context, run)
+        return SourceRows(None, rows_in, {**info, "tokenizer": out["tokenizer"], "context": context},
+                          digest, steps, n_kept, splits=out["splits"])
     # near-duplicate clusters kept together (near_dedup action: group) split as one key
     key = "group" if "group" in kept.schema().names else split_key(spec)
     kept = split_dataset(kept, spec.data.split, key, label=None)
@@ -177,12 +207,8 @@ def _text_source_rows(spec: JobSpec, context: int, run: RunDir, checked: Any, ro
                  time.time() - started)
     windows = kept.map_batches(to_windows, fn_kwargs={"context": context,
                                                       "tokenizer_json": tokenizer_json}, batch_size=8)
-    digest = hashlib.sha256()  # sorted: Ray Data may hand blocks back in any order
-    for path, text in sorted((r["path"], r["text"]) for r in
-                             checked.select_columns(["path", "text"]).iter_rows()):
-        digest.update(path.encode() + b"\0" + hashlib.sha256(text).digest())
     return SourceRows(windows, rows_in, {**info, "tokenizer": tokenizer, "context": context},
-                      digest.hexdigest(), steps, n_kept)
+                      digest, steps, n_kept)
 
 
 def _image_rows(spec: JobSpec, run: RunDir) -> SourceRows:
@@ -345,27 +371,15 @@ def fingerprint(job: ResolvedJob, content_hash: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def run_data(job: ResolvedJob, run: RunDir) -> tuple[dict[str, Any], str]:
-    """Run the data stage into its stage folder ``run``; returns (manifest, fingerprint)."""
+def _write_splits(spec: JobSpec, kept: Any, run: RunDir,
+                  ) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
+    """The distributed path's tail: model-ready rows -> seeded order -> shards per split (and
+    prepare-time augmented copies); returns (the manifest's splits, augmentation record)."""
     from ray.data.expressions import col
 
-    spec = job.spec
     assert spec.data is not None
-    started = time.time()
-    if isinstance(spec.data.source, TextTreeSource):
-        assert job.context is not None
-        source = _text_rows(spec, job.context, run)
-    elif isinstance(spec.data.source, TableSource):
-        assert job.context is not None
-        source = _table_rows(spec, job.context, run)
-    elif isinstance(spec.data.source, ImageFolderSource):
-        source = _image_folder_rows(spec, run)
-    elif isinstance(spec.data.source, IdxSource):
-        source = _idx_rows(spec, run)
-    else:
-        source = _image_rows(spec, run)
     identity = ["path", "window"] if isinstance(spec.data.source, TEXT_SOURCES) else ["id"]
-    rows = source.kept.map_batches(_add_order_key, fn_kwargs={
+    rows = kept.map_batches(_add_order_key, fn_kwargs={
         "seed": spec.data.shuffle_seed, "columns": identity}, batch_size=1024).materialize()
     count_column = "n_tokens" if "n_tokens" in rows.schema().names else None
 
@@ -400,6 +414,32 @@ def run_data(job: ResolvedJob, run: RunDir) -> tuple[dict[str, Any], str]:
             "files": _count_distinct(part, key),
             "shards": _shards(run, name),
         }
+    return per_split, augmented
+
+
+def run_data(job: ResolvedJob, run: RunDir) -> tuple[dict[str, Any], str]:
+    """Run the data stage into its stage folder ``run``; returns (manifest, fingerprint)."""
+
+    spec = job.spec
+    assert spec.data is not None
+    started = time.time()
+    if isinstance(spec.data.source, TextTreeSource):
+        assert job.context is not None
+        source = _text_rows(spec, job.context, run)
+    elif isinstance(spec.data.source, TableSource):
+        assert job.context is not None
+        source = _table_rows(spec, job.context, run)
+    elif isinstance(spec.data.source, ImageFolderSource):
+        source = _image_folder_rows(spec, run)
+    elif isinstance(spec.data.source, IdxSource):
+        source = _idx_rows(spec, run)
+    else:
+        source = _image_rows(spec, run)
+    augmented: dict[str, Any] | None = None
+    if source.splits is not None:  # the single-task path wrote its shards already
+        per_split = source.splits
+    else:
+        per_split, augmented = _write_splits(spec, source.kept, run)
     reasons: dict[str, int] = {}
     for record in source.steps:  # the read step's included: every reject is in data/rejects/
         for kind, n in record["rejected_by_reason"].items():

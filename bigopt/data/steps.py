@@ -254,7 +254,10 @@ def run_steps(ds: Any, steps: list[Any], ctx: StepContext, run: Any, *,
               functions: dict[str, Callable[..., StepOutput]] | None = None,
               engine: str = "auto", read: bool = False, input_bytes: int | None = None,
               ) -> tuple[Any, list[dict[str, Any]]]:
-    """Run ``steps`` in order; returns the kept rows (a Ray Dataset) and one record per step.
+    """Run ``steps`` in order; returns the kept rows and one record per step.
+
+    ``ds``: a Ray Dataset, or a list of refs to Arrow tables (then the kept rows come back as
+    such a list too).
 
     ``read``: ``ds`` has the reader's ``reject_reason`` column, split off first as the "read"
     step. ``run`` (a RunDir) receives each step's rejected rows as Parquet under
@@ -268,12 +271,16 @@ def run_steps(ds: Any, steps: list[Any], ctx: StepContext, run: Any, *,
 
     from bigopt.data.engine import choose_engine, has_single, run_single_step
 
-    ds = ds.materialize()
-    chosen = choose_engine(input_bytes if input_bytes is not None else ds.size_bytes() or 0, engine)
+    # blocks in the object store (the single-task reader's) stay blocks: no Ray Data at all
+    as_refs = isinstance(ds, list)
+    refs: list[Any] | None = ds if as_refs else None  # the single-task path's table
+    ds = None if as_refs else ds.materialize()
+    if input_bytes is None:
+        input_bytes = ds.size_bytes() if ds is not None else 0
+    chosen = choose_engine(input_bytes or 0, engine)
     plan = [("read", None, "rejects/read")] if read else []
     plan += [(step.kind, step, f"rejects/{i:02d}-{step.kind}") for i, step in enumerate(steps)]
     records: list[dict[str, Any]] = []
-    refs: list[Any] | None = None  # the single-task path's table, in the object store
     for kind, step, where in plan:
         override = (functions or {}).get(kind)
         if chosen == "single" and override is None and has_single(kind):
@@ -290,6 +297,6 @@ def run_steps(ds: Any, steps: list[Any], ctx: StepContext, run: Any, *,
         log.info("data.steps %s (%s): %d in, %d kept, %d rejected (%.1f s)", kind,
                  record["engine"], record["rows_in"], record["kept"], record["rejected"],
                  record["seconds"])
-    if ds is None:
-        ds = ray.data.from_arrow_refs(refs)
-    return ds, records
+    if as_refs:
+        return (refs if refs is not None else ds.to_arrow_refs()), records
+    return (ds if ds is not None else ray.data.from_arrow_refs(refs)), records
