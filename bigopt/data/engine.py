@@ -122,7 +122,7 @@ def reason_counts(reasons: list[str]) -> dict[str, int]:
     return dict(sorted(Counter(r.split(":")[0] for r in reasons).items()))
 
 
-def _single_step(kind: str, step: Any, ctx: StepContext, run: Any, where: str,
+def _single_step(kind: str, step: Any, ctx: StepContext, run: Any, where: str, label: str,
                  *blocks: Any) -> tuple[Any, dict[str, Any]]:
     """Ray task body: one step over the whole input; returns (kept table, manifest record)."""
     started = time.time()
@@ -132,7 +132,7 @@ def _single_step(kind: str, step: Any, ctx: StepContext, run: Any, where: str,
     kept, rejected = split_marked(table, marked, kind)
     # counted on the two outputs, not derived from each other or from the reasons
     if rows_in != kept.num_rows + rejected.num_rows:
-        raise RuntimeError(f"data.steps ({kind}): {rows_in} rows in but {kept.num_rows} kept + "
+        raise RuntimeError(f"{label}: {rows_in} rows in but {kept.num_rows} kept + "
                            f"{rejected.num_rows} rejected: a step lost or duplicated rows")
     details = dict(marked.details)
     reasons = rejected.column("reason").to_pylist()
@@ -157,9 +157,9 @@ def _remote_step() -> Any:
 
 
 def run_single_step(refs: list[Any], kind: str, step: Any, ctx: StepContext, run: Any,
-                    where: str) -> tuple[Any, dict[str, Any]]:
+                    where: str, label: str) -> tuple[Any, dict[str, Any]]:
     """Run one step as one Ray task over the blocks ``refs``; returns (kept table ref, record)."""
     import ray
 
-    kept_ref, record_ref = _remote_step().remote(kind, step, ctx, run, where, *refs)
+    kept_ref, record_ref = _remote_step().remote(kind, step, ctx, run, where, label, *refs)
     return kept_ref, ray.get(record_ref)

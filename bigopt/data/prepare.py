@@ -313,26 +313,31 @@ class _ShardNames:
         return f"{self.split}-{task_index:05d}-{block_index:05d}-{row_index:06d}.parquet"
 
 
-#: A materialized split up to this size is sorted by the driver itself with pyarrow (0.1-3 s
-#: for Fashion-MNIST's 220 MB) instead of by Ray Data's distributed sort (sample, map and
-#: reduce tasks: ~7 s per split on 2 cores, whatever the size). Larger ones sort in Ray.
-DRIVER_SORT_MAX_BYTES = 256 * 2**20
+def _sort_blocks(*blocks: Any) -> Any:
+    """Ray task body: the blocks as one table in ``ORDER_KEY`` order, without the key."""
+    from bigopt.data.engine import concat
+
+    return concat(blocks).sort_by(ORDER_KEY).drop_columns([ORDER_KEY])
 
 
-def _sorted(part: Any) -> Any:
+def _sorted(part: Any, engine: str = "auto") -> Any:
     """``part`` (materialized) in ``ORDER_KEY`` order, without the key; the same rows in the
-    same order either way (pyarrow's sort and Ray's both order by the key's values)."""
-    import pyarrow as pa
+    same order either way (pyarrow's sort and Ray's both order by the key's values). The
+    engine rule decides: a split the single path would hold is sorted by pyarrow in one Ray
+    task (0.1-3 s for Fashion-MNIST's 220 MB), a larger one by Ray Data's distributed sort
+    (sample, map and reduce tasks: ~7 s per split on 2 cores, whatever the size)."""
     import ray
     import ray.data
 
-    if (part.size_bytes() or 0) > DRIVER_SORT_MAX_BYTES:
+    from bigopt.data.engine import choose_engine
+
+    if choose_engine(part.size_bytes() or 0, engine) == "distributed":
         return part.sort(ORDER_KEY).drop_columns([ORDER_KEY])
-    table = pa.concat_tables(ray.get(part.to_arrow_refs())).sort_by(ORDER_KEY)
-    return ray.data.from_arrow(table.drop_columns([ORDER_KEY]))
+    return ray.data.from_arrow_refs([ray.remote(_sort_blocks).remote(*part.to_arrow_refs())])
 
 
-def write_shards(part: Any, run: RunDir, split: str, rows: int, rows_per_shard: int) -> None:
+def write_shards(part: Any, run: RunDir, split: str, rows: int, rows_per_shard: int,
+                 engine: str = "auto") -> None:
     """Write one split as Parquet shards: same source, spec and seed -> same rows, same order,
     same shard boundaries and names (Ray Data keeps the sorted order and the even cut)."""
     import ray.data
@@ -341,7 +346,7 @@ def write_shards(part: Any, run: RunDir, split: str, rows: int, rows_per_shard: 
     previous, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
     try:
         shards = max(1, math.ceil(rows / rows_per_shard))
-        ordered = _sorted(part).repartition(shards)
+        ordered = _sorted(part, engine).repartition(shards)
         # OVERWRITE: the names are fixed (no write id in them), and a data stage run again
         # into the same run dir replaces its shards rather than mixing old and new ones.
         ordered.write_parquet(run.sub(split), filesystem=run.fs,
@@ -366,7 +371,9 @@ def fingerprint(job: ResolvedJob, content_hash: str) -> str:
     """Same source content + same data spec + same context and task -> same fingerprint (the
     key a cache of prepared data will use)."""
     assert job.spec.data is not None
-    key = json.dumps({"data": job.spec.data.model_dump(mode="json"), "context": job.context,
+    # data.engine changes where the work runs, not what it writes: not part of the key
+    key = json.dumps({"data": job.spec.data.model_dump(mode="json", exclude={"engine"}),
+                      "context": job.context,
                       "task": job.task, "source": content_hash}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -406,7 +413,7 @@ def _write_splits(spec: JobSpec, kept: Any, run: RunDir,
             augmented = {"when": "prepare", "copies": augment.copies, "source_rows": n,
                          "rows_added": augmented_rows}
             n = part.count()
-        write_shards(part, run, name, n, spec.data.rows_per_shard)
+        write_shards(part, run, name, n, spec.data.rows_per_shard, spec.data.engine)
         key = "path" if count_column else "id"
         per_split[name] = {
             "rows": n,

@@ -226,7 +226,8 @@ def load_step(ref: str) -> Callable[..., Any]:
 
 
 def _distributed_step(ds: Any, kind: str, fn: Callable[..., StepOutput], step: Any,
-                      ctx: StepContext, run: Any, where: str) -> tuple[Any, dict[str, Any]]:
+                      ctx: StepContext, run: Any, where: str, label: str,
+                      ) -> tuple[Any, dict[str, Any]]:
     """One step as Ray Data transforms; returns (kept rows, materialized; manifest record)."""
     from bigopt.data.engine import reason_counts, step_record
 
@@ -236,7 +237,7 @@ def _distributed_step(ds: Any, kind: str, fn: Callable[..., StepOutput], step: A
     kept, rejected = out.kept.materialize(), out.rejected.materialize()
     n_kept, n_rejected = kept.count(), rejected.count()
     if rows_in != n_kept + n_rejected:
-        raise RuntimeError(f"data.steps ({kind}): {rows_in} rows in but {n_kept} kept "
+        raise RuntimeError(f"{label}: {rows_in} rows in but {n_kept} kept "
                            f"+ {n_rejected} rejected: a step lost or duplicated rows")
     details = dict(out.details)
     reasons: list[str] = []
@@ -278,20 +279,22 @@ def run_steps(ds: Any, steps: list[Any], ctx: StepContext, run: Any, *,
     if input_bytes is None:
         input_bytes = ds.size_bytes() if ds is not None else 0
     chosen = choose_engine(input_bytes or 0, engine)
-    plan = [("read", None, "rejects/read")] if read else []
-    plan += [(step.kind, step, f"rejects/{i:02d}-{step.kind}") for i, step in enumerate(steps)]
+    # (kind, spec, where its rejects go, how errors name it)
+    plan = [("read", None, "rejects/read", "data read")] if read else []
+    plan += [(step.kind, step, f"rejects/{i:02d}-{step.kind}", f"data.steps.{i} ({step.kind})")
+             for i, step in enumerate(steps)]
     records: list[dict[str, Any]] = []
-    for kind, step, where in plan:
+    for kind, step, where, label in plan:
         override = (functions or {}).get(kind)
         if chosen == "single" and override is None and has_single(kind):
             refs = refs if refs is not None else ds.to_arrow_refs()
-            kept_ref, record = run_single_step(refs, kind, step, ctx, run, where)
+            kept_ref, record = run_single_step(refs, kind, step, ctx, run, where, label)
             refs, ds = [kept_ref], None
         else:
             if ds is None:
                 ds = ray.data.from_arrow_refs(refs)
             ds, record = _distributed_step(ds, kind, override or load_step(STEP_FUNCTIONS[kind]),
-                                           step, ctx, run, where)
+                                           step, ctx, run, where, label)
             refs = None
         records.append(record)
         log.info("data.steps %s (%s): %d in, %d kept, %d rejected (%.1f s)", kind,
