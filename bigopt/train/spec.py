@@ -62,7 +62,8 @@ class TrainSpec(Section):
         "auto",
         description="deterministic: one order fixed by the seed (row groups permuted per epoch, "
         "each data-parallel rank reading only its contiguous share of them through a local "
-        "shuffle buffer): the same spec and seed "
+        "shuffle buffer; so the rows in a step depend on the data-parallel degree): the same "
+        "spec, seed and degree "
         "give the same loss curve, a resume skips exactly the batches already seen, and "
         "pipeline stages see identical batches. streaming: Ray's streaming_split, rows reach "
         "whichever worker asks first (not reproducible). auto: deterministic.",

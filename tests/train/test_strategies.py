@@ -115,8 +115,10 @@ def test_ddp_matches_zero0_after_one_step_and_over_twenty(runs):
 
 
 def test_pipeline_matches_data_parallel(runs):
-    # 2 pipeline stages x 1 data rank, 2 micro-batches of 4 == 2 data ranks x batch 4.
-    spec, base = runs.get("zero0-sgd", **SGD)
+    # 2 pipeline stages x 1 data rank, 2 micro-batches of 4 == 1 data rank, 2 accumulated
+    # micro-batches of 4: the same rows in the same steps (a data-parallel degree of 2 would
+    # give each rank its own half of the data, so other rows in each step).
+    spec, base = runs.get("zero0-sgd-accum2", workers=1, grad_accum=2, **SGD)
     pp_spec, pp = runs.get("pp2-sgd", pipeline={"stages": 2, "micro_batches": 2}, **SGD)
     assert_rel_close(params_at(spec, base, 1), params_at(pp_spec, pp, 1), 1e-6)
     assert_trajectories_close(runs.losses(base), runs.losses(pp), 1e-2)
