@@ -123,10 +123,9 @@ def reason_counts(reasons: list[str]) -> dict[str, int]:
 
 
 def _single_step(kind: str, step: Any, ctx: StepContext, run: Any, where: str, label: str,
-                 *blocks: Any) -> tuple[Any, dict[str, Any]]:
-    """Ray task body: one step over the whole input; returns (kept table, manifest record)."""
+                 table: Any) -> tuple[Any, dict[str, Any]]:
+    """One step over the whole input; returns (kept table, manifest record)."""
     started = time.time()
-    table = concat(blocks)
     rows_in = table.num_rows
     marked = load_step(SINGLE_STEP_FUNCTIONS[kind])(as_batch(table), step, ctx)
     kept, rejected = split_marked(table, marked, kind)
@@ -147,19 +146,42 @@ def _single_step(kind: str, step: Any, ctx: StepContext, run: Any, where: str, l
     return kept, record
 
 
+def _single_steps(plan: list[tuple[str, Any, str, str]], ctx: StepContext, run: Any,
+                  *blocks: Any) -> tuple[Any, list[dict[str, Any]]]:
+    """Ray task body: consecutive steps over one table, each on the previous one's kept rows
+    (no object-store round trip between them); returns (kept table, one record per step)."""
+    table, records = concat(blocks), []
+    for kind, step, where, label in plan:
+        table, record = _single_step(kind, step, ctx, run, where, label, table)
+        records.append(record)
+    return table, records
+
+
+def _call(fn: Any, *args: Any) -> Any:
+    return fn(*args)
+
+
 @functools.cache
-def _remote_step() -> Any:
+def _task() -> Any:
     import ray
 
-    # two returns: the kept table stays in the object store for the next step; only the
-    # small record comes back to the driver
-    return ray.remote(num_returns=2)(_single_step)
+    return ray.remote(_call)
 
 
-def run_single_step(refs: list[Any], kind: str, step: Any, ctx: StepContext, run: Any,
-                    where: str, label: str) -> tuple[Any, dict[str, Any]]:
-    """Run one step as one Ray task over the blocks ``refs``; returns (kept table ref, record)."""
+def submit(fn: Any, *args: Any, returns: int = 1) -> Any:
+    """Run ``fn(*args)`` (a module-level function) as a Ray task; refs among ``args`` arrive
+    as their values. Every single-path task goes through this one remote function, so they
+    share a scheduling class and Ray hands them the worker the previous one warmed (its
+    imports done) instead of a fresh worker per function."""
+    return _task().options(num_returns=returns).remote(fn, *args)
+
+
+def run_single_steps(refs: list[Any], plan: list[tuple[str, Any, str, str]], ctx: StepContext,
+                     run: Any) -> tuple[Any, list[dict[str, Any]]]:
+    """Run consecutive steps (``(kind, spec, rejects dir, label)``) in one Ray task over the
+    blocks ``refs``; returns (kept table ref, records): the kept rows stay in the object store,
+    only the small records come back to the driver."""
     import ray
 
-    kept_ref, record_ref = _remote_step().remote(kind, step, ctx, run, where, label, *refs)
-    return kept_ref, ray.get(record_ref)
+    kept_ref, records_ref = submit(_single_steps, plan, ctx, run, *refs, returns=2)
+    return kept_ref, ray.get(records_ref)

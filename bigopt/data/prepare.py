@@ -329,11 +329,11 @@ def _sorted(part: Any, engine: str = "auto") -> Any:
     import ray
     import ray.data
 
-    from bigopt.data.engine import choose_engine
+    from bigopt.data.engine import choose_engine, submit
 
     if choose_engine(part.size_bytes() or 0, engine) == "distributed":
         return part.sort(ORDER_KEY).drop_columns([ORDER_KEY])
-    return ray.data.from_arrow_refs([ray.remote(_sort_blocks).remote(*part.to_arrow_refs())])
+    return ray.data.from_arrow_refs([submit(_sort_blocks, *part.to_arrow_refs())])
 
 
 def write_shards(part: Any, run: RunDir, split: str, rows: int, rows_per_shard: int,

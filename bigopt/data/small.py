@@ -13,7 +13,6 @@ of the stage (BENCHMARKS 7a).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import time
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from bigopt.data.engine import as_batch, concat
+from bigopt.data.engine import as_batch, concat, submit
 
 SPLITS = ("train", "val", "test")
 
@@ -107,18 +106,11 @@ def text_tail(data: Any, key: str, context: int, run: Any, *blocks: Any) -> dict
     return {"splits": splits, "tokenizer": tokenizer}
 
 
-@functools.cache
-def _remote(fn: Any, returns: int = 1) -> Any:
-    import ray
-
-    return ray.remote(num_returns=returns)(fn)
-
-
 def read_text_tree(files: list[str], root: str, max_bytes: int) -> tuple[Any, str]:
     """The read as one Ray task; returns (table ref, content digest)."""
     import ray
 
-    table_ref, digest_ref = _remote(read_files, 2).remote(files, root, max_bytes)
+    table_ref, digest_ref = submit(read_files, files, root, max_bytes, returns=2)
     return table_ref, ray.get(digest_ref)
 
 
@@ -126,4 +118,4 @@ def write_text_stage(refs: list[Any], data: Any, key: str, context: int, run: An
     """The tail as one Ray task over the kept rows ``refs``; returns splits and tokenizer."""
     import ray
 
-    return ray.get(_remote(text_tail).remote(data, key, context, run, *refs))
+    return ray.get(submit(text_tail, data, key, context, run, *refs))

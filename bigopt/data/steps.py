@@ -270,7 +270,7 @@ def run_steps(ds: Any, steps: list[Any], ctx: StepContext, run: Any, *,
     """
     import ray
 
-    from bigopt.data.engine import choose_engine, has_single, run_single_step
+    from bigopt.data.engine import choose_engine, has_single, run_single_steps
 
     # blocks in the object store (the single-task reader's) stay blocks: no Ray Data at all
     as_refs = isinstance(ds, list)
@@ -284,22 +284,28 @@ def run_steps(ds: Any, steps: list[Any], ctx: StepContext, run: Any, *,
     plan += [(step.kind, step, f"rejects/{i:02d}-{step.kind}", f"data.steps.{i} ({step.kind})")
              for i, step in enumerate(steps)]
     records: list[dict[str, Any]] = []
-    for kind, step, where, label in plan:
+    while plan:
+        kind, step, where, label = plan[0]
         override = (functions or {}).get(kind)
         if chosen == "single" and override is None and has_single(kind):
+            # this step and the single-capable ones right after it: one task
+            n = 1
+            while n < len(plan) and has_single(plan[n][0]) and plan[n][0] not in (functions or {}):
+                n += 1
             refs = refs if refs is not None else ds.to_arrow_refs()
-            kept_ref, record = run_single_step(refs, kind, step, ctx, run, where, label)
-            refs, ds = [kept_ref], None
+            kept_ref, done = run_single_steps(refs, plan[:n], ctx, run)
+            refs, ds, plan = [kept_ref], None, plan[n:]
         else:
             if ds is None:
                 ds = ray.data.from_arrow_refs(refs)
             ds, record = _distributed_step(ds, kind, override or load_step(STEP_FUNCTIONS[kind]),
                                            step, ctx, run, where, label)
-            refs = None
-        records.append(record)
-        log.info("data.steps %s (%s): %d in, %d kept, %d rejected (%.1f s)", kind,
-                 record["engine"], record["rows_in"], record["kept"], record["rejected"],
-                 record["seconds"])
+            refs, plan, done = None, plan[1:], [record]
+        for record in done:
+            records.append(record)
+            log.info("data.steps %s (%s): %d in, %d kept, %d rejected (%.1f s)", record["step"],
+                     record["engine"], record["rows_in"], record["kept"], record["rejected"],
+                     record["seconds"])
     if as_refs:
         return (refs if refs is not None else ds.to_arrow_refs()), records
     return (ds if ds is not None else ray.data.from_arrow_refs(refs)), records
