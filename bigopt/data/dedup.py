@@ -269,6 +269,33 @@ def _signatures(docs: list[bytes], k: int, a: np.ndarray, b: np.ndarray) -> np.n
     return out
 
 
+#: Text bytes per signature task on the single-task path: below this, the step's own task does
+#: them all (a task costs ~0.5 s to start in a fresh worker, what 4 MB of MinHash takes).
+SIGNATURE_TASK_BYTES = 4 * 2**20
+
+
+def spread_signatures(texts: Any, shingle: int, num_perm: int) -> np.ndarray:
+    """:func:`minhash_signatures` of ``texts`` in order, in up to one Ray task per CPU (by
+    contiguous pieces of about equal bytes) when Ray is up and there is enough text: the
+    single-task path's one parallel part, the same values as one call."""
+    import ray
+
+    lengths = np.array([len(t) for t in texts], dtype=np.int64)
+    pieces = 1
+    if ray.is_initialized():
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        pieces = max(1, min(cpus, int(lengths.sum()) // SIGNATURE_TASK_BYTES, len(texts)))
+    if pieces == 1:
+        return minhash_signatures(texts, shingle, num_perm)
+    from bigopt.data.engine import submit
+
+    ends = np.cumsum(lengths)
+    cuts = [0, *np.searchsorted(ends, ends[-1] * np.arange(1, pieces) / pieces).tolist(), len(texts)]
+    refs = [submit(minhash_signatures, list(texts[a:b]), shingle, num_perm)
+            for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
+    return np.concatenate(ray.get(refs))
+
+
 def _area(ys: np.ndarray, xs: np.ndarray) -> float:
     return float(np.sum((ys[1:] + ys[:-1]) * np.diff(xs)) / 2)  # trapezoids
 
@@ -443,7 +470,7 @@ def near_duplicates_single(batch: dict[str, np.ndarray], step: Any, ctx: StepCon
     threshold, shingle, num_perm, action, bands, rows = _near_params(step, ctx)
     clock = time.perf_counter()
     keys = np.array([str(k) for k in batch[ctx.key]], dtype=object)
-    sig = minhash_signatures(batch[ctx.content], shingle, num_perm)
+    sig = spread_signatures(batch[ctx.content], shingle, num_perm)
     candidates = local_candidates(keys, sig, bands, rows)
     clusters, kept_of, verified = _clusters(candidates, sig, {k: i for i, k in enumerate(keys)},
                                             threshold)

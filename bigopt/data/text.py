@@ -121,24 +121,27 @@ def to_windows(batch: dict[str, np.ndarray], context: int,
                   else np.frombuffer(text, dtype=np.uint8).astype(np.int32))
         # Stride `context`; the window's labels are the next token, so window k reads
         # tokens[k*context : k*context + context + 1]. Every label is predicted exactly once.
-        for start in range(0, max(len(tokens) - 1, 1), context):
-            chunk = tokens[start : start + context + 1]
-            x = np.full(context, PAD_TOKEN, dtype=np.int32)
-            y = np.full(context, IGNORE_INDEX, dtype=np.int32)
-            x[: min(len(chunk), context)] = chunk[:context]
-            y[: len(chunk) - 1] = chunk[1:]
-            inputs.append(x)
-            labels.append(y)
-            paths.append(rel)
-            splits.append(split)
-            n_tokens.append(len(chunk) - 1)
-            window.append(start // context)
+        # All of a file's windows at once: the tokens laid out on a padded grid, inputs padded
+        # with PAD_TOKEN and labels (shifted by one) with IGNORE_INDEX past the file's end.
+        n = -(-max(len(tokens) - 1, 1) // context)
+        grid_x = np.full(n * context + 1, PAD_TOKEN, dtype=np.int32)
+        grid_y = np.full(n * context + 1, IGNORE_INDEX, dtype=np.int32)
+        grid_x[: len(tokens)] = tokens
+        grid_y[: len(tokens)] = tokens
+        inputs.append(grid_x[: n * context].reshape(n, context))
+        labels.append(grid_y[1:].reshape(n, context))
+        starts = np.arange(n) * context
+        n_tokens.append(np.minimum(context, len(tokens) - starts - 1).astype(np.int32))
+        window.append(np.arange(n, dtype=np.int32))
+        paths += [rel] * n
+        splits += [split] * n
     return {
-        "input_ids": np.stack(inputs) if inputs else np.zeros((0, context), np.int32),
-        "labels": np.stack(labels) if labels else np.zeros((0, context), np.int32),
+        "input_ids": np.concatenate(inputs) if inputs else np.zeros((0, context), np.int32),
+        "labels": np.concatenate(labels) if labels else np.zeros((0, context), np.int32),
         "path": np.array(paths, dtype=object),
-        "n_tokens": np.array(n_tokens, dtype=np.int32),
-        "window": np.array(window, dtype=np.int32),  # index within the file: a stable identity
+        "n_tokens": np.concatenate(n_tokens) if n_tokens else np.zeros(0, np.int32),
+        # index within the file: a stable identity
+        "window": np.concatenate(window) if window else np.zeros(0, np.int32),
         "split": np.array(splits, dtype=object),
     }
 
