@@ -149,7 +149,11 @@ def main() -> None:
     started = time.perf_counter()
     connect_ray(num_cpus=embedded_cpus(2))  # what bigopt.run would start: 2 workers' worth
     ray_s = time.perf_counter() - started
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), platform.machine()) \
+        if os.path.exists("/proc/cpuinfo") else platform.machine()
+    print(f"command: python benchmarks/prepare.py {' '.join(sys.argv[1:])}".rstrip())
+    print(f"machine: {cpu}, {os.cpu_count()} cores; Python {platform.python_version()}; "
           f"load average before {load_before[0]:.2f}")
     print(f"Ray start-up (embedded, once, outside every ratio): {ray_s:.1f} s")
     print("| files | plain s | bigopt s (stage only) | ratio | plain kept/rejected | "
