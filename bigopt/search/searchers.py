@@ -168,16 +168,23 @@ class EvolutionSearcher(_SeededSearcher):
 
     ``candidates`` > 1: each suggestion breeds that many children (a tournament and a mutation
     each) and tries the one ``bigopt.search.surrogate.DensityRatio`` ranks first
-    (surrogate-assisted evolution; on NAS-Bench-201 it brings evolution level with TPE,
-    BENCHMARKS.md 5). 1: the paper's single child."""
+    (surrogate-assisted evolution). 1: the paper's single child.
+
+    ``guided``: the probability that a mutation draws its new value from the good trials'
+    density l(x) (``DensityRatio.propose``, TPE's proposal) instead of uniformly; it pulls
+    stray lineages towards what the best trials share (NAS-Bench-201, BENCHMARKS.md 5). 0: the
+    paper's uniform mutation."""
 
     def __init__(self, space: dict[str, Any], metric: str, mode: str, *, seed: int = 0,
                  max_trials: int | None = None, population: int = 20, tournament: int = 5,
                  mutations: int = 1, canonical: Callable[[dict[str, Any]], Any] | None = None,
-                 dedupe: bool = True, candidates: int = 1):
+                 dedupe: bool = True, candidates: int = 1, guided: float = 0.0):
         super().__init__(space, metric, mode, seed=seed, max_trials=max_trials,
                          candidates=candidates)
         self.canonical = (canonical or (lambda config: config)) if dedupe else None
+        if not 0.0 <= guided <= 1.0:
+            raise ValueError(f"guided: {guided} must be between 0 and 1")
+        self.guided = guided
         if not 1 <= tournament <= population:
             raise ValueError(f"tournament: {tournament} must be between 1 and population={population}")
         self.population_size, self.tournament, self.mutations = population, tournament, mutations
@@ -202,10 +209,21 @@ class EvolutionSearcher(_SeededSearcher):
     def _next_config(self) -> dict[str, Any]:
         if len(self.population) < self.population_size:
             return self.space.sample(self.rng)
-        return self._choose([self._child() for _ in range(self.candidates)], lambda c: c)
+        density = None
+        if self.guided > 0:
+            from bigopt.search.surrogate import DensityRatio
 
-    def _child(self) -> dict[str, Any]:
+            scored = [(c, s) for c, s in self.history if s is not None]
+            density = DensityRatio(self.space).fit([c for c, _ in scored], [s for _, s in scored])
+        return self._choose([self._child(density) for _ in range(self.candidates)], lambda c: c)
+
+    def _child(self, density: Any = None) -> dict[str, Any]:
         picks = self.rng.choice(len(self.population), size=self.tournament, replace=False)
         parent = max((self.population[int(i)] for i in picks), key=lambda member: member[1])[0]
-        child = self.space.mutate(parent, self.rng, n=self.mutations)
-        return self._unseen(child, lambda c: self.space.mutate(c, self.rng, n=self.mutations))
+        return self._unseen(self._mutate(parent, density), lambda c: self._mutate(c, density))
+
+    def _mutate(self, config: dict[str, Any], density: Any) -> dict[str, Any]:
+        if density is not None and self.rng.random() < self.guided:
+            return self.space.mutate(config, self.rng, n=self.mutations,
+                                     propose=lambda dim, value: density.propose(dim, value, self.rng))
+        return self.space.mutate(config, self.rng, n=self.mutations)

@@ -11,6 +11,7 @@ express (grid search, sample_from), as Tune's own translators do.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,11 +102,14 @@ class Space:
     def sample(self, rng: np.random.Generator) -> dict[str, Any]:
         return {**self.constants, **{d.path: d.sample(rng) for d in self.dims}}
 
-    def mutate(self, config: dict[str, Any], rng: np.random.Generator, *, n: int = 1) -> dict[str, Any]:
-        """``config`` with ``n`` of its searchable values changed."""
+    def mutate(self, config: dict[str, Any], rng: np.random.Generator, *, n: int = 1,
+               propose: Callable[[Dim, Any], Any] | None = None) -> dict[str, Any]:
+        """``config`` with ``n`` of its searchable values changed: each by ``propose(dim,
+        value)`` when given (a guided mutation), else by ``Dim.mutate``."""
         child = dict(config)
         for i in rng.choice(len(self.dims), size=min(n, len(self.dims)), replace=False):
             dim = self.dims[int(i)]
-            child[dim.path] = dim.mutate(config[dim.path], rng)
+            child[dim.path] = (propose(dim, config[dim.path]) if propose is not None
+                               else dim.mutate(config[dim.path], rng))
         return child
 

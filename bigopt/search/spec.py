@@ -75,6 +75,9 @@ class EvolutionOptions(Section):
     candidates: int = Field(
         8, ge=1, description="Children bred per trial; the one a TPE-style density ratio of the "
         "trials so far ranks first is trained (1: plain regularized evolution).")
+    guided: float = Field(
+        0.5, ge=0, le=1, description="Probability that a mutation draws the new value from the "
+        "good trials' density (TPE's l(x)) instead of uniformly (0: plain uniform mutation).")
 
 
 class RLOptions(Section):

@@ -67,7 +67,8 @@ def build_searcher(search: SearchSpec, space: dict[str, Any], metric: str, mode:
         e = search.evolution
         return EvolutionSearcher(space, metric, mode, seed=search.seed, population=e.population,
                                  tournament=e.tournament, mutations=e.mutations,
-                                 candidates=e.candidates, canonical=active)
+                                 candidates=e.candidates, guided=e.guided,
+                                 canonical=active)
     if search.searcher == "rl":
         from bigopt.search.rl import RLSearcher
 

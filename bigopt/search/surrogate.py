@@ -21,7 +21,7 @@ import math
 from typing import Any
 
 import numpy as np
-from ray.tune.search.sample import Categorical
+from ray.tune.search.sample import Categorical, Integer
 
 from bigopt.search.space import Dim, Space
 
@@ -60,6 +60,24 @@ class DensityRatio:
         for config in members:
             counts[_bin_of(dim, config.get(dim.path), self.bins)] += 1.0
         return np.log((counts + self.prior) / (len(members) + self.prior * len(counts)))
+
+    def propose(self, dim: Dim, current: Any, rng: np.random.Generator) -> Any:
+        """A new value for ``dim`` drawn from the good trials' smoothed density l(x), the
+        current value's level excluded: a categorical level, or a uniform point of a range's
+        bin (TPE's proposal, used by ``EvolutionSearcher`` as a guided mutation)."""
+        levels = _levels(dim, self.bins)
+        weights = np.exp(self._log_density(self.good, dim)[:levels])
+        weights[_bin_of(dim, current, self.bins)] = 0.0
+        if weights.sum() <= 0:  # a one-level dimension: nothing else to move to
+            return current
+        level = int(rng.choice(levels, p=weights / weights.sum()))
+        if isinstance(dim.domain, Categorical):
+            return dim.domain.categories[level]
+        lo, hi = dim._bounds()
+        value = dim._from_unit(lo + (level + rng.random()) * (hi - lo) / self.bins)
+        if isinstance(dim.domain, Integer):  # randint's upper bound is exclusive
+            value = min(max(int(value), dim.domain.lower), dim.domain.upper - 1)
+        return dim._quantize(value)
 
     def score(self, configs: list[dict[str, Any]]) -> np.ndarray:
         """log l(x) - log g(x) per config (higher: more like the good trials)."""

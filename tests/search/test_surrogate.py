@@ -43,6 +43,8 @@ def drive(searcher, trials: int, *, start: int = 0) -> list[dict]:
 
 
 @pytest.mark.parametrize("cls,kwargs", [(EvolutionSearcher, {"population": 6, "tournament": 2}),
+                                        (EvolutionSearcher, {"population": 6, "tournament": 2,
+                                                             "guided": 0.5}),
                                         (RLSearcher, {})])
 def test_candidates_are_reproducible_and_survive_a_save_and_restore(cls, kwargs, tmp_path):
     make = lambda seed: cls(SPACE, "acc", "max", seed=seed, candidates=8, **kwargs)  # noqa: E731
@@ -69,3 +71,21 @@ def test_ranked_candidates_find_better_points_than_one_draw(cls, kwargs):
             cls(SPACE, "acc", "max", seed=seed, candidates=k, **kwargs), 30)])
             for seed in range(20)])
     assert means[8] > means[1] + 0.1, means
+
+
+def test_propose_draws_other_values_from_the_good_trials_density():
+    space = Space({**SPACE, "depth": tune.randint(1, 9)})
+    good = [{"width": [32, 32], "op": "conv", "lr": 1e-2, "depth": 8}] * 6
+    bad = [{"width": [8, 8], "op": "none", "lr": 1e-4, "depth": 1}] * 18
+    model = DensityRatio(space).fit(good + bad, [1.0] * 6 + [0.0] * 18)
+    rng = np.random.default_rng(0)
+    dims = {d.path: d for d in space.dims}
+    ops = [model.propose(dims["op"], "pool", rng) for _ in range(300)]
+    assert "pool" not in ops and ops.count("conv") > 0.75 * len(ops)  # never the current level
+    lrs = [model.propose(dims["lr"], 1e-4, rng) for _ in range(300)]
+    assert all(1e-4 <= v <= 1e-1 for v in lrs) and np.median(np.log10(lrs)) > -3
+    depths = [model.propose(dims["depth"], 1, rng) for _ in range(300)]
+    assert all(isinstance(d, int) and 1 < d <= 8 for d in depths) and depths.count(8) > 150
+    with pytest.raises(ValueError, match="guided"):
+        EvolutionSearcher(SPACE, "acc", "max", guided=1.5)
+
