@@ -38,19 +38,25 @@ def model_input(x: torch.Tensor, float_dtype: torch.dtype | None = None) -> torc
 def epoch_batches(shard: Any, *, batch_size: int, seed: int, dp: int = 1, dp_rank: int = 0,
                   shuffle_buffer: int = 0, columns: tuple[str, str] = ("input_ids", "labels"),
                   device: torch.device | None = None, augment: Any = None,
-                  float_dtype: torch.dtype | None = None) -> Iterator[Batch]:
+                  float_dtype: torch.dtype | None = None,
+                  node_cache_bytes: int = 0) -> Iterator[Batch]:
     """Endless ``(inputs, targets)`` batches; each pass over the shard is a new epoch.
 
     ``shard`` a ``ShardPlan`` (deterministic training data): this rank reads its own share of
     an order fixed by ``seed`` (``bigopt.data.partition``). A Dataset: a local shuffle buffer
     reseeded per epoch gives a per-epoch shuffle that is still reproducible, and with
     ``dp > 1`` only every ``dp``-th batch is kept (validation data, read by every rank).
-    Inputs go through ``model_input(x, float_dtype)``.
+    Inputs go through ``model_input(x, float_dtype)``. ``node_cache_bytes`` > 0: remote shards
+    of a ``ShardPlan`` go through this node's cache of that size (``bigopt.data.node_cache``).
     """
     if isinstance(shard, ShardPlan):
+        from bigopt.data.node_cache import NodeCache
+
+        cache = NodeCache(max_bytes=node_cache_bytes) if (
+            node_cache_bytes > 0 and shard.uri.startswith("s3://")) else None
         return _rank_batches(shard, batch_size=batch_size, seed=seed, dp=dp, dp_rank=dp_rank,
                              shuffle_buffer=shuffle_buffer, columns=columns, device=device,
-                             augment=augment, float_dtype=float_dtype)
+                             augment=augment, float_dtype=float_dtype, node_cache=cache)
     return _dataset_batches(shard, batch_size=batch_size, seed=seed, dp=dp, dp_rank=dp_rank,
                             shuffle_buffer=shuffle_buffer, columns=columns, device=device,
                             augment=augment, float_dtype=float_dtype)
@@ -86,11 +92,11 @@ class _RankBatches:
 
 def _rank_batches(plan: Any, *, batch_size: int, seed: int, dp: int, dp_rank: int,
                   shuffle_buffer: int, columns: tuple[str, str], device: torch.device | None,
-                  augment: Any, float_dtype: torch.dtype | None) -> _RankBatches:
+                  augment: Any, float_dtype: torch.dtype | None, node_cache: Any) -> _RankBatches:
     from bigopt.data.partition import RankStream
 
     stream = RankStream(plan, batch_size=batch_size, seed=seed, dp=dp, dp_rank=dp_rank,
-                        shuffle_buffer=shuffle_buffer)
+                        shuffle_buffer=shuffle_buffer, node_cache=node_cache)
     return _RankBatches(stream, columns, device, augment, float_dtype)
 
 

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from bigopt.data.node_cache import RemoteCounter
+
 #: row groups a rank's reader thread reads ahead of the batches the loop takes
 PREFETCH_ROW_GROUPS = 4
 
@@ -152,7 +154,7 @@ class RankStream:
     """
 
     def __init__(self, plan: ShardPlan, *, batch_size: int, seed: int, dp: int = 1,
-                 dp_rank: int = 0, shuffle_buffer: int = 0):
+                 dp_rank: int = 0, shuffle_buffer: int = 0, node_cache: Any = None):
         if not 0 <= dp_rank < dp:
             raise ValueError(f"dp_rank {dp_rank} outside 0..{dp - 1}")
         self.plan, self.batch_size, self.seed = plan, batch_size, seed
@@ -163,6 +165,9 @@ class RankStream:
                 f"the training data holds fewer than {batch_size * dp} rows ({plan.total_rows}): "
                 "lower train.batch_size or add data")
         self.counter = ReadCounter()
+        # remote shards: through this node's cache (bigopt.data.node_cache) when given
+        self.node_cache = node_cache if plan.uri.startswith("s3://") else None
+        self.remote = RemoteCounter()
         self.epoch = 0  # the epoch of the batch last returned
         self._epochs = self._from(epoch=0)
 
@@ -192,7 +197,8 @@ class RankStream:
         read_before, used_before = self.counter.read, self.counter.used
         buffer: dict[str, np.ndarray] | None = None
         made = 0
-        reader = _PieceReader(self.plan, pieces, self.counter)
+        remote_before = self.remote.snapshot()
+        reader = _PieceReader(self.plan, pieces, self.counter, self.remote, self.node_cache)
         try:
             for chunk in reader:
                 buffer = {k: v.copy() for k, v in chunk.items()} if buffer is None else {
@@ -210,6 +216,9 @@ class RankStream:
             reader.close()
         self.counter.per_epoch.append((self.counter.read - read_before,
                                        self.counter.used - used_before))
+        if self.plan.uri.startswith("s3://"):
+            now = self.remote.snapshot()
+            self.remote.per_epoch.append({k: now[k] - remote_before[k] for k in now})
 
     def _take(self, buffer: dict[str, np.ndarray],
               rng: np.random.Generator) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -237,15 +246,16 @@ class _PieceReader:
 
     _DONE = object()
 
-    def __init__(self, plan: ShardPlan, pieces: list[Piece], counter: ReadCounter):
+    def __init__(self, plan: ShardPlan, pieces: list[Piece], counter: ReadCounter,
+                 remote: RemoteCounter, node_cache: Any):
         self.plan, self.pieces, self.counter = plan, pieces, counter
+        self.remote, self.node_cache = remote, node_cache
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=PREFETCH_ROW_GROUPS)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="bigopt-rank-reader", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        import pyarrow.parquet as pq
 
         from bigopt.runtime import filesystem_for
 
@@ -254,9 +264,7 @@ class _PieceReader:
             for piece in self.pieces:
                 if self.stopped.is_set():
                     return
-                with fs.open_input_file(self.plan.files[piece.file]) as handle:
-                    table = pq.ParquetFile(handle).read_row_group(
-                        piece.group, columns=list(self.plan.columns))
+                table = self._read(fs, piece)
                 self.counter.read += table.num_rows
                 table = table.slice(piece.start, piece.stop - piece.start)
                 self.counter.used += table.num_rows
@@ -265,6 +273,23 @@ class _PieceReader:
             self._put(self._DONE)
         except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
             self._put(exc)
+
+    def _read(self, fs: Any, piece: Piece) -> Any:
+        import pyarrow.parquet as pq
+
+        path = self.plan.files[piece.file]
+        columns = list(self.plan.columns)
+        if self.node_cache is not None:
+            local = self.node_cache.local_path(fs, path, f"s3://{path}", self.remote)
+            return pq.ParquetFile(local).read_row_group(piece.group, columns=columns)
+        with fs.open_input_file(path) as handle:
+            parquet = pq.ParquetFile(handle)
+            table = parquet.read_row_group(piece.group, columns=columns)
+            if self.plan.uri.startswith("s3://"):  # ranged GETs of the row group's chunks
+                group = parquet.metadata.row_group(piece.group)
+                self.remote.gets += 1
+                self.remote.bytes += group.total_byte_size
+        return table
 
     def _put(self, item: Any) -> None:
         while not self.stopped.is_set():

@@ -199,7 +199,8 @@ class Trainer:
             dp=self.layout.dp if self.deterministic else 1,
             dp_rank=dp_rank if self.deterministic else 0,
             shuffle_buffer=train.shuffle_buffer, columns=self.columns, device=self.device,
-            augment=self.train_time_augment(self.job), float_dtype=self.input_dtype))
+            augment=self.train_time_augment(self.job), float_dtype=self.input_dtype,
+            node_cache_bytes=int(train.node_cache_gb * 2**30)))
 
     @property
     def input_dtype(self) -> torch.dtype | None:
@@ -246,7 +247,8 @@ class Trainer:
             if "first_step" not in self.startup:
                 self.startup["first_step"] = time.time()
             self.samples_seen += self.metrics.samples_per_step
-            extra = {**self.precision_stats(), **self.memory_stats(), **self.hooks.callback_metrics()}
+            extra = {**self.precision_stats(), **self.memory_stats(), **self.ingest_stats(),
+                     **self.hooks.callback_metrics()}
             evaluated = (train.eval_every and self.step % train.eval_every == 0) or last
             if evaluated:
                 extra["val_loss"] = self.evaluate()
@@ -273,6 +275,19 @@ class Trainer:
         self.metrics.close()
         return TrainResult(self.step, loss, self.val_losses, self.ingest_counts())
 
+    def ingest_stats(self) -> dict[str, Any]:
+        """This rank's cumulative ingest counters for the metrics rows: training rows decoded
+        and, for s3:// shards, remote GETs and bytes (a node cache turns later epochs' reads
+        into local hits)."""
+        stream = getattr(self.batches.batches, "stream", None)
+        if stream is None:
+            return {}
+        out = {"ingest_epoch": stream.epoch, "ingest_rows_read": stream.counter.read}
+        if stream.plan.uri.startswith("s3://"):
+            out.update(remote_gets=stream.remote.gets, remote_bytes=stream.remote.bytes,
+                       node_cache_hits=stream.remote.hits)
+        return out
+
     def ingest_counts(self) -> dict[str, Any] | None:
         """Training rows each rank read (decoded) and used in this attempt, gathered on every
         rank (a collective): the read amplification of the deterministic order, where each
@@ -289,8 +304,12 @@ class Trainer:
             counts = counts.to(device) if device is not None else counts
             torch.distributed.all_reduce(counts)
         values = [int(v) for v in counts.cpu().tolist()]
-        return {"split_rows": stream.plan.total_rows, "epochs_started": stream.epoch + 1,
-                "rows_read_by_rank": values[0::2], "rows_used_by_rank": values[1::2]}
+        out = {"split_rows": stream.plan.total_rows, "epochs_started": stream.epoch + 1,
+               "rows_read_by_rank": values[0::2], "rows_used_by_rank": values[1::2]}
+        if stream.plan.uri.startswith("s3://"):  # this rank's remote traffic, per epoch
+            out["remote"] = {"node_cache": stream.node_cache is not None,
+                             **stream.remote.snapshot(), "per_epoch": stream.remote.per_epoch}
+        return out
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step; returns (loss averaged over data-parallel ranks, seconds)."""

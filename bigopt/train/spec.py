@@ -71,6 +71,11 @@ class TrainSpec(Section):
     shuffle_buffer: int = Field(
         1024, ge=0, description="Rows in the local shuffle buffer, reseeded per epoch; with the "
         "deterministic order the row groups are permuted per epoch too. 0: read in shard order.")
+    node_cache_gb: float = Field(
+        20, ge=0, description="s3:// training shards are cached whole on each node's disk "
+        "(BIGOPT_NODE_CACHE, default ~/.cache/bigopt/shards; least recently used evicted past "
+        "this size; checked by SHA-256), so later epochs and runs read locally. 0: read S3 "
+        "each time.")
     grad_accum: int = Field(1, ge=1)
     max_steps: int = Field(300, ge=1)
     optimizer: Literal["adamw", "sgd"] = Field(
