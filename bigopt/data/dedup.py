@@ -62,7 +62,15 @@ from typing import Any
 
 import numpy as np
 
-from bigopt.data.steps import Marked, StepContext, StepOutput, split_by_reason
+from bigopt.data.steps import (
+    REASON,
+    Marked,
+    StepContext,
+    StepOutput,
+    pickled_bytes,
+    split_by_reason,
+    split_marked_dataset,
+)
 
 log = logging.getLogger("bigopt")
 
@@ -136,39 +144,52 @@ def _add_member(members: dict[Any, list[Any]], kept: Any, key: Any) -> None:
     del got[EXAMPLES:]
 
 
+def _mark_duplicates(group: dict[str, np.ndarray], key: str) -> dict[str, np.ndarray]:
+    """Ray Data task over the rows of one content hash: the smallest key is kept, the others
+    get the reject reason; ``_kept`` names the group's kept key and ``_rows`` its size on the
+    kept row of a duplicated group (0 elsewhere), for the report's largest groups."""
+    keys = [_py(k) for k in group[key]]
+    kept = min(keys) if len(keys) >= 2 else None
+    group[REASON] = np.array([_exact_reason(k, kept) for k in keys], dtype=object)
+    group["_kept"] = np.array(["" if kept is None else str(kept)] * len(keys), dtype=object)
+    group["_rows"] = np.array([len(keys) if kept is not None and k == kept else 0 for k in keys],
+                              dtype=np.int64)
+    return group
+
+
 def exact_duplicates(ds: Any, step: Any, ctx: StepContext) -> StepOutput:
-    """Rows whose content hash equals another's: the smallest key is kept, the others rejected."""
-    from ray.data.aggregate import Count, Min
+    """Rows whose content hash equals another's: the smallest key is kept, the others rejected.
+
+    One Ray Data ``groupby(hash).map_groups`` decides every row inside its group's task: no
+    hash -> kept-key table comes to the driver or rides in a task's closure. The report's
+    largest groups are picked from the kept rows of duplicated groups by a running top
+    ``EXAMPLES`` (constant memory), and their rejected keys by a filter on those few keys."""
     from ray.data.expressions import col
 
     hashed = ds.map_batches(_add_hash, fn_kwargs={"content": ctx.content}, batch_size=64).materialize()
-    parts = _partitions(hashed.count())
-    groups = (hashed.select_columns([ctx.key, "_hash"]).groupby("_hash", num_partitions=parts)
-              .aggregate(Count(alias_name="n"), Min(ctx.key, alias_name="kept"))
-              .filter(expr=col("n") >= 2))
-    kept_of: dict[str, Any] = {}
-    sizes: list[tuple[int, Any]] = []
-    for batch in groups.iter_batches(batch_format="numpy", batch_size=4096):
-        for h, n, kept in zip(batch["_hash"], batch["n"], batch["kept"], strict=True):
-            kept_of[str(h)] = _py(kept)
-            sizes.append((int(n), _py(kept)))
-
-    def reasons(batch: dict[str, np.ndarray]) -> list[str]:
-        return [_exact_reason(key, kept_of.get(str(h)))
-                for key, h in zip(batch[ctx.key], batch["_hash"], strict=True)]
-
-    out = split_by_reason(hashed, "exact_dedup", reasons)
-    out.kept = out.kept.drop_columns(["_hash"])
-    out.rejected = out.rejected.drop_columns(["_hash"])
-    wanted = _top_groups(sizes)
-    members: dict[Any, list[Any]] = {k: [] for k in wanted}
+    marked = (hashed.groupby("_hash", num_partitions=_partitions(hashed.count()))
+              .map_groups(_mark_duplicates, fn_kwargs={"key": ctx.key}, batch_format="numpy")
+              .materialize())
+    extra = ["_hash", "_kept", "_rows"]
+    out = split_marked_dataset(marked, "exact_dedup")
+    sizes: list[tuple[int, Any]] = []  # the EXAMPLES largest (rows, kept key) so far
+    heads = marked.filter(expr=col("_rows") >= 2).select_columns([ctx.key, "_rows"])
+    groups = removed = 0
+    for batch in heads.iter_batches(batch_format="numpy", batch_size=65536):
+        for key, n in zip(batch[ctx.key], batch["_rows"], strict=True):
+            groups, removed = groups + 1, removed + int(n) - 1
+            sizes = sorted([*sizes, (int(n), _py(key))], key=lambda s: (-s[0], str(s[1])))[:EXAMPLES]
+    wanted = {str(k) for _, k in sizes}
+    members: dict[Any, list[Any]] = {k: [] for _, k in sizes}
+    by_str = {str(k): k for _, k in sizes}
     if wanted:  # the rejected keys of the largest groups, for the report
-        for row in out.rejected.select_columns([ctx.key, "reason"]).iter_rows():
-            kept = row["reason"].split(" as ", 1)[1]
-            for k in wanted:
-                if str(k) == kept:
-                    _add_member(members, k, _py(row[ctx.key]))
-    return StepOutput(out.kept, out.rejected, _exact_details(sizes, members))
+        for row in (out.rejected.select_columns([ctx.key, "_kept"])
+                    .filter(lambda r: r["_kept"] in wanted).iter_rows()):
+            _add_member(members, by_str[row["_kept"]], _py(row[ctx.key]))
+    details = _exact_details(sizes, members)
+    details.update(duplicate_groups=groups, rows_removed=removed)
+    return StepOutput(out.kept.drop_columns(extra), out.rejected.drop_columns(extra), details,
+                      task_arg_bytes=max(out.task_arg_bytes, pickled_bytes(wanted)))
 
 
 def exact_duplicates_single(batch: dict[str, np.ndarray], step: Any, ctx: StepContext) -> Marked:
@@ -547,4 +568,7 @@ def near_duplicates(ds: Any, step: Any, ctx: StepContext) -> StepOutput:
         out = split_by_reason(ds, "near_dedup", lambda batch: _near_reasons(batch[ctx.key], kept_of))
     params = {"bands": bands, "rows_per_band": rows, "threshold": threshold, "shingle": shingle,
               "num_perm": num_perm, "candidate_pairs": len(candidates), "verified_pairs": verified}
-    return StepOutput(out.kept, out.rejected, _near_details(clusters, kept_of, action, params))
+    shipped = max(out.task_arg_bytes, pickled_bytes(hot_buckets),
+                  pickled_bytes(wanted) if candidates else 0)
+    return StepOutput(out.kept, out.rejected, _near_details(clusters, kept_of, action, params),
+                      task_arg_bytes=shipped)

@@ -183,5 +183,9 @@ def run_single_steps(refs: list[Any], plan: list[tuple[str, Any, str, str]], ctx
     only the small records come back to the driver."""
     import ray
 
+    from bigopt.data.steps import pickled_bytes
+
     kept_ref, records_ref = submit(_single_steps, plan, ctx, run, *refs, returns=2)
-    return kept_ref, ray.get(records_ref)
+    # what the task receives besides the table refs: the plan, the context, the run dir
+    shipped = pickled_bytes(_single_steps, plan, ctx, run)
+    return kept_ref, [{**r, "task_arg_bytes": shipped} for r in ray.get(records_ref)]

@@ -424,6 +424,14 @@ def _write_splits(spec: JobSpec, kept: Any, run: RunDir,
     return per_split, augmented
 
 
+def _peak_rss_mb() -> float:
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, else KiB
+
+
 def run_data(job: ResolvedJob, run: RunDir) -> tuple[dict[str, Any], str]:
     """Run the data stage into its stage folder ``run``; returns (manifest, fingerprint)."""
 
@@ -466,6 +474,11 @@ def run_data(job: ResolvedJob, run: RunDir) -> tuple[dict[str, Any], str]:
         "augmented": augmented or ({"when": "train"} if spec.data.augment else None),
         "splits": per_split,
         "seconds": round(time.time() - started, 2),
+        # what the driver held (issue 17, item 3): its peak resident memory over the process's
+        # life so far, and the largest function + arguments a step pickled into its tasks
+        "driver": {"peak_rss_mb": round(_peak_rss_mb(), 1),
+                   "largest_task_arg_bytes": max((r.get("task_arg_bytes", 0) for r in source.steps),
+                                                 default=0)},
     }
     if manifest["rows_in"] != rows_kept + rows_rejected:
         raise RuntimeError(f"data: {source.rows_in} rows in != {rows_kept} kept + {rows_rejected} "

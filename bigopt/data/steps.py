@@ -64,6 +64,16 @@ class StepOutput:
     kept: Any  # ray.data.Dataset
     rejected: Any  # ray.data.Dataset: the input columns + "step" + "reason"
     details: dict[str, Any] = field(default_factory=dict)
+    #: the largest function + arguments (pickled) the step sent to its tasks: what grows
+    #: here with the data (a captured set of keys) reaches every task (issue 17, item 3)
+    task_arg_bytes: int = 0
+
+
+def pickled_bytes(*objs: Any) -> int:
+    """Size of ``objs`` as Ray ships them to a task (cloudpickle)."""
+    import cloudpickle
+
+    return len(cloudpickle.dumps(objs))
 
 
 @dataclass
@@ -81,21 +91,29 @@ class Marked:
 
 def split_by_reason(ds: Any, step: str, reasons: Callable[[dict[str, np.ndarray]], list[str]]) -> StepOutput:
     """Kept/rejected from a per-batch function giving each row's reject reason ('' keeps it)."""
-    from ray.data.expressions import col
 
     def mark(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         batch[REASON] = np.array(reasons(batch), dtype=object)
         return batch
 
-    marked = ds.map_batches(mark, batch_size=256).materialize()
+    out = split_marked_dataset(ds.map_batches(mark, batch_size=256).materialize(), step)
+    out.task_arg_bytes = pickled_bytes(mark)
+    return out
+
+
+def _label(batch: dict[str, np.ndarray], step: str) -> dict[str, np.ndarray]:
+    batch["reason"] = batch.pop(REASON)
+    batch["step"] = np.array([step] * len(batch["reason"]), dtype=object)
+    return batch
+
+
+def split_marked_dataset(marked: Any, step: str) -> StepOutput:
+    """Kept/rejected from a Ray Dataset with a ``REASON`` column ('' keeps a row)."""
+    from ray.data.expressions import col
+
     kept = marked.filter(expr=col(REASON) == "").drop_columns([REASON])
-
-    def label(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        batch["reason"] = batch.pop(REASON)
-        batch["step"] = np.array([step] * len(batch["reason"]), dtype=object)
-        return batch
-
-    rejected = marked.filter(expr=col(REASON) != "").map_batches(label, batch_size=256)
+    rejected = marked.filter(expr=col(REASON) != "").map_batches(
+        _label, fn_kwargs={"step": step}, batch_size=256)
     return StepOutput(kept, rejected)
 
 
@@ -225,11 +243,20 @@ def load_step(ref: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), name)
 
 
+def _reason_partials(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data task: rejected rows per reason kind in this batch (``reason_counts``' rule)."""
+    from bigopt.data.engine import reason_counts
+
+    counts = reason_counts([str(r) for r in batch["reason"]])
+    return {"kind": np.array(list(counts), dtype=object),
+            "n": np.array(list(counts.values()), dtype=np.int64)}
+
+
 def _distributed_step(ds: Any, kind: str, fn: Callable[..., StepOutput], step: Any,
                       ctx: StepContext, run: Any, where: str, label: str,
                       ) -> tuple[Any, dict[str, Any]]:
     """One step as Ray Data transforms; returns (kept rows, materialized; manifest record)."""
-    from bigopt.data.engine import reason_counts, step_record
+    from bigopt.data.engine import step_record
 
     started = time.time()
     rows_in = ds.count()
@@ -240,15 +267,21 @@ def _distributed_step(ds: Any, kind: str, fn: Callable[..., StepOutput], step: A
         raise RuntimeError(f"{label}: {rows_in} rows in but {n_kept} kept "
                            f"+ {n_rejected} rejected: a step lost or duplicated rows")
     details = dict(out.details)
-    reasons: list[str] = []
+    by_reason: dict[str, int] = {}
     if n_rejected:
         rejected.write_parquet(run.sub(where), filesystem=run.fs)
-        reasons = [row["reason"] for row in rejected.select_columns(["reason"]).iter_rows()]
+        # counted in the tasks (one partial count per reason kind and batch), summed here:
+        # the driver sees kinds x batches numbers, never the rejected rows themselves
+        for part in rejected.select_columns(["reason"]).map_batches(
+                _reason_partials, batch_size=65536).iter_rows():
+            by_reason[part["kind"]] = by_reason.get(part["kind"], 0) + int(part["n"])
+        by_reason = dict(sorted(by_reason.items()))
         details.setdefault("examples", [
             {"key": str(r[ctx.key]), "reason": r["reason"]}
             for r in rejected.select_columns([ctx.key, "reason"]).take(3)])
-    return kept, step_record(kind, rows_in, n_kept, n_rejected, reason_counts(reasons), where,
-                             run.name, time.time() - started, details, "distributed")
+    record = step_record(kind, rows_in, n_kept, n_rejected, by_reason, where,
+                         run.name, time.time() - started, details, "distributed")
+    return kept, {**record, "task_arg_bytes": out.task_arg_bytes}
 
 
 def run_steps(ds: Any, steps: list[Any], ctx: StepContext, run: Any, *,

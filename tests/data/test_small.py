@@ -47,6 +47,9 @@ def test_single_and_distributed_stages_write_the_same_rows(ray_session, tmp_path
         rejected = sorted((r["path"], r["step"], r["reason"]) for r in rejected_rows(run))
         got[engine] = (manifest, rejected, _shard_rows(run.stage("data"), manifest))
     (single, s_rej, s_rows), (dist, d_rej, d_rows) = got["single"], got["distributed"]
+    for manifest in (single, dist):  # what the driver held, recorded
+        assert manifest["driver"]["peak_rss_mb"] > 0
+        assert 0 < manifest["driver"]["largest_task_arg_bytes"] < 2**20
     for key in ("rows_in", "rows_kept", "rows_rejected", "rejected_by_reason", "fingerprint"):
         assert single[key] == dist[key], key
     assert s_rej == d_rej and {r[1] for r in s_rej} >= {"read", "exact_dedup", "near_dedup"}
