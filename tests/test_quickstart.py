@@ -68,6 +68,11 @@ def test_quickstart_end_to_end(ray_session, repo_root, tmp_path):
     assert "validation loss" in report and "perplexity" in report
     assert "## Data" in report and "## Training" in report and "first optimizer step" in report
     assert os.path.getsize(os.path.join(run_dir, "train", "loss.png")) > 5000
+    # the input pipeline: its plot, a bottleneck verdict, each rank reading about half
+    assert os.path.getsize(os.path.join(run_dir, "train", "input.png")) > 5000
+    assert "input pipeline" in report and "rows read per data-parallel rank" in report
+    ingest = result["ingest"]
+    assert all(r <= 0.6 * ingest["split_rows"] for r in ingest["rows_read_by_rank"]), ingest
 
 
 @pytest.mark.slow

@@ -70,8 +70,74 @@ def train_section(out: RunDir, artifact: ModelArtifact, *, title: str = "Trainin
         tokens = f", {mean['tokens_per_s']:.0f} tokens/s" if mean["tokens_per_s"] else ""
         lines.append(f"- throughput (last {len(tail)} log points): {mean['samples_per_s']:.1f} "
                      f"samples/s{tokens}, data wait {100 * mean['data_wait_frac']:.1f} % of step time")
+    lines += _ingest_lines(result, rows)
     out.write_bytes("loss.png", _loss_plot(rows, val))
-    return lines + ["", f"![loss]({link or out.name}/loss.png)", ""]
+    images = ["", f"![loss]({link or out.name}/loss.png)"]
+    if rows and any("data_wait_frac" in r for r in rows):
+        out.write_bytes("input.png", _input_plot(rows))
+        images.append(f"![input pipeline]({link or out.name}/input.png)")
+    return lines + images + [""]
+
+
+#: data wait above this share of step time names the input pipeline as the bottleneck
+INPUT_BOUND_SHARE = 0.05
+
+
+def _ingest_lines(result: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """What the input pipeline cost: the bottleneck verdict, rows each rank read, remote
+    traffic."""
+    lines = []
+    if rows:
+        wait = sum(r.get("data_wait_frac") or 0 for r in rows) / len(rows)
+        if wait > INPUT_BOUND_SHARE:
+            lines.append(f"- **bottleneck: the input pipeline**: the loop waited on data for "
+                         f"{100 * wait:.1f} % of step time (over {100 * INPUT_BOUND_SHARE:.0f} %); "
+                         "more reader threads or CPUs per worker, a larger prefetch, or shards "
+                         "on local disk (the node cache) would shorten it")
+        else:
+            lines.append(f"- input pipeline keeps up: data wait {100 * wait:.1f} % of step time")
+    ingest = result.get("ingest")
+    if ingest:
+        read, split = ingest["rows_read_by_rank"], ingest["split_rows"]
+        lines.append(f"- rows read per data-parallel rank: {', '.join(map(str, read))} of a "
+                     f"{split}-row split ({ingest['epochs_started']} epoch(s) started)")
+        remote = ingest.get("remote")
+        if remote:
+            per_epoch = "; ".join(f"epoch {i + 1}: {e['gets']} GETs, {e['bytes'] / 2**20:.1f} MiB"
+                                  for i, e in enumerate(remote["per_epoch"]))
+            lines.append(f"- s3:// shards (rank 0), node cache {'on' if remote['node_cache'] else 'off'}"
+                         f": {remote['gets']} GETs, {remote['bytes'] / 2**20:.1f} MiB, "
+                         f"{remote['hits']} local hits" + (f" ({per_epoch})" if per_epoch else ""))
+    return lines
+
+
+def _input_plot(rows: list[dict[str, Any]]) -> bytes:
+    """Step time and the part of it spent waiting on data, and rank 0's ingest rows/s."""
+    from bigopt.plotting import figure, png
+
+    fig, ax = figure()
+    steps = [r["step"] for r in rows]
+    step_time = [r.get("step_time_s") or 0 for r in rows]
+    ax.plot(steps, step_time, label="step time (s)")
+    ax.plot(steps, [t * (r.get("data_wait_frac") or 0) for t, r in zip(step_time, rows, strict=True)],
+            label="of which data wait (s)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("seconds per step")
+    ax.grid(alpha=0.3)
+    rates = []
+    for prev, row in zip(rows, rows[1:], strict=False):
+        if "ingest_rows_read" in row and "ingest_rows_read" in prev:
+            seconds = (row["step"] - prev["step"]) * (row.get("step_time_s") or 0)
+            if seconds > 0:
+                rates.append((row["step"], (row["ingest_rows_read"] - prev["ingest_rows_read"]) / seconds))
+    if rates:
+        twin = ax.twinx()
+        twin.plot([s for s, _ in rates], [v for _, v in rates], ":", color="grey",
+                  label="rows read / s (rank 0)")
+        twin.set_ylabel("rows read per second")
+        twin.legend(loc="upper right")
+    ax.legend(loc="upper left")
+    return png(fig)
 
 
 def write_report(run: RunDir) -> str:

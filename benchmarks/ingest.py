@@ -1,0 +1,194 @@
+"""Loading: how training data reaches the ranks, measured on real prepared shards.
+
+Prepares the job's data once (``bigopt data``, embedded Ray), then, each figure a ratio from
+this one run:
+
+(a) reading the train split: Ray Data (``read_parquet(...).materialize()``) and one rank's
+    deterministic-order stream (``bigopt.data.partition.RankStream``, the default ingest)
+    against ``pyarrow.parquet.read_table`` of the same files;
+(d) the same shards on S3 (a real moto_server process on 127.0.0.1): epochs 1 and 2 of one
+    rank's stream without and with the node-local cache, against local reads, with the GETs
+    and bytes fetched per epoch;
+(e) rows each rank reads per epoch in the deterministic order with 2 and 4 data-parallel
+    ranks, as a share of the split (the goal: 1/N, within 5 %; the previous deterministic mode
+    had every rank iterate the whole split).
+
+    python benchmarks/ingest.py                       # Fashion-MNIST, ~2 minutes on 2 cores
+    python benchmarks/ingest.py --job jobs/quickstart.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def prepare(job: str, storage: str) -> tuple[str, list[str], float]:
+    """Runs the data stage; returns (train split dir, training columns, seconds)."""
+    import bigopt
+    from bigopt.tasks import get_task
+
+    spec = bigopt.load_spec(os.path.join(REPO, job), [f"storage={storage}"])
+    started = time.perf_counter()
+    run = bigopt.run(spec, stages=["data"]).run_uri
+    seconds = time.perf_counter() - started
+    artifact = json.load(open(os.path.join(run, "data", "artifact.json")))
+    columns = list(get_task(artifact["task"]).columns)
+    return os.path.join(run, "data", "train"), columns, seconds
+
+
+def epoch_seconds(stream, epochs: int = 1) -> list[float]:
+    """Seconds per epoch of draining ``stream`` (its own batches-per-epoch)."""
+    out = []
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        for _ in range(stream.per_epoch):
+            next(stream)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def read_ratios(train_dir: str, columns: list[str]) -> dict:
+    import glob
+
+    import pyarrow.parquet as pq
+    import ray
+
+    from bigopt.data.partition import RankStream, plan_shards
+
+    files = sorted(glob.glob(os.path.join(train_dir, "*.parquet")))
+    t0 = time.perf_counter()
+    rows = sum(pq.read_table(f, columns=columns).num_rows for f in files)
+    arrow_s = time.perf_counter() - t0
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.data.read_parquet(files[:1], columns=columns).materialize()  # read tasks warmed up
+    t0 = time.perf_counter()
+    ds = ray.data.read_parquet(train_dir, columns=columns).materialize()
+    assert ds.count() == rows
+    ray_s = time.perf_counter() - t0
+    plan = plan_shards(train_dir, columns)
+    stream = RankStream(plan, batch_size=64, seed=0, shuffle_buffer=1024)
+    (stream_s,) = epoch_seconds(stream)
+    return {"rows": rows, "files": len(files), "pyarrow_read_table_s": arrow_s,
+            "ray_data_materialize_s": ray_s, "rank_stream_epoch_s": stream_s,
+            "ray_data_vs_pyarrow": arrow_s / ray_s, "rank_stream_vs_pyarrow": arrow_s / stream_s}
+
+
+def rows_per_rank(train_dir: str, columns: list[str]) -> list[dict]:
+    from bigopt.data.partition import RankStream, plan_shards
+
+    plan = plan_shards(train_dir, columns[:1])
+    out = []
+    for dp in (2, 4):
+        streams = [RankStream(plan, batch_size=64, seed=0, dp=dp, dp_rank=r, shuffle_buffer=1024)
+                   for r in range(dp)]
+        for s in streams:
+            epoch_seconds(s, epochs=3)
+            next(s)  # books epoch 3
+        for epoch in range(3):
+            reads = [s.counter.per_epoch[epoch][0] for s in streams]
+            out.append({"dp": dp, "epoch": epoch + 1, "split_rows": plan.total_rows,
+                        "rows_read_by_rank": reads,
+                        "max_share": max(reads) / plan.total_rows, "goal": 1 / dp,
+                        "max_over_goal": max(reads) * dp / plan.total_rows - 1})
+    return out
+
+
+def s3_epochs(train_dir: str, columns: list[str]) -> dict:
+    """Local vs moto_server on loopback, epochs 1-2, with and without the node cache."""
+    import socket
+
+    import boto3
+
+    from bigopt.data.node_cache import NodeCache
+    from bigopt.data.partition import RankStream, plan_shards
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing",
+                          AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1")
+        client = boto3.client("s3", endpoint_url=endpoint)
+        for _ in range(100):
+            try:
+                client.create_bucket(Bucket="bench")
+                break
+            except Exception:  # noqa: BLE001 - the server is still starting
+                time.sleep(0.1)
+        for name in sorted(os.listdir(train_dir)):
+            client.upload_file(os.path.join(train_dir, name), "bench", f"train/{name}")
+        local = RankStream(plan_shards(train_dir, columns), batch_size=64, seed=0, shuffle_buffer=1024)
+        remote_plan = plan_shards("s3://bench/train", columns)
+        direct = RankStream(remote_plan, batch_size=64, seed=0, shuffle_buffer=1024)
+        with tempfile.TemporaryDirectory() as cache_dir:
+            cached = RankStream(remote_plan, batch_size=64, seed=0, shuffle_buffer=1024,
+                                node_cache=NodeCache(cache_dir))
+            result = {"local_s": epoch_seconds(local, 2), "s3_direct_s": epoch_seconds(direct, 2),
+                      "s3_node_cache_s": epoch_seconds(cached, 2)}
+            next(direct), next(cached)  # books epoch 2's traffic
+            result["s3_direct_traffic"] = direct.remote.per_epoch[:2]
+            result["s3_node_cache_traffic"] = cached.remote.per_epoch[:2]
+        return result
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--job", default="jobs/fmnist_cnn.yaml")
+    parser.add_argument("--out", default=None, help="write the figures as JSON here too")
+    args = parser.parse_args(argv)
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with tempfile.TemporaryDirectory() as storage:
+        train_dir, columns, prep_s = prepare(args.job, storage)
+        figures = {"job": args.job, "machine": f"{platform.node()} {os.cpu_count()} cores",
+                   "load_before": os.getloadavg()[0], "data_stage_s": prep_s,
+                   "a_read": read_ratios(train_dir, columns),
+                   "e_rows_per_rank": rows_per_rank(train_dir, columns)}
+        ray.shutdown()
+        figures["d_s3"] = s3_epochs(train_dir, columns)
+        figures["load_after"] = os.getloadavg()[0]
+    a, d = figures["a_read"], figures["d_s3"]
+    print(f"ingest benchmark, {args.job}: {a['rows']} train rows in {a['files']} shards; load "
+          f"{figures['load_before']:.1f} -> {figures['load_after']:.1f}")
+    print(f"(a) pyarrow read_table {a['pyarrow_read_table_s']:.2f} s; Ray Data materialize "
+          f"{a['ray_data_materialize_s']:.2f} s (ratio {a['ray_data_vs_pyarrow']:.2f}); one rank's "
+          f"stream, one epoch in batches {a['rank_stream_epoch_s']:.2f} s (ratio "
+          f"{a['rank_stream_vs_pyarrow']:.2f})")
+    print(f"(d) epoch 1 / epoch 2 seconds: local {d['local_s'][0]:.2f} / {d['local_s'][1]:.2f}; "
+          f"S3 direct {d['s3_direct_s'][0]:.2f} / {d['s3_direct_s'][1]:.2f}; S3 + node cache "
+          f"{d['s3_node_cache_s'][0]:.2f} / {d['s3_node_cache_s'][1]:.2f}")
+    for name in ("s3_direct_traffic", "s3_node_cache_traffic"):
+        print(f"    {name}: " + "; ".join(f"epoch {i + 1}: {t['gets']} GETs, {t['bytes'] / 2**20:.1f} MiB, "
+                                           f"{t['hits']} local hits" for i, t in enumerate(d[name])))
+    print("(e) rows read per rank per epoch (deterministic order):")
+    for row in figures["e_rows_per_rank"]:
+        print(f"    dp {row['dp']} epoch {row['epoch']}: {row['rows_read_by_rank']} of "
+              f"{row['split_rows']}: largest share {row['max_share']:.3f} (goal {row['goal']:.3f}, "
+              f"{100 * row['max_over_goal']:+.1f} %)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(figures, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
