@@ -171,11 +171,9 @@ def _text_source_rows(spec: JobSpec, context: int, run: RunDir, checked: Any, ro
         key="path", content="text", label=None, modality="text", seed=spec.data.split.seed),
         input_bytes=input_bytes, engine=engine)
     if digest is None:
-        hasher = hashlib.sha256()  # sorted: Ray Data may hand blocks back in any order
-        for path, text in sorted((r["path"], r["text"]) for r in
-                                 checked.select_columns(["path", "text"]).iter_rows()):
-            hasher.update(path.encode() + b"\0" + hashlib.sha256(text).digest())
-        digest = hasher.hexdigest()
+        from bigopt.data.digest import dataset_digest
+
+        digest = dataset_digest(checked, "path", "text")
     if engine == "single":
         from bigopt.data.small import write_text_stage
 
@@ -268,10 +266,9 @@ def _image_folder_rows(spec: JobSpec, run: RunDir) -> SourceRows:
     if num_classes is not None and num_classes < len(classes):
         raise SpecError([("model.num_classes", f"{num_classes} < the {len(classes)} class folders "
                           f"under {src.path} ({', '.join(classes[:10])})")])
-    digest = hashlib.sha256()
-    for key, sha in sorted((r["id"], r["sha256"]) for r in
-                           decoded.select_columns(["id", "sha256"]).iter_rows()):
-        digest.update(f"{key}\0{sha}\n".encode())
+    from bigopt.data.digest import dataset_digest
+
+    digest = dataset_digest(decoded, "id", "sha256")
     kept, steps, n_kept = _clean(spec, decoded.drop_columns(["sha256"]), run, StepContext(
         key="id", content="inputs", label="labels", modality="image", seed=spec.data.split.seed))
     kept = split_dataset(kept, spec.data.split, split_key(spec), label="labels")
@@ -279,7 +276,7 @@ def _image_folder_rows(spec: JobSpec, run: RunDir) -> SourceRows:
     return SourceRows(kept, files, {
         "source": {"kind": src.kind, "root": src.path, "include": ["png", "jpg", "jpeg"],
                    "image_shape": list(src.image_shape)},
-        "classes": classes, "num_classes": len(classes)}, digest.hexdigest(), steps, n_kept)
+        "classes": classes, "num_classes": len(classes)}, digest, steps, n_kept)
 
 
 ORDER_KEY = "_order"

@@ -13,13 +13,13 @@ of the stage (BENCHMARKS 7a).
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from typing import Any
 
 import numpy as np
 
+from bigopt.data.digest import digest_of
 from bigopt.data.engine import as_batch, concat, submit
 
 SPLITS = ("train", "val", "test")
@@ -27,7 +27,7 @@ SPLITS = ("train", "val", "test")
 
 def read_files(files: list[str], root: str, max_bytes: int) -> tuple[Any, str]:
     """Ray task body: the text tree's files as one table ``{path, text, reject_reason}``, and
-    the content digest of what was read (sorted by path, as the distributed path's)."""
+    the content digest of what was read (``bigopt.data.digest``, as the distributed path's)."""
     import pyarrow as pa
 
     from bigopt.data.text import read_and_check
@@ -36,10 +36,7 @@ def read_files(files: list[str], root: str, max_bytes: int) -> tuple[Any, str]:
     table = pa.table({"path": pa.array(list(batch["path"]), pa.string()),
                       "text": pa.array(list(batch["text"]), pa.binary()),
                       "reject_reason": pa.array(list(batch["reject_reason"]), pa.string())})
-    digest = hashlib.sha256()
-    for path, text in sorted(zip(batch["path"], batch["text"], strict=True)):
-        digest.update(path.encode() + b"\0" + hashlib.sha256(text).digest())
-    return table, digest.hexdigest()
+    return table, digest_of(batch["path"], batch["text"])
 
 
 def _write_split(part: dict[str, np.ndarray], run: Any, name: str, rows_per_shard: int,
