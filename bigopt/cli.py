@@ -44,12 +44,49 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--data-from", help="same as --from data=RUN_DIR")
     rep = sub.add_parser("report", help="(re)write report.md for a run directory")
     rep.add_argument("run_dir")
+    cache = sub.add_parser("cache", help="list or remove prepared-data cache entries "
+                                         "(<storage>/cache/data/<key>/)")
+    cache.add_argument("action", choices=["ls", "rm"])
+    cache.add_argument("keys", nargs="*", help="rm: the entries' keys")
+    cache.add_argument("--storage", default="./runs", help="the jobs' storage (default ./runs)")
+    cache.add_argument("--older-than", type=float, metavar="DAYS",
+                       help="rm: every entry created more than DAYS days ago")
     return p
+
+
+def _cache_command(args: argparse.Namespace) -> int:
+    from bigopt.data import cache
+
+    if args.action == "ls":
+        rows = cache.entries(args.storage)
+        for e in rows:
+            state = "complete" if e["complete"] else "INCOMPLETE (never read)"
+            print(f"{e['key']}  {e['bytes'] / 2**20:9.1f} MiB  {e['created'] or '-':32}  {state}  "
+                  f"{e['from_run'] or ''}")
+        where = cache.cache_root(args.storage).uri
+        print(f"{len(rows)} entr{'y' if len(rows) == 1 else 'ies'} under {where}")
+        return 0
+    if bool(args.keys) == (args.older_than is not None):
+        print("cache rm: give KEY... or --older-than DAYS", file=sys.stderr)
+        return 2
+    known = {e["key"] for e in cache.entries(args.storage)}
+    keys = args.keys or cache.older_than(args.storage, args.older_than)
+    missing = [k for k in keys if k not in known]
+    if missing:
+        print(f"cache rm: no entry {', '.join(missing)} under {cache.cache_root(args.storage).uri}",
+              file=sys.stderr)
+        return 2
+    for key in keys:
+        cache.remove(args.storage, key)
+        print(f"removed {key}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s bigopt %(message)s")
+    if args.command == "cache":
+        return _cache_command(args)
     if args.command == "report":
         from bigopt.report import write_report
         from bigopt.runtime import RunDir

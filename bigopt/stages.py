@@ -81,7 +81,7 @@ def _load(ref: str) -> Callable[..., Any]:
 STAGES: tuple[Stage, ...] = (
     Stage("data", "prepare the data: read, check, split, write Parquet shards + manifest",
           consumes=(), produces="data",
-          run="bigopt.data.prepare:data_stage", report="bigopt.data.prepare:report_section"),
+          run="bigopt.data.cache:cached_data_stage", report="bigopt.data.cache:report_section"),
     Stage("search", "search architectures and hyperparameters with Ray Tune (trials run the "
           "trainer); writes trials, Pareto fronts and the best configuration",
           consumes=("data",), produces="search",

@@ -240,6 +240,10 @@ class DataSpec(Section):
     context: int | None = Field(
         None, ge=8, description="Tokens per training window; null: model.context."
     )
+    cache: bool = Field(
+        True, description="Reuse prepared data from <storage>/cache/data/<key>/ when the source "
+        "files, this section, the context and bigopt's data code are unchanged (a cache hit skips "
+        "the data stage); false: always prepare (and publish nothing).")
     steps: list[StepSpec] = Field(
         default_factory=list, description="Cleaning steps, run in this order on the source rows "
         "before the split; each writes its rejected rows to data/rejects/ with the reason. "

@@ -78,6 +78,8 @@ def test_same_source_spec_and_seed_write_the_same_shuffled_shards(ray_session, t
         raw = spec_dict(tmp_path, name=f"det{seed}", train=None,
                         data={"source": {"max_files": 60}, "context": 32, "rows_per_shard": 700})
         raw["data"]["shuffle_seed"] = seed  # spec_dict drops None values
+        # two fresh preparations are the point: the prepared-data cache would serve the second
+        raw["data"]["cache"] = False
         spec = parse_spec(raw)
         return RunDir(bigopt.run(spec, stages=["data"]).run_uri)
 
