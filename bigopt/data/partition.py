@@ -35,6 +35,19 @@ from bigopt.data.node_cache import RemoteCounter
 PREFETCH_ROW_GROUPS = 4
 
 
+#: a shard is written as at least this many row groups (bigger ones are not worth cutting)
+ROW_GROUPS_PER_SHARD = 16
+MIN_ROW_GROUP_ROWS = 128
+
+
+def row_group_rows(rows_per_shard: int) -> int:
+    """Rows per Parquet row group the data stage writes. A rank's share of an epoch starts and
+    ends inside a row group, which it decodes whole, so a rank reads its share plus up to two
+    row groups: ~16 per shard keep that within a few percent of the share, and a row group of
+    128+ rows keeps Parquet's per-group overhead small."""
+    return max(MIN_ROW_GROUP_ROWS, -(-rows_per_shard // ROW_GROUPS_PER_SHARD))
+
+
 @dataclass(frozen=True)
 class ShardPlan:
     """A split's Parquet files as the ranks read them: where they are and how many rows each

@@ -339,6 +339,8 @@ def write_shards(part: Any, run: RunDir, split: str, rows: int, rows_per_shard: 
     same shard boundaries and names (Ray Data keeps the sorted order and the even cut)."""
     import ray.data
 
+    from bigopt.data.partition import row_group_rows
+
     ctx = ray.data.DataContext.get_current()
     previous, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
     try:
@@ -347,7 +349,8 @@ def write_shards(part: Any, run: RunDir, split: str, rows: int, rows_per_shard: 
         # OVERWRITE: the names are fixed (no write id in them), and a data stage run again
         # into the same run dir replaces its shards rather than mixing old and new ones.
         ordered.write_parquet(run.sub(split), filesystem=run.fs,
-                              filename_provider=_ShardNames(split), mode=ray.data.SaveMode.OVERWRITE)
+                              filename_provider=_ShardNames(split), mode=ray.data.SaveMode.OVERWRITE,
+                              row_group_size=row_group_rows(rows_per_shard))
     finally:
         ctx.execution_options.preserve_order = previous
 

@@ -46,6 +46,8 @@ def _write_split(part: dict[str, np.ndarray], run: Any, name: str, rows_per_shar
     import pyarrow.parquet as pq
     from ray.data.block import BlockAccessor
 
+    from bigopt.data.partition import row_group_rows
+
     n = len(next(iter(part.values())))
     fs, where = run.fs, run.sub(name)
     fs.create_dir(where, recursive=True)
@@ -55,7 +57,7 @@ def _write_split(part: dict[str, np.ndarray], run: Any, name: str, rows_per_shar
         # Ray's own batch -> Arrow conversion: tensor columns get the type Ray Data writes
         table = BlockAccessor.batch_to_block({k: v[rows] for k, v in part.items()})
         path = f"{where}/{name}-{i:05d}.parquet"
-        pq.write_table(table, path, filesystem=fs)
+        pq.write_table(table, path, filesystem=fs, row_group_size=row_group_rows(rows_per_shard))
         shards.append({"path": f"{run.name}/{name}/{name}-{i:05d}.parquet", "rows": len(rows),
                        "bytes": fs.get_file_info(path).size})
     return shards
