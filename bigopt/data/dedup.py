@@ -29,24 +29,33 @@ a second ``map_batches`` keeps each group's smallest key and rejects the others 
    Each document emits one ``(band, bucket, key)`` row per band, ``bucket`` a 64-bit hash of
    the band's ``r`` values.
 3. *Candidates*: Ray Data ``groupby(["band", "bucket"])`` with ``Count`` finds the buckets
-   holding two keys or more (their bucket hashes, few, come to the driver); a second
-   ``groupby`` with ``AsList(key)`` over the band rows of those buckets only lists their keys
-   (``AsList`` over all buckets, almost all of one key, costs ~5x the ``Count``). They give
-   candidate pairs: all pairs of a bucket of up to ``MAX_BUCKET_PAIRS_MEMBERS`` keys; a larger
-   bucket (hundreds of near-identical files) gives each key paired with the bucket's smallest
-   key and with its neighbour in key order (2 m pairs instead of m^2/2; a key that verifies
-   against neither may miss its cluster there).
-4. *Verification*: the signatures of the candidate keys only are fetched (a Ray Data filter);
-   a pair is kept when its estimated Jaccard (share of equal signature entries) is
-   ``>= threshold``, which drops LSH false positives.
-5. *Clusters*: connected components of the verified pairs by union-find **in the driver**:
-   its memory is the number of candidate keys and pairs, which are few next to the rows (the
-   rows themselves never leave Ray Data). Transitive chains (A~B, B~C) become one cluster even
-   when A and C are less similar than ``threshold``. Each cluster keeps its smallest key.
-   ``action: drop`` rejects the others with ``near_duplicate: ~J=0.87 with <kept key>`` (the
-   estimated Jaccard with the kept row); ``action: group`` rejects nothing and adds a
-   ``group`` column (the cluster's kept key, or a row's own key) so the split keeps a
-   cluster on one side.
+   holding two keys or more (their bucket hashes, about bands x near-duplicate rows, come to
+   the driver and ride in one map task's arguments: the one thing here that grows with the
+   data, and only with its duplicates); a second ``groupby`` with ``AsList(key)`` over the
+   band rows of those buckets only lists their keys (``AsList`` over all buckets, almost all
+   of one key, costs ~5x the ``Count``). They give candidate pairs: all pairs of a bucket of
+   up to ``MAX_BUCKET_PAIRS_MEMBERS`` keys; a larger bucket (hundreds of near-identical files)
+   gives each key paired with the bucket's smallest key and with its neighbour in key order
+   (2 m pairs instead of m^2/2; a key that verifies against neither may miss its cluster
+   there). A ``groupby(["a", "b"])`` keeps each pair once.
+4. *Verification*: each pair's two signatures are brought together by two key-grouped
+   shuffles (``bigopt.data.components.cogroup``: a join without polars); a pair is kept when
+   its estimated Jaccard (share of equal signature entries) is ``>= threshold``, which drops
+   LSH false positives.
+5. *Clusters*: connected components of the verified pairs by min-label propagation on Ray
+   Data (``bigopt.data.components.components``): every node ends labelled with its
+   component's smallest key, the kept one. Transitive chains (A~B, B~C) become one cluster
+   even when A and C are less similar than ``threshold``. ``action: drop`` rejects the others
+   with ``near_duplicate: ~J=0.87 with <kept key>`` (the estimated Jaccard with the kept row,
+   computed by two more cogroups); ``action: group`` rejects nothing and adds a ``group``
+   column (the cluster's kept key, or a row's own key) so the split keeps a cluster on one
+   side. Each row's decision is made by a cogroup of the rows with those labels: no key set
+   comes to the driver or rides in a closure; the driver sees counts and the report's five
+   largest clusters.
+
+The single-task path (``near_duplicates_single``, for inputs the engine rule calls small)
+makes the same decisions in one process: the same signatures and band hashes, buckets by a
+numpy sort, union-find with the smallest key as root.
 
 Everything is deterministic: fixed hash seeds, and every choice (kept key, examples) is by
 sorted key, independent of how Ray Data ordered or split the blocks.
@@ -397,11 +406,6 @@ def local_candidates(keys: np.ndarray, sig: np.ndarray, bands: int, rows: int) -
     return candidates
 
 
-def _select_keys(batch: dict[str, np.ndarray], key: str, wanted: frozenset[str]) -> dict[str, np.ndarray]:
-    mask = np.array([str(k) in wanted for k in batch[key]], dtype=bool)
-    return {key: np.asarray(batch[key], dtype=object)[mask], "sig": np.asarray(batch["sig"])[mask]}
-
-
 class _UnionFind:
     def __init__(self) -> None:
         self.parent: dict[str, str] = {}
@@ -533,42 +537,116 @@ def near_duplicates(ds: Any, step: Any, ctx: StepContext) -> StepOutput:
                .aggregate(Count(alias_name="n"), AsList("key", alias_name="keys"))
                .filter(expr=col("n") >= 2))
     pairs_ds = buckets.map_batches(_bucket_pairs, batch_size=256)
-    candidates: set[tuple[str, str]] = set()
-    for batch in pairs_ds.iter_batches(batch_format="numpy", batch_size=65536):
-        candidates.update(zip(batch["a"].tolist(), batch["b"].tolist(), strict=True))
-
+    parts = _partitions(band_rows.count())
+    # distinct pairs (a pair shares buckets in several bands), counted where they are
+    pairs = (pairs_ds.groupby(["a", "b"], num_partitions=parts).count()
+             .select_columns(["a", "b"]).materialize())
+    n_candidates = pairs.count()
     clock.append(time.perf_counter())
-    index: dict[str, int] = {}
-    matrix = np.empty((0, num_perm), dtype=np.uint32)
-    if candidates:
-        wanted = frozenset(k for p in candidates for k in p)
-        got = sigs.map_batches(_select_keys, fn_kwargs={"key": ctx.key, "wanted": wanted},
-                               batch_size=1024)
-        keys, parts = [], []
-        for batch in got.iter_batches(batch_format="numpy", batch_size=65536):
-            keys += [str(k) for k in batch[ctx.key]]
-            parts.append(np.asarray(batch["sig"], dtype=np.uint32).reshape(-1, num_perm))
-        matrix = np.concatenate(parts) if parts else matrix
-        index = {k: i for i, k in enumerate(keys)}
-    clusters, kept_of, verified = _clusters(candidates, matrix, index, threshold)
+    found = _near_clusters(ds, sigs, pairs, ctx, threshold, action, parts) if n_candidates else None
     clock.append(time.perf_counter())
+    verified = found["verified"] if found else 0
     log.info("near_dedup: signatures %.1f s, LSH buckets and candidate pairs %.1f s, verification "
              "and clusters %.1f s (%d bands x %d rows, %d candidate pairs, %d verified)",
              clock[1] - clock[0], clock[2] - clock[1], clock[3] - clock[2], bands, rows,
-             len(candidates), verified)
-    if action == "group":
-        out = split_by_reason(ds, "near_dedup", lambda batch: [""] * len(batch[ctx.key]))
-
-        def add_group(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            batch["group"] = _groups(batch[ctx.key], clusters)
-            return batch
-
-        out.kept = out.kept.map_batches(add_group, batch_size=256)
-    else:
-        out = split_by_reason(ds, "near_dedup", lambda batch: _near_reasons(batch[ctx.key], kept_of))
+             n_candidates, verified)
     params = {"bands": bands, "rows_per_band": rows, "threshold": threshold, "shingle": shingle,
-              "num_perm": num_perm, "candidate_pairs": len(candidates), "verified_pairs": verified}
-    shipped = max(out.task_arg_bytes, pickled_bytes(hot_buckets),
-                  pickled_bytes(wanted) if candidates else 0)
-    return StepOutput(out.kept, out.rejected, _near_details(clusters, kept_of, action, params),
-                      task_arg_bytes=shipped)
+              "num_perm": num_perm, "candidate_pairs": n_candidates, "verified_pairs": verified}
+    if found is None:
+        out = split_by_reason(ds, "near_dedup", lambda batch: [""] * len(batch[ctx.key]))
+        if action == "group":
+            out.kept = out.kept.map_batches(
+                lambda b: {**b, "group": np.array([str(k) for k in b[ctx.key]], dtype=object)},
+                batch_size=256)
+        details = _near_details({}, {}, action, params)
+    else:
+        out = split_marked_dataset(found["marked"], "near_dedup")
+        details = {"clusters": found["clusters"], "rows_in_clusters": found["rows_in_clusters"],
+                   "rows_removed": 0 if action == "group" else found["removed"], "action": action,
+                   **params, "examples": found["examples"]}
+    return StepOutput(out.kept, out.rejected, details,
+                      task_arg_bytes=max(out.task_arg_bytes, pickled_bytes(hot_buckets)))
+
+
+def _sig_bytes(rows: list[dict[str, Any]]) -> bytes:
+    return np.asarray(rows[0]["sig"], dtype=np.uint32).tobytes()
+
+
+def _similar(sig: bytes, other: Any) -> float:
+    """Share of equal signature entries: the same estimate as the single path's matrix."""
+    return float((np.frombuffer(sig, dtype=np.uint32) == np.asarray(other, dtype=np.uint32)).mean())
+
+
+def _near_clusters(ds: Any, sigs: Any, pairs: Any, ctx: StepContext, threshold: float,
+                   action: str, parts: int) -> dict[str, Any]:
+    """Verification, clusters, kept keys and each row's decision, all in Ray Data tasks
+    (``bigopt.data.components``): the driver sees counts and the report's few examples."""
+    import pyarrow as pa
+    from ray.data.expressions import col
+
+    from bigopt.data.components import cogroup, components
+
+    key, s, f = ctx.key, pa.string(), pa.float64()
+    # each candidate pair's estimated Jaccard: a's signature attached by a, compared by b
+    with_a = cogroup(pairs, sigs, "a", key, lambda k, p, sg: [
+        {"a": r["a"], "b": r["b"], "sig": _sig_bytes(sg)} for r in p],
+        {"a": s, "b": s, "sig": pa.binary()}, parts)
+    verified = cogroup(with_a, sigs, "b", key, lambda k, p, sg: [
+        {"a": r["a"], "b": r["b"], "sim": _similar(r["sig"], sg[0]["sig"])} for r in p],
+        {"a": s, "b": s, "sim": f}, parts).filter(expr=col("sim") >= threshold).materialize()
+    n_verified = verified.count()
+    if n_verified == 0:
+        marked = ds.map_batches(_no_reason, fn_kwargs={"key": key, "group": action == "group"},
+                                batch_size=256)
+        return {"verified": 0, "marked": marked, "clusters": 0, "rows_in_clusters": 0,
+                "removed": 0, "examples": []}
+    edges = verified.map_batches(lambda b: {"u": np.concatenate([b["a"], b["b"]]),
+                                            "v": np.concatenate([b["b"], b["a"]])}, batch_size=4096)
+    labels = components(edges.materialize(), parts)  # node -> its cluster's smallest key
+    members = labels.filter(lambda r: r["node"] != r["label"])
+    with_m = cogroup(members, sigs, "node", key, lambda k, m, sg: [
+        {"m": r["node"], "r": r["label"], "sig": _sig_bytes(sg)} for r in m],
+        {"m": s, "r": s, "sig": pa.binary()}, parts)
+    kept_of = cogroup(with_m, sigs, "r", key, lambda k, m, sg: [
+        {"m": r["m"], "r": r["r"], "sim": _similar(r["sig"], sg[0]["sig"])} for r in m],
+        {"m": s, "r": s, "sim": f}, parts).materialize()
+    columns = {name: t for name, t in zip(ds.schema().names, ds.schema().types, strict=True)}
+    if action == "group":
+        marked = cogroup(ds, labels, key, "node", lambda k, rows, lab: [
+            {**r, REASON: "", "group": lab[0]["label"] if lab else k} for r in rows],
+            {**columns, REASON: s, "group": s}, parts)
+    else:
+        marked = cogroup(ds, kept_of, key, "m", lambda k, rows, hit: [
+            {**r, REASON: f"near_duplicate: ~J={hit[0]['sim']:.2f} with {hit[0]['r']}" if hit
+             else ""} for r in rows], {**columns, REASON: s}, parts)
+    return {"verified": n_verified, "marked": marked.materialize(),
+            "clusters": labels.filter(lambda r: r["node"] == r["label"]).count(),
+            "rows_in_clusters": labels.count(), "removed": kept_of.count(),
+            "examples": _cluster_examples(labels, kept_of, parts)}
+
+
+def _no_reason(batch: dict[str, np.ndarray], key: str, group: bool) -> dict[str, np.ndarray]:
+    batch[REASON] = np.array([""] * len(batch[key]), dtype=object)
+    if group:
+        batch["group"] = np.array([str(k) for k in batch[key]], dtype=object)
+    return batch
+
+
+def _cluster_examples(labels: Any, kept_of: Any, parts: int) -> list[dict[str, Any]]:
+    """The EXAMPLES largest clusters (ties by root) with their first members by key, as the
+    single path reports them: a running top-k over the cluster sizes (constant memory), then
+    the members of those few clusters only."""
+    from ray.data.aggregate import Count
+
+    top: list[tuple[int, str]] = []
+    sizes = labels.groupby("label", num_partitions=parts).aggregate(Count(alias_name="n"))
+    for batch in sizes.iter_batches(batch_format="numpy", batch_size=65536):
+        top = sorted([*top, *((-int(n), str(r)) for r, n in zip(batch["label"], batch["n"],
+                                                                strict=True))])[:EXAMPLES]
+    wanted = {root for _, root in top}
+    similar: dict[str, list[tuple[str, float]]] = {root: [] for root in wanted}
+    for row in kept_of.filter(lambda r: r["r"] in wanted).iter_rows():
+        similar[row["r"]].append((row["m"], row["sim"]))
+    return [{"kept": root, "rows": -n,
+             "similar": [{"key": m, "jaccard": round(sim, 3)} for m, sim in sorted(similar[root])
+                         ][:EXAMPLES]} for n, root in top]
