@@ -158,3 +158,80 @@ def dirty_text_rows(files: int = 60, seed: int = 0) -> list[dict[str, Any]]:
     rows = [{"path": p, "text": t, "reject_reason": ""} for p, t in sorted(texts.items())]
     rows.append({"path": "bad/unreadable.py", "text": b"", "reject_reason": "unreadable: OSError"})
     return rows
+
+
+class TcpProxy:
+    """A TCP forwarder on 127.0.0.1 in front of ``target`` (host, port) that can be taken down
+    and brought back on the same port: to a client, the server restarting (connections reset
+    mid-transfer, then refused, then accepted again)."""
+
+    def __init__(self, target: tuple[str, int]):
+        import socket
+        import threading
+
+        self.target, self.port = target, free_port()
+        self._lock, self._conns, self._listener = threading.Lock(), [], None
+        self._socket, self._threading = socket, threading
+        self.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        listener = self._socket.socket()
+        listener.setsockopt(self._socket.SOL_SOCKET, self._socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        self._threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        """Closes the listener and resets every open connection."""
+        import struct
+
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            try:  # wakes the thread blocked in accept(): close() alone keeps the port bound
+                listener.shutdown(self._socket.SHUT_RDWR)
+            except OSError:
+                pass
+            listener.close()
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            try:  # RST, not FIN: the peer sees "connection reset", as from a dying server
+                conn.setsockopt(self._socket.SOL_SOCKET, self._socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+            except OSError:
+                pass
+
+    def _accept(self, listener: Any) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = self._socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                self._threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: Any, dst: Any) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass

@@ -71,12 +71,17 @@ class NodeCache:
                 return data
             tmp = f"{data}.{os.getpid()}.tmp"
             digest = hashlib.sha256()
-            with fs.open_input_stream(path) as src, open(tmp, "wb") as dst:
-                counter.gets += 1
-                while chunk := src.read(CHUNK):
-                    digest.update(chunk)
-                    dst.write(chunk)
-                    counter.bytes += len(chunk)
+            try:
+                with fs.open_input_stream(path) as src, open(tmp, "wb") as dst:
+                    counter.gets += 1
+                    while chunk := src.read(CHUNK):
+                        digest.update(chunk)
+                        dst.write(chunk)
+                        counter.bytes += len(chunk)
+            except BaseException:  # a broken download leaves no partial file behind
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
             fetched = os.path.getsize(tmp)
             if fetched != info.size:
                 os.unlink(tmp)

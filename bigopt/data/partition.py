@@ -21,8 +21,10 @@ group (same ``dp_rank``) see identical batches.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,8 +33,14 @@ import numpy as np
 
 from bigopt.data.node_cache import RemoteCounter
 
+log = logging.getLogger("bigopt")
+
 #: row groups a rank's reader thread reads ahead of the batches the loop takes
 PREFETCH_ROW_GROUPS = 4
+#: tries per row group before the error reaches the training loop, and the first backoff:
+#: 0.5 + 1 + 2 + 4 + 8 + 16 s rides out a remote store restarting
+READ_ATTEMPTS = 7
+RETRY_FIRST_S = 0.5
 
 
 #: a shard is written as at least this many row groups (bigger ones are not worth cutting)
@@ -156,6 +164,7 @@ class ReadCounter:
 
     read: int = 0
     used: int = 0
+    retries: int = 0  # failed reads tried again
     per_epoch: list[tuple[int, int]] = field(default_factory=list)  # (read, used) per epoch
 
 
@@ -269,7 +278,6 @@ class _PieceReader:
         self.thread.start()
 
     def _run(self) -> None:
-
         from bigopt.runtime import filesystem_for
 
         try:
@@ -277,7 +285,7 @@ class _PieceReader:
             for piece in self.pieces:
                 if self.stopped.is_set():
                     return
-                table = self._read(fs, piece)
+                table = self._read_with_retries(fs, piece)
                 self.counter.read += table.num_rows
                 table = table.slice(piece.start, piece.stop - piece.start)
                 self.counter.used += table.num_rows
@@ -286,6 +294,23 @@ class _PieceReader:
             self._put(self._DONE)
         except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
             self._put(exc)
+
+    def _read_with_retries(self, fs: Any, piece: Piece) -> Any:
+        """A piece is read whole or not at all, so a retry after a failed read (a remote store
+        restarting, a dropped connection) neither loses nor repeats a row. Backoff doubles
+        from ``RETRY_FIRST_S``; the last error is raised after ``READ_ATTEMPTS`` tries."""
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                return self._read(fs, piece)
+            except OSError as exc:  # pyarrow's IO errors, S3's included
+                if attempt == READ_ATTEMPTS - 1 or self.stopped.is_set():
+                    raise
+                self.counter.retries += 1
+                wait = RETRY_FIRST_S * 2**attempt
+                log.warning("reading %s row group %d failed (%s): retry %d in %.1f s",
+                            self.plan.files[piece.file], piece.group, exc, attempt + 1, wait)
+                time.sleep(wait)
+        raise AssertionError("unreachable")
 
     def _read(self, fs: Any, piece: Piece) -> Any:
         import pyarrow.parquet as pq
