@@ -129,9 +129,18 @@ def incomplete_reasons(batch: dict[str, np.ndarray], ctx: StepContext) -> list[s
     """Each row's ``incomplete`` reject reason ('' keeps it): a null field, an empty or
     non-UTF-8 text, missing or non-finite pixels, a null label."""
     out = []
+    # only object columns can hold a None (a numeric or tensor column cannot)
+    nullable = [(name, values) for name, values in batch.items()
+                if np.asarray(values).dtype == object]
+    finite = None
+    pixels_all = batch[ctx.content]
+    if ctx.modality != "text" and isinstance(pixels_all, np.ndarray) and pixels_all.dtype != object:
+        # a tensor column (every image one shape): all rows checked in one vectorised pass
+        flat = pixels_all.reshape(len(pixels_all), -1)
+        finite = np.isfinite(flat.astype(np.float32, copy=False)).all(axis=1) & (flat.shape[1] > 0)
     for i in range(len(batch[ctx.key])):
         why = ""
-        for name, values in batch.items():
+        for name, values in nullable:
             if values[i] is None:
                 why = f"incomplete: {name} is null"
                 break
@@ -143,8 +152,12 @@ def incomplete_reasons(batch: dict[str, np.ndarray], ctx: StepContext) -> list[s
             except UnicodeDecodeError as exc:
                 why = f"incomplete: {ctx.content} is not UTF-8 ({exc.reason} at byte {exc.start})"
         elif not why:
-            pixels = np.asarray(batch[ctx.content][i], dtype=np.float32)
-            if pixels.size == 0 or not np.all(np.isfinite(pixels)):
+            if finite is not None:
+                ok = bool(finite[i])
+            else:
+                pixels = np.asarray(batch[ctx.content][i], dtype=np.float32)
+                ok = pixels.size > 0 and bool(np.all(np.isfinite(pixels)))
+            if not ok:
                 why = f"incomplete: {ctx.content} has missing or non-finite pixels"
         if not why and ctx.label is not None and batch[ctx.label][i] is None:
             why = f"incomplete: {ctx.label} is null"
