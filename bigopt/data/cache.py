@@ -179,10 +179,7 @@ def cached_data_stage(job: Any, inputs: dict[str, Any], run: RunDir, options: An
 
 
 def _say(line: str) -> None:
-    log.info("%s", line)
-    from bigopt.console import console_stream
-
-    print(f"bigopt {line}", file=console_stream(), flush=True)
+    log.info("%s", line)  # the bigopt logger's lines are the console's (bigopt.console)
 
 
 def entries(storage: str) -> list[dict[str, Any]]:
