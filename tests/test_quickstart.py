@@ -41,6 +41,9 @@ def test_quickstart_end_to_end(ray_session, repo_root, tmp_path):
     assert rows and all(REQUIRED_METRICS <= set(r) for r in rows), rows[0]
     assert rows[-1]["step"] == 40
     assert all(0 <= r["data_wait_frac"] <= 1 and r["samples_per_s"] > 0 for r in rows)
+    # every rank's data wait and read rate at every log point (2 workers)
+    assert all(len(r["data_wait_frac_by_rank"]) == 2 == len(r["rows_read_per_s_by_rank"])
+               and all(0 <= w <= 1 for w in r["data_wait_frac_by_rank"]) for r in rows)
 
     # Checkpoints: every rank's ZeRO shard is in each kept checkpoint.
     ckpts = sorted(glob.glob(os.path.join(run_dir, "train", "checkpoints", "step_*")))

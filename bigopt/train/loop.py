@@ -247,15 +247,16 @@ class Trainer:
             if "first_step" not in self.startup:
                 self.startup["first_step"] = time.time()
             self.samples_seen += self.metrics.samples_per_step
+            data_wait = self.batches.take_wait()
             extra = {**self.precision_stats(), **self.memory_stats(), **self.ingest_stats(),
+                     **self.ranks_input(step_time, data_wait, last),
                      **self.hooks.callback_metrics()}
             evaluated = (train.eval_every and self.step % train.eval_every == 0) or last
             if evaluated:
                 extra["val_loss"] = self.evaluate()
                 extra.update(self.val_metrics.get(self.step, {}))
             self.metrics.record(self.step, loss=loss, step_time=step_time,
-                                data_wait=self.batches.take_wait(), lr=self.lr, last=last,
-                                extra=extra)
+                                data_wait=data_wait, lr=self.lr, last=last, extra=extra)
             if self.checkpointer.should_save(self.step, last):
                 # metrics.jsonl is never behind the checkpoint a restarted run resumes from
                 self.metrics.flush()
@@ -274,6 +275,34 @@ class Trainer:
             self.checkpointer.save(self.step, self.state_dict(), reported, last=True)
         self.metrics.close()
         return TrainResult(self.step, loss, self.val_losses, self.ingest_counts())
+
+    def ranks_input(self, step_time: float, data_wait: float, last: bool) -> dict[str, Any]:
+        """Every rank's data-wait share of step time and training rows read per second since
+        the last log point, gathered at log points (a collective every rank joins: log points
+        are the same steps everywhere); rank 0's metrics rows carry them."""
+        window = self.__dict__.setdefault("_input_window", {"time": 0.0, "wait": 0.0, "rows": 0})
+        window["time"] += step_time
+        window["wait"] += data_wait
+        if not self.metrics.should_log(self.step, last):
+            return {}
+        stream = getattr(self.batches.batches, "stream", None)
+        rows = stream.counter.read if stream is not None else 0
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        rank = torch.distributed.get_rank() if world > 1 else 0
+        seconds = max(window["time"], 1e-9)
+        values = torch.zeros(2 * world, dtype=torch.float64)
+        values[2 * rank] = window["wait"] / seconds
+        values[2 * rank + 1] = (rows - window["rows"]) / seconds
+        if world > 1:
+            on_device = torch.distributed.get_backend() == "nccl"
+            values = values.to(self.device) if on_device else values
+            torch.distributed.all_reduce(values)
+        self._input_window = {"time": 0.0, "wait": 0.0, "rows": rows}
+        gathered = values.cpu().tolist()
+        out = {"data_wait_frac_by_rank": [round(v, 4) for v in gathered[0::2]]}
+        if stream is not None:
+            out["rows_read_per_s_by_rank"] = [round(v, 1) for v in gathered[1::2]]
+        return out
 
     def ingest_stats(self) -> dict[str, Any]:
         """This rank's cumulative ingest counters for the metrics rows: training rows decoded
