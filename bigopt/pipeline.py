@@ -191,6 +191,19 @@ def run(spec: JobSpec, *, stages: list[str] | None = None, run_dir: str | None =
             raise
 
 
+def pin_ray_data_stats_actor() -> None:
+    """Create Ray Data's cluster-wide stats actor from the driver. Ray pins it (a detached
+    actor) to the node of whichever process first runs a Ray Data execution; when that is a
+    training worker or a data task on an autoscaled worker node, the node is never idle again
+    and never scales down (seen: tests/integration/test_autoscale.py). From here it sits on
+    the driver's node: the head, which stays anyway."""
+    try:
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError:  # a Ray without it: nothing to pin
+        return
+    get_or_create_stats_actor()
+
+
 def _run_stages(job: ResolvedJob, run: RunDir, todo: list[Stage], artifacts: dict[str, Artifact],
                 options: StageOptions, started: float, *, log_to_driver: bool) -> RunResult:
     startup = options.startup or {}
@@ -207,6 +220,7 @@ def _run_stages(job: ResolvedJob, run: RunDir, todo: list[Stage], artifacts: dic
                 log_to_driver=log_to_driver)
     if options.log_dir is not None:
         silence_ray_loggers()
+    pin_ray_data_stats_actor()
     startup["ray_up"] = time.time()
     result = RunResult(run.uri)
     for stage in todo:

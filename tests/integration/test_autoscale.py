@@ -63,6 +63,27 @@ def alive_nodes(head: RayHead) -> list[dict]:
     return [n for n in json.loads(r.stdout) if n["state"] == "ALIVE"]
 
 
+def still_there(head: RayHead, nodes: list[str]) -> str:
+    """Actors alive and objects held on ``nodes`` (what keeps a node from being idle)."""
+    out = []
+    for kind in ("actors", "objects", "tasks"):
+        r = subprocess.run([os.path.join(VENV_BIN, "ray"), "list", kind, "--address",
+                            head.gcs_address, "--format", "json", "--limit", "200", "--detail"],
+                           env=head.env, capture_output=True, text=True, timeout=60)
+        try:
+            rows = json.loads(r.stdout)
+        except json.JSONDecodeError:
+            out.append(f"{kind}: {r.stderr[-300:]}")
+            continue
+        here = [row for row in rows if row.get("node_id") in nodes
+                and row.get("state") not in ("DEAD", "FINISHED", "FAILED")]
+        out.append(f"{kind}: " + "; ".join(
+            str({k: row.get(k) for k in ("class_name", "name", "func_or_class_name", "state",
+                                          "reference_type", "call_site", "object_size")
+                 if row.get(k) is not None}) for row in here[:10]))
+    return " | ".join(out)
+
+
 def worker_nodes(nodes: list[dict]) -> list[str]:
     return sorted(n["node_id"] for n in nodes if not n.get("is_head_node"))
 
@@ -122,6 +143,7 @@ def test_scale_up_run_scale_down(fake_head, tmp_path):
         time.sleep(3)
         workers = worker_nodes(alive_nodes(head))
     assert not workers, (f"still {len(workers)} worker node(s) {SCALE_DOWN_TIMEOUT_S} s after "
-                         "the run ended; expected scale-down to the head alone")
+                         "the run ended; expected scale-down to the head alone; what is still "
+                         f"there: {still_there(head, workers)}")
     print(f"autoscale: {len(seen)} worker node(s) started, at most {most_at_once} at once; "
           f"run {run_s:.0f} s; back to the head alone {time.time() - ended:.0f} s after")
