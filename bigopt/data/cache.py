@@ -9,7 +9,10 @@ runs, not what it writes), the context, task and columns, and the code that prep
 shards). The same idea as Hugging Face ``datasets``' fingerprinted cache, kept under the job's
 storage so every machine that shares the storage (local disk or S3) shares the entries:
 
-    <storage>/cache/data/<key>/      the data stage's folder (shards, manifest, rejects, ...)
+    <storage>/cache/data/<key>/      the data stage's folder (shards, rejects, ...)
+    <storage>/cache/data/<key>/entry-manifest.json, entry-artifact.json   its manifest and
+                                     artifact, renamed: a run dir's files keep names of their
+                                     own under a storage (scripts find runs by manifest.json)
     <storage>/cache/data/<key>/COMPLETE.json   written last: the entry's files and their sizes
 
 An entry without ``COMPLETE.json`` (a stage killed while publishing) or whose files do not match
@@ -37,6 +40,8 @@ log = logging.getLogger("bigopt")
 
 CACHE_PREFIX = "cache/data"
 MARKER = "COMPLETE.json"
+MANIFEST = "entry-manifest.json"
+ARTIFACT = "entry-artifact.json"
 #: a fault-injection point for tests: kill this process after copying an entry's files and
 #: before its marker, as a crash or a preempted node would
 FAILPOINT_ENV = "BIGOPT_FAILPOINT"
@@ -127,15 +132,22 @@ def publish(stage_dir: RunDir, entry: RunDir, artifact: Any, key: str) -> None:
     """Copy the data stage's folder into the entry, then write the marker (last)."""
     import pyarrow.fs as pafs
 
-    files = _files_under(stage_dir)
-    pafs.copy_files(stage_dir.path, entry.path, source_filesystem=stage_dir.fs,
-                    destination_filesystem=entry.fs)
+    files = {name: size for name, size in _files_under(stage_dir).items()
+             if name != "manifest.json"}
+    for name in sorted(files):
+        entry.fs.create_dir(entry.sub(name).rsplit("/", 1)[0], recursive=True)
+        pafs.copy_files(stage_dir.sub(name), entry.sub(name), source_filesystem=stage_dir.fs,
+                        destination_filesystem=entry.fs)
+    manifest = stage_dir.read_text("manifest.json")
+    entry.write_text(MANIFEST, manifest)
+    files[MANIFEST] = len(manifest.encode())
     moved = artifact.model_copy(update={
-        "uri": entry.uri, "manifest": entry.uri_of("manifest.json"),
+        "uri": entry.uri, "manifest": entry.uri_of(MANIFEST),
         "splits": {name: s.model_copy(update={"uri": entry.uri_of(name)})
                    for name, s in artifact.splits.items()}})
-    entry.write_text("artifact.json", moved.model_dump_json(indent=1))
-    files["artifact.json"] = len(moved.model_dump_json(indent=1).encode())
+    text = moved.model_dump_json(indent=1)
+    entry.write_text(ARTIFACT, text)
+    files[ARTIFACT] = len(text.encode())
     if os.environ.get(FAILPOINT_ENV) == "cache-publish":
         os.kill(os.getpid(), signal.SIGKILL)
     entry.write_text(MARKER, json.dumps({"key": key, "files": files, "from_run": artifact.run,
@@ -156,8 +168,8 @@ def cached_data_stage(job: Any, inputs: dict[str, Any], run: RunDir, options: An
     entry = cache_root(job.spec.storage).stage(key)
     marker = complete_entry(entry)
     if marker is not None:
-        cached = DataArtifact.model_validate(entry.read_json("artifact.json"))
-        manifest = entry.read_json("manifest.json")
+        cached = DataArtifact.model_validate(entry.read_json(ARTIFACT))
+        manifest = entry.read_json(MANIFEST)
         for step in manifest.get("steps") or []:  # run-relative paths of the preparing run
             rel = step.get("rejects")
             if rel and rel.startswith(f"{run.name}/"):
