@@ -231,9 +231,15 @@ class MetricsFollower:
         self.last.update(row)
         step = int(row.get("step", 0))
         if first:
+            # the file's first row, not its last: fast steps can write several between polls
+            try:
+                earliest = json.loads(lines[0])
+            except ValueError:
+                earliest = row
             self.bar.clear()
-            log.info("%s: step %d/%d, the first optimizer step (loss %.4g)", self.bar.desc, step,
-                     self.total, float(row.get("loss", float("nan"))))
+            log.info("%s: step %d/%d, the first optimizer step (loss %.4g)", self.bar.desc,
+                     int(earliest.get("step", step)), self.total,
+                     float(earliest.get("loss", float("nan"))))
         self.bar.n = min(step, self.total)
         shown = {k: f"{self.last[k]:.4g}" for k in ("loss", "val_loss", "samples_per_s")
                  if isinstance(self.last.get(k), (int, float))}
