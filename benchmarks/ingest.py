@@ -80,6 +80,7 @@ def read_ratios(train_dir: str, columns: list[str]) -> dict:
     plan = plan_shards(train_dir, columns)
     stream = RankStream(plan, batch_size=64, seed=0, shuffle_buffer=1024)
     (stream_s,) = epoch_seconds(stream)
+    stream.close()
     return {"rows": rows, "files": len(files), "pyarrow_read_table_s": arrow_s,
             "ray_data_materialize_s": ray_s, "rank_stream_epoch_s": stream_s,
             "ray_data_vs_pyarrow": arrow_s / ray_s, "rank_stream_vs_pyarrow": arrow_s / stream_s}
@@ -96,6 +97,7 @@ def rows_per_rank(train_dir: str, columns: list[str]) -> list[dict]:
         for s in streams:
             epoch_seconds(s, epochs=3)
             next(s)  # books epoch 3
+            s.close()
         for epoch in range(3):
             reads = [s.counter.per_epoch[epoch][0] for s in streams]
             out.append({"dp": dp, "epoch": epoch + 1, "split_rows": plan.total_rows,
@@ -143,6 +145,8 @@ def s3_epochs(train_dir: str, columns: list[str]) -> dict:
             next(direct), next(cached)  # books epoch 2's traffic
             result["s3_direct_traffic"] = direct.remote.per_epoch[:2]
             result["s3_node_cache_traffic"] = cached.remote.per_epoch[:2]
+            for stream in (local, direct, cached):
+                stream.close()
         return result
     finally:
         server.terminate()

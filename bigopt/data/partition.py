@@ -199,6 +199,10 @@ class RankStream:
     def __next__(self) -> dict[str, np.ndarray]:
         return next(self._epochs)
 
+    def close(self) -> None:
+        """Stops the reader thread (it reads ahead while the stream is alive)."""
+        self._epochs.close()
+
     def skip(self, n: int) -> None:
         epoch, within = divmod(n, self.per_epoch)
         self._epochs.close()  # stops the reader thread of the epoch in progress
