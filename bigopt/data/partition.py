@@ -276,6 +276,7 @@ class _PieceReader:
                  remote: RemoteCounter, node_cache: Any):
         self.plan, self.pieces, self.counter = plan, pieces, counter
         self.remote, self.node_cache = remote, node_cache
+        self._local: dict[str, str] = {}  # this epoch's node-cache paths, by remote path
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=PREFETCH_ROW_GROUPS)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="bigopt-rank-reader", daemon=True)
@@ -322,8 +323,16 @@ class _PieceReader:
         path = self.plan.files[piece.file]
         columns = list(self.plan.columns)
         if self.node_cache is not None:
-            local = self.node_cache.local_path(fs, path, f"s3://{path}", self.remote)
-            return pq.ParquetFile(local).read_row_group(piece.group, columns=columns)
+            # one lookup per file per epoch (a HEAD to S3 keys the entry), not per row group
+            local = self._local.get(path)
+            if local is None:
+                local = self._local[path] = self.node_cache.local_path(
+                    fs, path, f"s3://{path}", self.remote)
+            try:
+                return pq.ParquetFile(local).read_row_group(piece.group, columns=columns)
+            except FileNotFoundError:  # evicted since (a cache smaller than an epoch): refetch
+                self._local.pop(path, None)
+                raise
         with fs.open_input_file(path) as handle:
             parquet = pq.ParquetFile(handle)
             table = parquet.read_row_group(piece.group, columns=columns)
