@@ -22,6 +22,7 @@ group (same ``dp_rank``) see identical batches.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -130,32 +131,6 @@ def rank_pieces(plan: ShardPlan, *, seed: int, epoch: int, dp: int, dp_rank: int
 
 def batches_per_epoch(plan: ShardPlan, *, batch_size: int, dp: int) -> int:
     return (plan.total_rows // dp) // batch_size
-
-
-def to_numpy(column: Any, field: Any = None) -> np.ndarray:
-    """An Arrow column as a NumPy array. Fixed-shape tensor columns (Ray Data's tensor
-    extension: its shape read from the extension type, or from the field's metadata when the
-    file is read as the plain list type it is stored as) become ``(rows, *shape)``."""
-    import json
-
-    import pyarrow as pa
-
-    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    shape: tuple[int, ...] | None = None
-    if isinstance(column.type, pa.ExtensionType):
-        shape = tuple(getattr(column.type, "shape", ()) or ()) or None
-        column = column.storage
-    elif field is not None and field.metadata and b"ARROW:extension:metadata" in field.metadata:
-        shape = tuple(json.loads(field.metadata[b"ARROW:extension:metadata"]))
-    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
-            or pa.types.is_fixed_size_list(column.type)):
-        return column.to_numpy(zero_copy_only=False)
-    rows = len(column)
-    values = column.flatten()
-    while pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
-        values = values.flatten()
-    array = values.to_numpy(zero_copy_only=False)
-    return array.reshape(rows, *shape) if shape else array.reshape(rows, -1)
 
 
 @dataclass
@@ -283,6 +258,10 @@ class _PieceReader:
         self.thread.start()
 
     def _run(self) -> None:
+        # Ray Data's own Arrow -> NumPy conversion (importing it registers the tensor extension
+        # type, so Parquet tensor columns come back as (rows, *shape) arrays)
+        from ray.data.block import BlockAccessor
+
         from bigopt.runtime import filesystem_for
 
         try:
@@ -294,8 +273,7 @@ class _PieceReader:
                 self.counter.read += table.num_rows
                 table = table.slice(piece.start, piece.stop - piece.start)
                 self.counter.used += table.num_rows
-                self._put({c: to_numpy(table.column(c), table.schema.field(c))
-                           for c in self.plan.columns})
+                self._put(BlockAccessor.for_block(table).to_batch_format("numpy"))
             self._put(self._DONE)
         except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
             self._put(exc)
@@ -308,7 +286,8 @@ class _PieceReader:
             try:
                 return self._read(fs, piece)
             except OSError as exc:  # pyarrow's IO errors, S3's included
-                if attempt == READ_ATTEMPTS - 1 or self.stopped.is_set():
+                if (isinstance(exc, FileNotFoundError) or attempt == READ_ATTEMPTS - 1
+                        or self.stopped.is_set()):  # a missing shard is not transient
                     raise
                 self.counter.retries += 1
                 wait = RETRY_FIRST_S * 2**attempt
@@ -325,14 +304,10 @@ class _PieceReader:
         if self.node_cache is not None:
             # one lookup per file per epoch (a HEAD to S3 keys the entry), not per row group
             local = self._local.get(path)
-            if local is None:
+            if local is None or not os.path.exists(local):  # new, or evicted since: (re)fetch
                 local = self._local[path] = self.node_cache.local_path(
                     fs, path, f"s3://{path}", self.remote)
-            try:
-                return pq.ParquetFile(local).read_row_group(piece.group, columns=columns)
-            except FileNotFoundError:  # evicted since (a cache smaller than an epoch): refetch
-                self._local.pop(path, None)
-                raise
+            return pq.ParquetFile(local).read_row_group(piece.group, columns=columns)
         with fs.open_input_file(path) as handle:
             parquet = pq.ParquetFile(handle)
             table = parquet.read_row_group(piece.group, columns=columns)
