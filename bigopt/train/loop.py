@@ -194,6 +194,7 @@ class Trainer:
 
             ray.data.DataContext.get_current().execution_options.preserve_order = True
         dp_rank = self.layout.dp_rank(self.rank)
+        self._input_window = {"time": 0.0, "wait": 0.0, "rows": 0}  # ranks_input's, per log window
         return TimedBatches(epoch_batches(
             ctx.train_data, batch_size=train.batch_size, seed=train.seed,
             dp=self.layout.dp if self.deterministic else 1,
@@ -276,39 +277,47 @@ class Trainer:
         self.metrics.close()
         return TrainResult(self.step, loss, self.val_losses, self.ingest_counts())
 
+    @property
+    def rank_stream(self) -> Any:
+        """This rank's ``RankStream`` (the deterministic order), or None (streaming order)."""
+        return getattr(self.batches.batches, "stream", None)
+
+    def gather_by_rank(self, values: list[float]) -> list[list[float]]:
+        """``values`` of every rank, in rank order (a collective every rank joins)."""
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        rank = torch.distributed.get_rank() if world > 1 else 0
+        table = torch.zeros(world, len(values), dtype=torch.float64)
+        table[rank] = torch.tensor(values, dtype=torch.float64)
+        if world > 1:
+            if torch.distributed.get_backend() == "nccl":
+                table = table.to(self.device)
+            torch.distributed.all_reduce(table)
+        return table.cpu().tolist()
+
     def ranks_input(self, step_time: float, data_wait: float, last: bool) -> dict[str, Any]:
         """Every rank's data-wait share of step time and training rows read per second since
-        the last log point, gathered at log points (a collective every rank joins: log points
-        are the same steps everywhere); rank 0's metrics rows carry them."""
-        window = self.__dict__.setdefault("_input_window", {"time": 0.0, "wait": 0.0, "rows": 0})
+        the last log point, gathered at log points (log points are the same steps on every
+        rank); rank 0's metrics rows carry them."""
+        window = self._input_window
         window["time"] += step_time
         window["wait"] += data_wait
         if not self.metrics.should_log(self.step, last):
             return {}
-        stream = getattr(self.batches.batches, "stream", None)
+        stream = self.rank_stream
         rows = stream.counter.read if stream is not None else 0
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        rank = torch.distributed.get_rank() if world > 1 else 0
         seconds = max(window["time"], 1e-9)
-        values = torch.zeros(2 * world, dtype=torch.float64)
-        values[2 * rank] = window["wait"] / seconds
-        values[2 * rank + 1] = (rows - window["rows"]) / seconds
-        if world > 1:
-            on_device = torch.distributed.get_backend() == "nccl"
-            values = values.to(self.device) if on_device else values
-            torch.distributed.all_reduce(values)
+        gathered = self.gather_by_rank([window["wait"] / seconds, (rows - window["rows"]) / seconds])
         self._input_window = {"time": 0.0, "wait": 0.0, "rows": rows}
-        gathered = values.cpu().tolist()
-        out = {"data_wait_frac_by_rank": [round(v, 4) for v in gathered[0::2]]}
+        out = {"data_wait_frac_by_rank": [round(wait, 4) for wait, _ in gathered]}
         if stream is not None:
-            out["rows_read_per_s_by_rank"] = [round(v, 1) for v in gathered[1::2]]
+            out["rows_read_per_s_by_rank"] = [round(rate, 1) for _, rate in gathered]
         return out
 
     def ingest_stats(self) -> dict[str, Any]:
         """This rank's cumulative ingest counters for the metrics rows: training rows decoded
         and, for s3:// shards, remote GETs and bytes (a node cache turns later epochs' reads
         into local hits)."""
-        stream = getattr(self.batches.batches, "stream", None)
+        stream = self.rank_stream
         if stream is None:
             return {}
         out = {"ingest_epoch": stream.epoch, "ingest_rows_read": stream.counter.read}
@@ -321,20 +330,13 @@ class Trainer:
         """Training rows each rank read (decoded) and used in this attempt, gathered on every
         rank (a collective): the read amplification of the deterministic order, where each
         data-parallel rank reads only its share. None for a streaming order."""
-        stream = getattr(self.batches.batches, "stream", None)
+        stream = self.rank_stream
         if stream is None:
             return None
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        rank = torch.distributed.get_rank() if world > 1 else 0
-        counts = torch.zeros(2 * world, dtype=torch.float64)
-        counts[2 * rank], counts[2 * rank + 1] = stream.counter.read, stream.counter.used
-        if world > 1:
-            device = self.device if torch.distributed.get_backend() == "nccl" else None
-            counts = counts.to(device) if device is not None else counts
-            torch.distributed.all_reduce(counts)
-        values = [int(v) for v in counts.cpu().tolist()]
+        gathered = self.gather_by_rank([stream.counter.read, stream.counter.used])
         out = {"split_rows": stream.plan.total_rows, "epochs_started": stream.epoch + 1,
-               "rows_read_by_rank": values[0::2], "rows_used_by_rank": values[1::2]}
+               "rows_read_by_rank": [int(read) for read, _ in gathered],
+               "rows_used_by_rank": [int(used) for _, used in gathered]}
         if stream.plan.uri.startswith("s3://"):  # this rank's remote traffic, per epoch
             out["remote"] = {"node_cache": stream.node_cache is not None,
                              **stream.remote.snapshot(), "per_epoch": stream.remote.per_epoch}
