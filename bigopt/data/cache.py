@@ -69,32 +69,34 @@ def code_version() -> str:
     return digest.hexdigest()
 
 
-def source_roots(source: Any) -> list[str]:
-    """The files or directories (local paths or s3:// URIs) a source reads."""
+def source_listing(source: Any) -> list[tuple[str, int, int]]:
+    """(path, size, mtime in ns) of every file the source reads, sorted: for a text tree the
+    files its reader selects (``bigopt.data.text.list_files``: include/exclude/max_files, so an
+    unrelated file in the tree, e.g. a package installed into the stdlib's site-packages, is
+    not a miss), else every file under the source's path."""
+    import pyarrow.fs as pafs
+
     if source.kind == "digits":  # scikit-learn's bundled copy
         import sklearn.datasets
 
-        return [os.path.join(os.path.dirname(sklearn.datasets.__file__), "data", "digits.csv.gz")]
-    if source.kind == "text_tree":
-        from bigopt.data.text import resolve_root
+        root = os.path.join(os.path.dirname(sklearn.datasets.__file__), "data", "digits.csv.gz")
+    elif source.kind == "text_tree":
+        from bigopt.data.text import list_files, resolve_root
 
-        return [str(resolve_root(source.path))]
-    return [source.path]
-
-
-def source_listing(source: Any) -> list[tuple[str, int, int]]:
-    """(path, size, mtime in ns) of every file under the source's roots, sorted."""
-    import pyarrow.fs as pafs
-
-    out = []
-    for root in source_roots(source):
-        fs, path = filesystem_for(root)
-        info = fs.get_file_info(path)
-        infos = ([info] if info.type == pafs.FileType.File else
-                 fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)))
-        out += [(i.path, i.size or 0, i.mtime_ns or 0) for i in infos
-                if i.type == pafs.FileType.File]
-    return sorted(out)
+        root = str(resolve_root(source.path))
+        fs, base = filesystem_for(root)
+        rels = list_files(resolve_root(source.path), source.include, source.exclude,
+                          source.max_files)
+        infos = fs.get_file_info([f"{base}/{rel}" for rel in rels])
+        return sorted((i.path, i.size or 0, i.mtime_ns or 0) for i in infos)
+    else:
+        root = source.path
+    fs, path = filesystem_for(root)
+    info = fs.get_file_info(path)
+    infos = ([info] if info.type == pafs.FileType.File else
+             fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)))
+    return sorted((i.path, i.size or 0, i.mtime_ns or 0) for i in infos
+                  if i.type == pafs.FileType.File)
 
 
 def cache_key(job: Any) -> str:
@@ -179,19 +181,15 @@ def cached_data_stage(job: Any, inputs: dict[str, Any], run: RunDir, options: An
                                     "seconds": round(time.time() - started, 3)}
         run.write_text("manifest.json", json.dumps(manifest, indent=1))
         run.write_text("cache.json", json.dumps(info, indent=1))
-        _say(f"data: cache hit {key[:12]}: prepared data reused from {entry.uri} "
+        log.info(f"data: cache hit {key[:12]}: prepared data reused from {entry.uri} "
              f"({manifest.get('rows_kept')} rows), preparation skipped")
         return cached.model_copy(update={"stage": run.name, "run": run.parent.uri,
                                          "manifest": run.uri_of("manifest.json")})
-    _say(f"data: cache miss {key[:12]}: preparing (entry {entry.uri})")
+    log.info(f"data: cache miss {key[:12]}: preparing (entry {entry.uri})")
     artifact = data_stage(job, inputs, run, options)
     publish(run, entry, artifact, key)
     run.write_text("cache.json", json.dumps({"hit": False, "key": key, "entry": entry.uri}, indent=1))
     return artifact
-
-
-def _say(line: str) -> None:
-    log.info("%s", line)  # the bigopt logger's lines are the console's (bigopt.console)
 
 
 def entries(storage: str) -> list[dict[str, Any]]:
