@@ -78,17 +78,27 @@ class _SeededSearcher(Searcher):
     #: completed trials before the surrogate ranks candidates (until then: the first one)
     SURROGATE_MIN_TRIALS = 8
 
-    def _choose(self, options: list[Any], config_of: Callable[[Any], dict[str, Any]]) -> Any:
-        """Of the ``candidates`` options drawn for one suggestion, the one whose config
-        ``DensityRatio`` (TPE's l/g, fitted on the completed trials) ranks first; the first
-        option while there are too few trials to fit it."""
+    def _density(self) -> Any:
+        """``DensityRatio`` (TPE's l/g) fitted on the completed trials; None while there are
+        fewer than ``SURROGATE_MIN_TRIALS`` to fit it on."""
         scored = [(c, s) for c, s in self.history if s is not None]
-        if len(options) == 1 or len(scored) < self.SURROGATE_MIN_TRIALS:
-            return options[0]
+        if len(scored) < self.SURROGATE_MIN_TRIALS:
+            return None
         from bigopt.search.surrogate import DensityRatio
 
-        model = DensityRatio(self.space).fit([c for c, _ in scored], [s for _, s in scored])
-        return options[int(np.argmax(model.score([config_of(o) for o in options])))]
+        return DensityRatio(self.space).fit([c for c, _ in scored], [s for _, s in scored])
+
+    def _choose(self, options: list[Any], config_of: Callable[[Any], dict[str, Any]],
+                density: Any = None) -> Any:
+        """Of the ``candidates`` options drawn for one suggestion, the one whose config
+        ``density`` (default: ``_density()``) ranks first; the first option while there are
+        too few trials to fit it."""
+        if len(options) == 1:
+            return options[0]
+        density = density or self._density()
+        if density is None:
+            return options[0]
+        return options[int(np.argmax(density.score([config_of(o) for o in options])))]
 
     def score(self, result: dict[str, Any] | None) -> float | None:
         """The metric oriented so that larger is better, or None for a failed trial."""
@@ -209,13 +219,11 @@ class EvolutionSearcher(_SeededSearcher):
     def _next_config(self) -> dict[str, Any]:
         if len(self.population) < self.population_size:
             return self.space.sample(self.rng)
-        density = None
-        if self.guided > 0:
-            from bigopt.search.surrogate import DensityRatio
-
-            scored = [(c, s) for c, s in self.history if s is not None]
-            density = DensityRatio(self.space).fit([c for c, _ in scored], [s for _, s in scored])
-        return self._choose([self._child(density) for _ in range(self.candidates)], lambda c: c)
+        # one fit per suggestion, shared by the guided mutations and the ranking
+        density = self._density() if self.guided > 0 or self.candidates > 1 else None
+        guide = density if self.guided > 0 else None
+        return self._choose([self._child(guide) for _ in range(self.candidates)], lambda c: c,
+                            density)
 
     def _child(self, density: Any = None) -> dict[str, Any]:
         picks = self.rng.choice(len(self.population), size=self.tournament, replace=False)
