@@ -4,11 +4,10 @@ Both are ``fn(ds, step, ctx) -> StepOutput`` (see :mod:`bigopt.data.steps`): eve
 is either kept or rejected with a reason, and the per-row work runs in Ray Data tasks.
 
 **exact_dedup**: a sha256 of each row's content (the UTF-8 bytes of a text; an image array's
-dtype, shape and bytes) is computed in ``map_batches``; Ray Data ``groupby`` on the hash counts
-each hash's rows and finds its smallest key. Only the hashes held by two rows or more come back
-to the driver (hash -> kept key: as many entries as duplicated contents, never the rows);
-a second ``map_batches`` keeps each group's smallest key and rejects the others with
-``exact_duplicate: same content as <kept key>``.
+dtype, shape and bytes) is computed in ``map_batches``; the rows are hash-partitioned by it
+(one shuffle) and each partition's task keeps each hash's smallest key and rejects the others
+with ``exact_duplicate: same content as <kept key>``; the driver sees counts and the report's
+few largest groups.
 
 **near_dedup** (text only), MinHash + LSH in the usual shape of distributed dedup pipelines:
 
@@ -28,12 +27,11 @@ a second ``map_batches`` keeps each group's smallest key and rejects the others 
    rule of datasketch's ``MinHashLSH._optimal_param``; 0.8 and 128 give 9 bands of 13 rows).
    Each document emits one ``(band, bucket, key)`` row per band, ``bucket`` a 64-bit hash of
    the band's ``r`` values.
-3. *Candidates*: Ray Data ``groupby(["band", "bucket"])`` with ``Count`` finds the buckets
-   holding two keys or more (their bucket hashes, about bands x near-duplicate rows, come to
-   the driver and ride in one map task's arguments: the one thing here that grows with the
-   data, and only with its duplicates); a second ``groupby`` with ``AsList(key)`` over the
-   band rows of those buckets only lists their keys (``AsList`` over all buckets, almost all
-   of one key, costs ~5x the ``Count``). They give candidate pairs: all pairs of a bucket of
+3. *Candidates*: the band rows are hash-partitioned by ``(band, bucket)`` (one Ray Data
+   ``groupby`` on a partition id, so every row of a bucket lands in one task) and each
+   partition's task sorts its rows and lists the buckets holding two keys or more: no bucket
+   id or key comes to the driver or rides in a closure, and no Python call is made per
+   bucket (almost all hold one key). They give candidate pairs: all pairs of a bucket of
    up to ``MAX_BUCKET_PAIRS_MEMBERS`` keys; a larger bucket (hundreds of near-identical files)
    gives each key paired with the bucket's smallest key and with its neighbour in key order
    (2 m pairs instead of m^2/2; a key that verifies against neither may miss its cluster
@@ -153,41 +151,90 @@ def _add_member(members: dict[Any, list[Any]], kept: Any, key: Any) -> None:
     del got[EXAMPLES:]
 
 
-def _mark_duplicates(group: dict[str, np.ndarray], key: str) -> dict[str, np.ndarray]:
-    """Ray Data task over the rows of one content hash: the smallest key is kept, the others
-    get the reject reason; ``_kept`` names the group's kept key and ``_rows`` its size on the
-    kept row of a duplicated group (0 elsewhere), for the report's largest groups."""
-    keys = [_py(k) for k in group[key]]
-    kept = min(keys) if len(keys) >= 2 else None
-    group[REASON] = np.array([_exact_reason(k, kept) for k in keys], dtype=object)
-    group["_kept"] = np.array(["" if kept is None else str(kept)] * len(keys), dtype=object)
-    group["_rows"] = np.array([len(keys) if kept is not None and k == kept else 0 for k in keys],
-                              dtype=np.int64)
-    return group
+def _mark_duplicates(part: dict[str, np.ndarray], key: str) -> dict[str, np.ndarray]:
+    """Ray Data task over one hash partition (every row of a content hash is in the same one):
+    in each hash's rows the smallest key is kept, the others get the reject reason; ``_kept``
+    names the group's kept key and ``_rows`` its size on the kept row of a duplicated group (0
+    elsewhere), for the report's largest groups. A numpy sort finds the groups: no Python call
+    per group for the ~all unique rows."""
+    keys = np.array([_py(k) for k in part[key]], dtype=object)
+    hashes = np.asarray(part["_hash"], dtype=object).astype(str)
+    n = len(keys)
+    reasons = np.full(n, "", dtype=object)
+    kept_col = np.full(n, "", dtype=object)
+    rows_col = np.zeros(n, dtype=np.int64)
+    order = np.argsort(hashes, kind="stable")
+    ordered = hashes[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if n else np.empty(0, int)
+    sizes = np.diff(np.r_[starts, n])
+    for start, size in zip(starts[sizes >= 2], sizes[sizes >= 2], strict=True):
+        members = order[start:start + size]
+        group = keys[members].tolist()
+        kept = min(group)
+        for i, k in zip(members.tolist(), group, strict=True):
+            reasons[i] = _exact_reason(k, kept)
+            kept_col[i] = str(kept)
+            rows_col[i] = size if k == kept else 0
+    part[REASON], part["_kept"], part["_rows"] = reasons, kept_col, rows_col
+    return part
+
+
+def _with_hash_partition(batch: dict[str, np.ndarray], parts: int) -> dict[str, np.ndarray]:
+    batch["_part"] = np.array([int(h[:15], 16) % parts for h in batch["_hash"]], dtype=np.int32)
+    return batch
+
+
+def _top_heads(batch: dict[str, np.ndarray], key: str, size: str) -> dict[str, np.ndarray]:
+    """Ray Data task: this batch's ``EXAMPLES`` largest groups (by ``size``, ties by key) and
+    its number of groups and of rows in them, so the driver merges a few rows per batch."""
+    order = sorted(range(len(batch[key])), key=lambda i: (-int(batch[size][i]), str(batch[key][i])))
+    top = order[:EXAMPLES]
+    count = np.zeros(len(top), dtype=np.int64)
+    total = np.zeros(len(top), dtype=np.int64)
+    if top:
+        count[0], total[0] = len(batch[key]), int(np.asarray(batch[size], dtype=np.int64).sum())
+    return {key: np.asarray(batch[key], dtype=object)[top],
+            size: np.asarray(batch[size], dtype=np.int64)[top], "_count": count, "_total": total}
+
+
+def top_groups(ds: Any, key: str, size: str) -> tuple[list[tuple[int, Any]], int, int]:
+    """(the ``EXAMPLES`` largest (size, key) by size then key, number of rows of ``ds``, sum of
+    ``size``): per-batch tops and counts computed in Ray Data tasks, merged in the driver (a
+    handful of rows per batch, never one per group)."""
+    top: list[tuple[int, Any]] = []
+    count = total = 0
+    for batch in ds.map_batches(_top_heads, fn_kwargs={"key": key, "size": size},
+                                batch_size=65536).iter_batches(batch_format="numpy",
+                                                               batch_size=65536):
+        count += int(batch["_count"].sum())
+        total += int(batch["_total"].sum())
+        top = sorted([*top, *((int(n), _py(k)) for k, n in zip(batch[key], batch[size],
+                                                                strict=True))],
+                     key=lambda s: (-s[0], str(s[1])))[:EXAMPLES]
+    return top, count, total
 
 
 def exact_duplicates(ds: Any, step: Any, ctx: StepContext) -> StepOutput:
     """Rows whose content hash equals another's: the smallest key is kept, the others rejected.
 
-    One Ray Data ``groupby(hash).map_groups`` decides every row inside its group's task: no
-    hash -> kept-key table comes to the driver or rides in a task's closure. The report's
-    largest groups are picked from the kept rows of duplicated groups by a running top
-    ``EXAMPLES`` (constant memory), and their rejected keys by a filter on those few keys."""
+    One Ray Data shuffle by hash partition (``groupby(_part).map_groups``) decides every row
+    inside its partition's task: no hash -> kept-key table comes to the driver or rides in a
+    task's closure. The group count, removed rows and the report's largest groups come from
+    per-batch partials (``top_groups``), and the largest groups' rejected keys by a filter on
+    those few keys."""
     from ray.data.expressions import col
 
     hashed = ds.map_batches(_add_hash, fn_kwargs={"content": ctx.content}, batch_size=64).materialize()
-    marked = (hashed.groupby("_hash", num_partitions=_partitions(hashed.count()))
+    parts = _partitions(hashed.count())
+    marked = (hashed.map_batches(_with_hash_partition, fn_kwargs={"parts": parts}, batch_size=4096)
+              .groupby("_part", num_partitions=parts)
               .map_groups(_mark_duplicates, fn_kwargs={"key": ctx.key}, batch_format="numpy")
-              .materialize())
+              .drop_columns(["_part"]).materialize())
     extra = ["_hash", "_kept", "_rows"]
     out = split_marked_dataset(marked, "exact_dedup")
-    sizes: list[tuple[int, Any]] = []  # the EXAMPLES largest (rows, kept key) so far
     heads = marked.filter(expr=col("_rows") >= 2).select_columns([ctx.key, "_rows"])
-    groups = removed = 0
-    for batch in heads.iter_batches(batch_format="numpy", batch_size=65536):
-        for key, n in zip(batch[ctx.key], batch["_rows"], strict=True):
-            groups, removed = groups + 1, removed + int(n) - 1
-            sizes = sorted([*sizes, (int(n), _py(key))], key=lambda s: (-s[0], str(s[1])))[:EXAMPLES]
+    sizes, groups, rows_in_groups = top_groups(heads, ctx.key, "_rows")
+    removed = rows_in_groups - groups
     wanted = {str(k) for _, k in sizes}
     members: dict[Any, list[Any]] = {k: [] for _, k in sizes}
     by_str = {str(k): k for _, k in sizes}
@@ -369,10 +416,30 @@ def _band_rows(batch: dict[str, np.ndarray], key: str, bands: int, rows: int) ->
             "key": np.repeat(np.asarray(batch[key], dtype=object), bands)}
 
 
-def _hot_rows(batch: dict[str, np.ndarray], hot: np.ndarray) -> dict[str, np.ndarray]:
-    """The band rows whose bucket is one of ``hot`` (sorted): the buckets of two keys or more."""
-    mask = np.isin(np.asarray(batch["bucket"], dtype=np.int64), hot, assume_unique=False)
-    return {name: np.asarray(values)[mask] for name, values in batch.items()}
+def _with_partition(batch: dict[str, np.ndarray], parts: int) -> dict[str, np.ndarray]:
+    """Tag each band row with its hash partition (by band and bucket): every row of one bucket
+    lands in the same partition."""
+    bucket = np.asarray(batch["bucket"], dtype=np.int64).view(np.uint64)
+    band = np.asarray(batch["band"], dtype=np.uint64)
+    batch["part"] = ((bucket ^ (band * np.uint64(0x9E3779B97F4A7C15))) % np.uint64(parts)).astype(np.int32)
+    return batch
+
+
+def _partition_pairs(part: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data task: the candidate pairs of one hash partition's band rows (its buckets whole),
+    by a numpy sort on (band, bucket): no per-bucket Python call for the ~all singletons."""
+    band = np.asarray(part["band"], dtype=np.int64)
+    bucket = np.asarray(part["bucket"], dtype=np.int64)
+    keys = np.asarray(part["key"], dtype=object)
+    order = np.lexsort((bucket, band))
+    band, bucket = band[order], bucket[order]
+    same = np.r_[False, (band[1:] == band[:-1]) & (bucket[1:] == bucket[:-1])]
+    starts = np.flatnonzero(~same)
+    sizes = np.diff(np.r_[starts, len(order)])
+    pairs = [p for start, size in zip(starts[sizes >= 2], sizes[sizes >= 2], strict=True)
+             for p in bucket_pairs(keys[order[start:start + size]])]
+    return {"a": np.array([a for a, _ in pairs], dtype=object),
+            "b": np.array([b for _, b in pairs], dtype=object)}
 
 
 def bucket_pairs(keys: Iterable[Any]) -> list[tuple[str, str]]:
@@ -382,12 +449,6 @@ def bucket_pairs(keys: Iterable[Any]) -> list[tuple[str, str]]:
         return [(x, y) for i, x in enumerate(members) for y in members[i + 1:]]
     pairs = [(members[0], y) for y in members[1:]]
     return pairs + [(x, y) for x, y in zip(members[1:], members[2:], strict=False)]
-
-
-def _bucket_pairs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    pairs = [p for keys in batch["keys"] for p in bucket_pairs(keys)]
-    return {"a": np.array([p[0] for p in pairs], dtype=object),
-            "b": np.array([p[1] for p in pairs], dtype=object)}
 
 
 def local_candidates(keys: np.ndarray, sig: np.ndarray, bands: int, rows: int) -> set[tuple[str, str]]:
@@ -489,6 +550,12 @@ def _near_details(clusters: dict[str, list[str]], kept_of: dict[str, tuple[str, 
             **params, "examples": examples}
 
 
+def _phases(ticks: list[float]) -> dict[str, float]:
+    """Seconds of near_dedup's three phases (the scaling benchmark reads them per row)."""
+    names = ("signatures", "candidates", "clusters")
+    return {n: round(b - a, 3) for n, a, b in zip(names, ticks, ticks[1:], strict=False)}
+
+
 def near_duplicates_single(batch: dict[str, np.ndarray], step: Any, ctx: StepContext) -> Marked:
     """``near_dedup`` over one in-memory batch: the same signatures, buckets, pairs, clusters
     and reasons as :func:`near_duplicates`, with numpy sorts instead of Ray Data groupbys."""
@@ -496,13 +563,17 @@ def near_duplicates_single(batch: dict[str, np.ndarray], step: Any, ctx: StepCon
     clock = time.perf_counter()
     keys = np.array([str(k) for k in batch[ctx.key]], dtype=object)
     sig = spread_signatures(batch[ctx.content], shingle, num_perm)
+    ticks = [clock, time.perf_counter()]
     candidates = local_candidates(keys, sig, bands, rows)
+    ticks.append(time.perf_counter())
     clusters, kept_of, verified = _clusters(candidates, sig, {k: i for i, k in enumerate(keys)},
                                             threshold)
+    ticks.append(time.perf_counter())
     log.info("near_dedup (single task): %d rows in %.1f s, %d candidate pairs, %d verified",
              len(keys), time.perf_counter() - clock, len(candidates), verified)
     params = {"bands": bands, "rows_per_band": rows, "threshold": threshold, "shingle": shingle,
-              "num_perm": num_perm, "candidate_pairs": len(candidates), "verified_pairs": verified}
+              "num_perm": num_perm, "candidate_pairs": len(candidates), "verified_pairs": verified,
+              "phase_seconds": _phases(ticks)}
     details = _near_details(clusters, kept_of, action, params)
     if action == "group":
         return Marked([""] * len(keys), details, {"group": _groups(keys, clusters)})
@@ -511,9 +582,6 @@ def near_duplicates_single(batch: dict[str, np.ndarray], step: Any, ctx: StepCon
 
 def near_duplicates(ds: Any, step: Any, ctx: StepContext) -> StepOutput:
     """Near-duplicate text rows by MinHash + LSH (see the module docstring)."""
-    from ray.data.aggregate import AsList, Count
-    from ray.data.expressions import col
-
     threshold, shingle, num_perm, action, bands, rows = _near_params(step, ctx)
     clock = [time.perf_counter()]
     sigs = ds.select_columns([ctx.key, ctx.content]).map_batches(
@@ -523,23 +591,14 @@ def near_duplicates(ds: Any, step: Any, ctx: StepContext) -> StepOutput:
     clock.append(time.perf_counter())
     band_rows = sigs.map_batches(_band_rows, fn_kwargs={"key": ctx.key, "bands": bands, "rows": rows},
                                  batch_size=1024).materialize()
-    # Two groupbys: Count alone over all band rows (vectorised; AsList over every bucket is ~5x
-    # slower, and almost every bucket holds one key), then AsList over the rows of the
-    # buckets holding two keys or more only (few: about bands x near-duplicate rows).
-    counted = (band_rows.select_columns(["band", "bucket"])
-               .groupby(["band", "bucket"], num_partitions=_partitions(band_rows.count()))
-               .aggregate(Count(alias_name="n")).filter(expr=col("n") >= 2))
-    hot = [np.asarray(b["bucket"], dtype=np.int64)
-           for b in counted.iter_batches(batch_format="numpy", batch_size=65536)]
-    hot_buckets = np.unique(np.concatenate(hot)) if hot else np.empty(0, dtype=np.int64)
-    buckets = (band_rows.map_batches(_hot_rows, fn_kwargs={"hot": hot_buckets}, batch_size=65536)
-               .groupby(["band", "bucket"], num_partitions=_partitions(len(hot_buckets) * 2))
-               .aggregate(Count(alias_name="n"), AsList("key", alias_name="keys"))
-               .filter(expr=col("n") >= 2))
-    pairs_ds = buckets.map_batches(_bucket_pairs, batch_size=256)
     parts = _partitions(band_rows.count())
-    # distinct pairs (a pair shares buckets in several bands), counted where they are
-    pairs = (pairs_ds.groupby(["a", "b"], num_partitions=parts).count()
+    # One shuffle: band rows hash-partitioned by (band, bucket), each partition's buckets found
+    # by a numpy sort in its task; a pair shares buckets in several bands, so a second groupby
+    # keeps each pair once. No bucket id or key comes to the driver.
+    pairs = (band_rows.map_batches(_with_partition, fn_kwargs={"parts": parts}, batch_size=65536)
+             .groupby("part", num_partitions=parts)
+             .map_groups(_partition_pairs, batch_format="numpy")
+             .groupby(["a", "b"], num_partitions=parts).count()
              .select_columns(["a", "b"]).materialize())
     n_candidates = pairs.count()
     clock.append(time.perf_counter())
@@ -551,7 +610,8 @@ def near_duplicates(ds: Any, step: Any, ctx: StepContext) -> StepOutput:
              clock[1] - clock[0], clock[2] - clock[1], clock[3] - clock[2], bands, rows,
              n_candidates, verified)
     params = {"bands": bands, "rows_per_band": rows, "threshold": threshold, "shingle": shingle,
-              "num_perm": num_perm, "candidate_pairs": n_candidates, "verified_pairs": verified}
+              "num_perm": num_perm, "candidate_pairs": n_candidates, "verified_pairs": verified,
+              "phase_seconds": _phases(clock)}
     if found is None:
         out = split_by_reason(ds, "near_dedup", lambda batch: [""] * len(batch[ctx.key]))
         if action == "group":
@@ -564,8 +624,7 @@ def near_duplicates(ds: Any, step: Any, ctx: StepContext) -> StepOutput:
         details = {"clusters": found["clusters"], "rows_in_clusters": found["rows_in_clusters"],
                    "rows_removed": 0 if action == "group" else found["removed"], "action": action,
                    **params, "examples": found["examples"]}
-    return StepOutput(out.kept, out.rejected, details,
-                      task_arg_bytes=max(out.task_arg_bytes, pickled_bytes(hot_buckets)))
+    return StepOutput(out.kept, out.rejected, details, task_arg_bytes=out.task_arg_bytes)
 
 
 def _sig_bytes(rows: list[dict[str, Any]]) -> bytes:
@@ -638,11 +697,8 @@ def _cluster_examples(labels: Any, kept_of: Any, parts: int) -> list[dict[str, A
     the members of those few clusters only."""
     from ray.data.aggregate import Count
 
-    top: list[tuple[int, str]] = []
     sizes = labels.groupby("label", num_partitions=parts).aggregate(Count(alias_name="n"))
-    for batch in sizes.iter_batches(batch_format="numpy", batch_size=65536):
-        top = sorted([*top, *((-int(n), str(r)) for r, n in zip(batch["label"], batch["n"],
-                                                                strict=True))])[:EXAMPLES]
+    top = [(-n, str(root)) for n, root in top_groups(sizes, "label", "n")[0]]
     wanted = {root for _, root in top}
     similar: dict[str, list[tuple[str, float]]] = {root: [] for root in wanted}
     for row in kept_of.filter(lambda r: r["r"] in wanted).iter_rows():

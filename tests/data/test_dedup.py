@@ -202,7 +202,11 @@ def test_large_bucket_pairs_stay_linear():
     plus neighbours in key order (2m - 3 pairs), instead of m(m-1)/2; small buckets: all pairs."""
     m = dedup.MAX_BUCKET_PAIRS_MEMBERS + 6
     keys = [f"k{i:03d}" for i in range(m)]
-    pairs = dedup._bucket_pairs({"keys": [list(reversed(keys)), ["b", "a", "c"]]})
+    # one hash partition's band rows: a big bucket, a small one (band 1) and a lone key
+    members = [*reversed(keys), "b", "a", "c", "lone"]
+    pairs = dedup._partition_pairs({
+        "band": np.array([0] * m + [1, 1, 1, 0]), "bucket": np.array([7] * m + [7, 7, 7, 9]),
+        "key": np.array(members, dtype=object)})
     got = set(zip(pairs["a"].tolist(), pairs["b"].tolist(), strict=True))
     assert {("a", "b"), ("a", "c"), ("b", "c")} <= got
     big = {p for p in got if p[0].startswith("k")}
