@@ -49,7 +49,7 @@ def dataset(images: np.ndarray, labels: np.ndarray):
                       "inputs": ArrowTensorArray.from_numpy((images.astype(np.float32) / 255.0)
                                                             [:, None, :, :]),
                       "labels": pa.array(labels.astype(np.int64))})
-    # several blocks, as a read would give, so the step's collection path is the real one
+    # several blocks, as a read would give: the step's tasks read the rows block by block
     return ray.data.from_arrow([table.slice(o, 10_000) for o in range(0, len(ids), 10_000)]), ids
 
 
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
               f"features | time (s) |")
     lines = [header, "|" + "|".join("---" for _ in header.split("|")[1:-1]) + "|"]
     print("\n".join(lines), flush=True)
+    notes: list[str] = []
     for model in args.model:
         for seed in args.seeds:
             noisy, flipped = flip_labels(part.labels.astype(np.int64), args.noise, 10, seed)
@@ -101,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{out.details.get('features', '')} | {seconds:8.1f} |")
             lines.append(line)
             print(line, flush=True)
+            notes.append(f"{model} seed {seed}: members {out.details.get('members')}; "
+                         f"largest pickled task argument {out.task_arg_bytes} bytes")
+    print("\n".join(notes), flush=True)
     ray.shutdown()
     return 0
 
