@@ -75,11 +75,11 @@ def corpus(n: int, root: str) -> str:
     return path
 
 
-def spec(path: str, storage: str) -> dict:
+def spec(path: str, storage: str, engine: str = "auto") -> dict:
     return {"name": "scaling", "storage": storage,
             "data": {"source": {"kind": "table", "format": "parquet", "path": path, "text": "text",
                                 "id": "id"},
-                     "split": {"val": 0.05}, "context": 256, "cache": False}}
+                     "split": {"val": 0.05}, "context": 256, "cache": False, "engine": engine}}
 
 
 def rejected_ids(run: str, step: str) -> np.ndarray:
@@ -95,11 +95,11 @@ def rejected_ids(run: str, step: str) -> np.ndarray:
     return np.concatenate(ids) if ids else np.empty(0, np.int64)
 
 
-def bigopt_size(n: int, path: str, storage: str) -> dict:
+def bigopt_size(n: int, path: str, storage: str, engine: str = "auto") -> dict:
     spec_path = os.path.join(storage, f"scaling-{n}.yaml")
     os.makedirs(storage, exist_ok=True)
     with open(spec_path, "w") as fh:
-        json.dump(spec(path, storage), fh)
+        json.dump(spec(path, storage, engine), fh)
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "bigopt"), "data", spec_path],
@@ -191,6 +191,8 @@ def main() -> None:
     parser.add_argument("--root", default="/tmp/bigopt-scaling")
     parser.add_argument("--max-load", type=float, default=1.5)
     parser.add_argument("--tries", type=int, default=3)
+    parser.add_argument("--engine", default="auto", choices=["auto", "single", "distributed"],
+                        help="data.engine (auto: the size rule)")
     parser.add_argument("--json", default=None, help="append one JSON line per result here")
     parser.add_argument("--plain-one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -212,7 +214,7 @@ def main() -> None:
         for attempt in range(1, args.tries + 1):
             while os.getloadavg()[0] > args.max_load and attempt < args.tries:
                 time.sleep(20)  # wait for a quiet machine before the try
-            record = bigopt_size(n, path, os.path.join(args.root, "storage"))
+            record = bigopt_size(n, path, os.path.join(args.root, "storage"), args.engine)
             record.update(kind="bigopt", attempt=attempt)
             emit(record)
             # the run's own 2 busy cores raise the load after it: only the load before says

@@ -1,15 +1,19 @@
 """Keyed lookups and connected components on Ray Data, with nothing per row in the driver.
 
 Ray Data's ``join`` needs polars, which bigopt does not depend on; :func:`cogroup` is the same
-thing built from what Ray Data has: both sides' rows are tagged with their key and side
-(each row pickled into one binary column, so the two sides share one schema), unioned, and
-hash-grouped by key; ``fn(key, left_rows, right_rows)`` then runs in the task holding that
-key's rows and returns the output rows (typed by ``columns``). Every use is one shuffle.
+thing built from what Ray Data has: both sides' rows are tagged with their key, side and a
+hash partition of the key (each row pickled into one binary column, so the two sides share
+one schema), unioned, and grouped by partition; in the task holding a partition,
+``fn(key, left_rows, right_rows)`` runs for each of its keys and returns the output rows
+(typed by ``columns``). Every use is one shuffle. Grouping by partition, not by key, matters:
+Ray Data's ``map_groups`` costs about a millisecond per group, which for a million keys is
+most of the step; a dict per partition costs microseconds per key.
 
 :func:`components` labels each node of an undirected edge table with the smallest node of
 its connected component by **min-label propagation**: start from each node's smallest
 neighbour (or itself), then repeat "send my label to my neighbours, keep the smallest label
-heard" (two shuffles) until no label changes, counted with a filter + count. It converges
+heard": one cogroup and one ``Min`` aggregation per round, until no label changes, counted
+with a filter + count. It converges
 in as many rounds as the longest shortest path in a component (a handful for near-duplicate
 clusters), and its result equals union-find's with the smallest key as root.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -28,26 +33,39 @@ log = logging.getLogger("bigopt")
 #: Rounds of label propagation before giving up (a component this long is not a cluster of
 #: near-copies; the error says so rather than looping on).
 MAX_ROUNDS = 100
+#: sorts after every node key (keys are str(key) of the source's ids)
+_TOP = "\U0010ffff"
 
 
-def _tag(batch: dict[str, np.ndarray], key: str, side: int) -> Any:
+def partition_of(key: str, partitions: int) -> int:
+    """A key's partition: the same in every process (Python's ``hash`` of a str is not)."""
+    return zlib.crc32(key.encode("utf-8")) % partitions
+
+
+def _tag(batch: dict[str, np.ndarray], key: str, side: int, partitions: int) -> Any:
     import pyarrow as pa
 
     n = len(batch[key])
+    keys = [str(k) for k in batch[key]]
     rows = [pickle.dumps({c: batch[c][i] for c in batch}) for i in range(n)]
-    return pa.table({"_k": pa.array([str(k) for k in batch[key]], pa.string()),
+    return pa.table({"_p": pa.array([partition_of(k, partitions) for k in keys], pa.int32()),
+                     "_k": pa.array(keys, pa.string()),
                      "_side": pa.array([side] * n, pa.int8()),
                      "_row": pa.array(rows, pa.binary())})
 
 
-def _apply(group: Any, fn: Callable[..., list[dict[str, Any]]], columns: dict[str, Any]) -> Any:
+def _apply(part: Any, fn: Callable[..., list[dict[str, Any]]], columns: dict[str, Any]) -> Any:
+    """One partition: its rows grouped by key in a dict, ``fn`` per key (in key order)."""
     import pyarrow as pa
 
-    sides = group.column("_side").to_pylist()
-    rows = [pickle.loads(r) for r in group.column("_row").to_pylist()]
-    left = [r for r, s in zip(rows, sides, strict=True) if s == 0]
-    right = [r for r, s in zip(rows, sides, strict=True) if s == 1]
-    out = fn(group.column("_k")[0].as_py(), left, right)
+    sides: dict[str, tuple[list[bytes], list[bytes]]] = {}
+    for k, side, row in zip(part.column("_k").to_pylist(), part.column("_side").to_pylist(),
+                            part.column("_row").to_pylist(), strict=True):
+        sides.setdefault(k, ([], []))[side].append(row)
+    out: list[dict[str, Any]] = []
+    for k in sorted(sides):
+        left, right = sides[k]
+        out += fn(k, [pickle.loads(r) for r in left], [pickle.loads(r) for r in right])
     return pa.table({name: pa.array([r[name] for r in out], type=t) for name, t in columns.items()})
 
 
@@ -56,9 +74,11 @@ def cogroup(left: Any, right: Any, left_key: str, right_key: str,
             columns: dict[str, Any], partitions: int) -> Any:
     """``fn(key, left rows, right rows) -> rows`` for every key of either side, in Ray Data
     tasks (see the module docstring); ``columns``: the output's name -> pyarrow type."""
-    tagged = left.map_batches(_tag, fn_kwargs={"key": left_key, "side": 0}, batch_size=1024).union(
-        right.map_batches(_tag, fn_kwargs={"key": right_key, "side": 1}, batch_size=1024))
-    return tagged.groupby("_k", num_partitions=partitions).map_groups(
+    tagged = left.map_batches(_tag, fn_kwargs={"key": left_key, "side": 0, "partitions": partitions},
+                              batch_size=1024).union(
+        right.map_batches(_tag, fn_kwargs={"key": right_key, "side": 1, "partitions": partitions},
+                          batch_size=1024))
+    return tagged.groupby("_p", num_partitions=partitions).map_groups(
         _apply, fn_kwargs={"fn": fn, "columns": columns}, batch_format="pyarrow")
 
 
@@ -68,14 +88,16 @@ def _send(node: str, labels: list[dict[str, Any]], edges: list[dict[str, Any]]) 
             *({"node": e["v"], "label": label, "self": False} for e in edges)]
 
 
-def _keep_smallest(group: Any) -> Any:
-    import pyarrow as pa
+def _old_label(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``old``: a node's current label on its own row, the largest string elsewhere, so one
+    ``Min`` aggregation gives both the new label and the old one."""
+    old = np.where(batch["self"].astype(bool), batch["label"], _TOP)
+    return {"node": batch["node"], "label": batch["label"], "old": old.astype(object)}
 
-    labels = group.column("label").to_pylist()
-    old = [lab for lab, me in zip(labels, group.column("self").to_pylist(), strict=True) if me][0]
-    new = min(labels)
-    return pa.table({"node": [group.column("node")[0].as_py()], "label": [new],
-                     "changed": [new != old]})
+
+def _changed(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"node": batch["node"], "label": batch["label"],
+            "changed": np.asarray(batch["label"] != batch["old"], dtype=bool)}
 
 
 def _first_label(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -97,8 +119,10 @@ def components(edges: Any, partitions: int) -> Any:
     for rounds in range(1, MAX_ROUNDS + 1):
         heard = cogroup(labels, edges, "node", "u", _send,
                         {"node": pa.string(), "label": pa.string(), "self": pa.bool_()}, partitions)
-        labels = heard.groupby("node", num_partitions=partitions).map_groups(
-            _keep_smallest, batch_format="pyarrow").materialize()
+        labels = (heard.map_batches(_old_label, batch_size=65536)
+                  .groupby("node", num_partitions=partitions)
+                  .aggregate(Min("label", alias_name="label"), Min("old", alias_name="old"))
+                  .map_batches(_changed, batch_size=65536).materialize())
         changed = labels.filter(expr=col("changed")).count()
         labels = labels.drop_columns(["changed"]).materialize()
         if changed == 0:

@@ -178,7 +178,8 @@ def test_deterministic(ray_session):
     for blocks in (2, 5, 5):  # another block layout, and the same one again: same answer
         ds = corpus_ds(ray_session, blocks=blocks)
         out = dedup.near_duplicates(ds, near(), TEXT)
-        results.append((rows(out.kept, "path"), rows(out.rejected, "path", "reason"), out.details))
+        details = {k: v for k, v in out.details.items() if k != "phase_seconds"}  # timings
+        results.append((rows(out.kept, "path"), rows(out.rejected, "path", "reason"), details))
     assert results[0] == results[1] == results[2]
     assert results[0][0] and results[0][1]
 

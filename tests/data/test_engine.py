@@ -60,7 +60,8 @@ def test_text_steps_decide_the_same_on_both_engines(ray_session, tmp_path):
     assert reasons["exact_dedup"] == {"exact_duplicate": 3}
     assert reasons["near_dedup"]["near_duplicate"] >= 5
     for step in ("exact_dedup", "near_dedup"):  # groups, clusters, pairs and examples too
-        details = [[r for r in records if r["step"] == step][0]["details"]
+        details = [{k: v for k, v in [r for r in records if r["step"] == step][0]["details"].items()
+                    if k != "phase_seconds"}  # timings differ, decisions may not
                    for records in (single[2], dist[2])]
         assert details[0] == details[1], step
 
