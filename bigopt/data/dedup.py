@@ -646,6 +646,12 @@ def _near_clusters(ds: Any, sigs: Any, pairs: Any, ctx: StepContext, threshold: 
     from bigopt.data.components import cogroup, components
 
     key, s, f = ctx.key, pa.string(), pa.float64()
+    # the signatures of the keys in some candidate pair only (one shuffle of all signatures;
+    # the four lookups below then shuffle this much smaller table)
+    in_pairs = pairs.map_batches(lambda b: {"k": np.concatenate([b["a"], b["b"]])}, batch_size=65536)
+    sigs = cogroup(in_pairs, sigs, "k", key, lambda k, p, sg: [
+        {key: k, "sig": np.asarray(sg[0]["sig"], dtype=np.uint32).tolist()}] if p and sg else [],
+        {key: s, "sig": pa.list_(pa.uint32())}, parts).materialize()
     # each candidate pair's estimated Jaccard: a's signature attached by a, compared by b
     with_a = cogroup(pairs, sigs, "a", key, lambda k, p, sg: [
         {"a": r["a"], "b": r["b"], "sig": _sig_bytes(sg)} for r in p],
