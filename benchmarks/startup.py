@@ -36,11 +36,13 @@ BIGOPT = [sys.executable, "-m", "bigopt.cli"]
 QUIET = ["--set", "train.eval_every=1000", "--set", "train.checkpoint_every=1000"]
 
 
-def run(args: list[str], storage: str) -> tuple[dict[str, Any], float | None, str]:
+def run(args: list[str], storage: str, env: dict[str, str] | None = None,
+        ) -> tuple[dict[str, Any], float | None, str]:
     """Run a bigopt command; returns (result.json, seconds to the 'step 1/' line, run dir)."""
     started = time.time()
     proc = subprocess.Popen([*BIGOPT, *args, "--set", f"storage={storage}"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
     first = None
     lines = []
     for line in proc.stdout:
@@ -68,14 +70,21 @@ def part_a(tmp: str, repeats: int) -> dict[str, Any]:
     for name, args in (
         ("prepared", ["train", "jobs/quickstart.yaml", "--from", f"data={prepared}"]),
         ("raw", ["run", "jobs/quickstart.yaml"]),
+        # a machine DeepSpeed never built an op on: an empty torch extensions directory (the
+        # embedded Ray's workers inherit it), a new storage (no prepared-data cache)
+        ("fresh", ["run", "jobs/quickstart.yaml"]),
     ):
         results = []
         for i in range(repeats):
+            env = {"TORCH_EXTENSIONS_DIR": tempfile.mkdtemp(prefix="ext-", dir=tmp)} \
+                if name == "fresh" else None
             result, first_line, _ = run([*args, "--set", "train.max_steps=3", "--set",
-                                         "train.log_every=1", *QUIET], f"{tmp}/{name}{i}")
-            results.append({"first_step_s": result["time_to_first_step_s"],
+                                         "train.log_every=1", *QUIET], f"{tmp}/{name}{i}", env)
+            # what DeepSpeed built there: nothing, for a job without optimizer offload
+            built = sorted(os.listdir(env["TORCH_EXTENSIONS_DIR"])) if env else None
+            results.append({"ops_built": built, "first_step_s": result["time_to_first_step_s"],
                             "first_line_s": first_line, "marks": result["startup_s"]})
-            print(f"a {name} #{i}: first step {result['time_to_first_step_s']:.1f} s "
+            print(f"a {name} #{i}: ops built {built}, first step {result['time_to_first_step_s']:.1f} s "
                   f"(console line {first_line:.1f} s) {result['startup_s']}", flush=True)
         marks = sorted({k for r in results for k in r["marks"]},
                        key=lambda k: statistics.median(r["marks"].get(k, 0) for r in results))

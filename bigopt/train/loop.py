@@ -160,6 +160,9 @@ class Trainer:
             check_precision_supported(self.precision,
                                       fp16_supported=get_accelerator().is_fp16_supported(),
                                       device=get_accelerator().device_name())
+            from bigopt.train.ops import skip_unused_ops
+
+            skip_unused_ops()  # no ~40 s build of an op training never calls
             deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
         model = build_model(self.job)
         for transform in self.hooks.model_transforms:

@@ -2,14 +2,20 @@
 
 DeepSpeed compiles an op the first time an engine needs it, through torch's JIT extension
 loader: CPU Adam for optimizer offload, and on CPU machines the shared-memory collectives
-(``deepspeed_shm_comm``) for every engine. Every load, even of an op already built, takes a file
-lock (``<build dir>/lock``); a process killed while it held the lock (a worker SIGKILLed while
-loading, a test run stopped mid-build) leaves the file behind, and every later load on that
-machine then waits on it forever. A build takes under a minute on 2 cores, so a lock older than
-``STALE_LOCK_S`` belongs to no live build: bigopt waits for a young lock, and removes an old one
-with a warning, before it lets DeepSpeed load the op. For a job with optimizer offload the
-driver builds the ops before the workers start, so the workers (on the driver's node) find CPU
-Adam built instead of racing to build it.
+(``deepspeed_shm_comm``) in ``init_distributed``. bigopt does without the second
+(:func:`skip_unused_ops`): DeepSpeed's ``TorchBackend`` uses it only in
+``inference_all_reduce``; training's all-reduce, all-gather and reduce-scatter go through
+``torch.distributed`` (gloo on CPU) whether it is built or not, and building it cost ~40 s of
+a fresh machine's first run (issue 18: 74 s to the first step, 40 of them this build).
+
+Every load, even of an op already built, takes a file lock (``<build dir>/lock``); a process
+killed while it held the lock (a worker SIGKILLed while loading, a test run stopped mid-build)
+leaves the file behind, and every later load on that machine then waits on it forever. A build
+takes under a minute on 2 cores, so a lock older than ``STALE_LOCK_S`` belongs to no live
+build: bigopt waits for a young lock, and removes an old one with a warning, before it lets
+DeepSpeed load the op. For a job with optimizer offload the driver builds the ops before the
+workers start, so the workers (on the driver's node) find CPU Adam built instead of racing to
+build it.
 """
 
 from __future__ import annotations
@@ -25,17 +31,24 @@ log = logging.getLogger("bigopt")
 STALE_LOCK_S = 300.0
 
 
-def needed_ops(ds_config: dict[str, Any] | None) -> list[Any]:
-    """The DeepSpeed op builders ``deepspeed.initialize`` loads for ``ds_config`` here."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
+#: ops DeepSpeed would build that training never calls (see the module docstring)
+UNUSED_OPS = ("deepspeed_shm_comm",)
 
+
+def skip_unused_ops() -> None:
+    """Mark ``UNUSED_OPS`` unavailable, so ``deepspeed.init_distributed`` does not build them
+    (the switch DeepSpeed's own compatibility probe sets on a platform without them; its
+    ``ops`` module keeps that dict for edits like this). Call before ``init_distributed``."""
+    import deepspeed
+
+    for name in UNUSED_OPS:
+        deepspeed.ops.__compatible_ops__[name] = False
+
+
+def needed_ops(ds_config: dict[str, Any] | None) -> list[Any]:
+    """The DeepSpeed op builders ``deepspeed.initialize`` loads for ``ds_config`` here (after
+    :func:`skip_unused_ops`)."""
     builders = []
-    accelerator = get_accelerator()
-    if accelerator.device_name() == "cpu":  # deepspeed.comm's shared-memory all-reduce
-        shm = accelerator.create_op_builder("ShareMemCommBuilder")
-        if shm is not None and deepspeed.ops.__compatible_ops__.get(shm.NAME, False):
-            builders.append(shm)
     zero = (ds_config or {}).get("zero_optimization", {})
     if zero.get("offload_optimizer", {}).get("device") == "cpu":
         from deepspeed.ops.op_builder import CPUAdamBuilder

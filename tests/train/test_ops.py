@@ -12,11 +12,23 @@ import pytest
 from bigopt.train.ops import clear_stale_lock, lock_path, needed_ops, wait_for_lock
 
 
-def test_every_cpu_engine_needs_shm_comm_and_offload_adds_cpu_adam():
-    assert [op.name for op in needed_ops(None)] == ["deepspeed_shm_comm"]
-    assert [op.name for op in needed_ops({"zero_optimization": {"stage": 3}})] == ["deepspeed_shm_comm"]
+def test_only_offload_needs_an_op_and_shm_comm_is_never_built():
+    assert needed_ops(None) == [] and needed_ops({"zero_optimization": {"stage": 3}}) == []
     ops = needed_ops({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}})
-    assert [op.name for op in ops] == ["deepspeed_shm_comm", "cpu_adam"]
+    assert [op.name for op in ops] == ["cpu_adam"]
+
+
+def test_skipping_shm_comm_makes_deepspeed_fall_back_to_torch_distributed():
+    """What init_distributed does with the switch set: DeepSpeed's own build_shm_op returns
+    None instead of compiling (its TorchBackend then runs every collective on gloo)."""
+    import deepspeed
+    from deepspeed.comm.torch import build_shm_op
+
+    from bigopt.train.ops import skip_unused_ops
+
+    skip_unused_ops()
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
+    assert build_shm_op() is None
 
 
 def test_a_stale_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
