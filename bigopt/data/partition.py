@@ -38,6 +38,8 @@ log = logging.getLogger("bigopt")
 
 #: row groups a rank's reader thread reads ahead of the batches the loop takes
 PREFETCH_ROW_GROUPS = 4
+#: ready batches a rank's stream holds ahead of the training step
+PREFETCH_BATCHES = 4
 #: tries per row group before the error reaches the training loop, and the first backoff:
 #: 0.5 + 1 + 2 + 4 + 8 + 16 s rides out a remote store restarting
 READ_ATTEMPTS = 7
@@ -172,7 +174,8 @@ class RankStream:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._epochs)
+        self.epoch, batch = next(self._epochs)
+        return batch
 
     def close(self) -> None:
         """Stops the reader thread (it reads ahead while the stream is alive)."""
@@ -185,11 +188,15 @@ class RankStream:
         for _ in range(within):
             next(self._epochs)
 
-    def _from(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-        while True:
-            self.epoch = epoch
-            yield from self._epoch(epoch)
-            epoch += 1
+    def _from(self, epoch: int) -> _Prefetched:
+        def epochs() -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+            at = epoch
+            while True:
+                for batch in self._epoch(at):
+                    yield at, batch
+                at += 1
+
+        return _Prefetched(epochs(), PREFETCH_BATCHES)
 
     def _epoch(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
         pieces = rank_pieces(self.plan, seed=self.seed, epoch=epoch, dp=self.dp,
@@ -240,6 +247,57 @@ class RankStream:
 
 def _rows(buffer: dict[str, np.ndarray]) -> int:
     return len(next(iter(buffer.values())))
+
+
+class _Prefetched:
+    """An iterator run ``depth`` items ahead in a background thread: the shuffle buffer's
+    concatenations and gathers (milliseconds per batch for image rows) overlap the training
+    step instead of counting as data wait. One producer thread, so the order is the
+    iterator's own; ``close`` stops it between items and closes the iterator there."""
+
+    _DONE = object()
+
+    def __init__(self, items: Iterator[Any], depth: int):
+        self.items = items
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="bigopt-batch-prefetch", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for item in self.items:
+                if not self._put(item):
+                    return
+            self._put(self._DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
+            self._put(exc)
+        finally:
+            self.items.close()  # in this thread: the generator's finally (reader threads) runs
+
+    def _put(self, item: Any) -> bool:
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> _Prefetched:
+        return self
+
+    def __next__(self) -> Any:
+        item = self.queue.get()
+        if item is self._DONE:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=60)
 
 
 class _PieceReader:
