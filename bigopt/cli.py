@@ -116,13 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "data_from", None):
         inputs_from["data"] = args.data_from
     stages = None if args.command == "run" else [args.command]
-    from bigopt.train.stage import UntrustedCheckpointError
+    from bigopt.train.stage import IncompleteCheckpointError, UntrustedCheckpointError
 
     try:
         bigopt.run(spec, stages=stages, run_dir=args.run_dir, resume=getattr(args, "resume", None),
                    inputs_from=inputs_from, trust_checkpoint=getattr(args, "trust_checkpoint", False),
                    console="verbose" if args.verbose else "quiet")
-    except UntrustedCheckpointError as exc:
+    except (UntrustedCheckpointError, IncompleteCheckpointError) as exc:
         print(f"--resume: {exc}", file=sys.stderr)
         return 2
     except SpecError as exc:  # an input from another run that does not fit the spec

@@ -166,9 +166,10 @@ def run(spec: JobSpec, *, stages: list[str] | None = None, run_dir: str | None =
     options = StageOptions(resume=resume, trust_checkpoint=trust_checkpoint, hooks=hooks,
                            startup=startup, stages_run=[s.name for s in todo])
     if resume and resume != "latest" and any(s.resumable for s in todo):
-        from bigopt.train.stage import checked_resume
+        from bigopt.train.stage import checked_resume, refuse_incomplete
 
-        checked_resume(run.stage("train"), options)  # refused before Ray starts, not after
+        # refused before Ray starts, not after
+        refuse_incomplete(checked_resume(run.stage("train"), options))
     run.write_text("spec.yaml", dump_spec(job.spec))
     run.write_text("resolved.json", job.dumps())
     if console is None:

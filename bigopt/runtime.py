@@ -108,11 +108,60 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None,
 
 
 # --------------------------------------------------------------------------- storage
+#: tries per S3 request before an error reaches bigopt or Ray (``AWS_MAX_ATTEMPTS`` overrides
+#: it). The AWS SDK's standard retry mode waits a random 0..2^n s before retry n, each wait
+#: capped at 20 s: 8 tries ride out a store that restarts or is unreachable for tens of
+#: seconds (~45 s of waiting on average, ~70 s at most, before the error), where the SDK's
+#: default of 3 gives up within 3 s. A checkpoint upload that still fails fails its worker,
+#: and Ray Train restarts the group from the last complete checkpoint.
+S3_MAX_ATTEMPTS = 8
+
+
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """``pyarrow.fs.S3FileSystem`` with the AWS SDK's standard retries, ``max_attempts`` tries
+    per request, that keeps them when pickled.
+
+    pyarrow's own pickling drops ``retry_strategy`` (apache/arrow GH-47348, fix not released in
+    pyarrow 26): Ray Train pickles the storage filesystem to every training worker, where the
+    checkpoint uploads run, which then retried 3 times. Unpickled, this class builds itself
+    again with the same options and the same ``max_attempts``.
+    """
+
+    def __init__(self, *, max_attempts: int = S3_MAX_ATTEMPTS, **kwargs: Any):
+        super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts),
+                         **kwargs)
+        self.max_attempts = max_attempts
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        _, (options,) = super().__reduce__()  # every option but the retry strategy
+        return _retrying_s3, (options, self.max_attempts)
+
+
+def _retrying_s3(options: dict[str, Any], max_attempts: int) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(max_attempts=max_attempts, **options)
+
+
+def s3_max_attempts() -> int:
+    """Tries per S3 request: ``AWS_MAX_ATTEMPTS`` (the AWS SDKs' own setting) or ``S3_MAX_ATTEMPTS``."""
+    raw = os.environ.get("AWS_MAX_ATTEMPTS")
+    if raw is None:
+        return S3_MAX_ATTEMPTS
+    try:
+        attempts = int(raw)
+    except ValueError:
+        attempts = 0
+    if attempts < 1:
+        raise ValueError(f"AWS_MAX_ATTEMPTS={raw!r}: expected a whole number of tries per S3 "
+                         f"request, at least 1 (unset: {S3_MAX_ATTEMPTS})")
+    return attempts
+
+
 def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, path inside it) for a local path or an ``s3://`` URI.
 
     For S3-compatible servers (MinIO, moto) set ``AWS_ENDPOINT_URL``; credentials come from the
-    usual AWS variables / profile / instance role.
+    usual AWS variables / profile / instance role. S3 requests retry with backoff
+    (``S3_MAX_ATTEMPTS``), in this process and in every Ray worker the filesystem is sent to.
     """
     if uri.startswith("s3://"):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -123,7 +172,8 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if region:
             kwargs["region"] = region
-        return pafs.S3FileSystem(**kwargs), uri[len("s3://") :].rstrip("/")
+        return (RetryingS3FileSystem(max_attempts=s3_max_attempts(), **kwargs),
+                uri[len("s3://") :].rstrip("/"))
     if "://" in uri:
         raise ValueError(f"storage: unsupported URI scheme in {uri!r}; use a path or s3://")
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))

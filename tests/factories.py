@@ -235,3 +235,80 @@ class TcpProxy:
                     s.close()
                 except OSError:
                     pass
+
+
+class TrippingProxy(TcpProxy):
+    """A ``TcpProxy`` that trips on the ``after``-th request whose bytes contain ``pattern``
+    (part of an S3 key, e.g. ``b"/checkpoints/step_000004/"``; plain HTTP only): it drops that
+    request unforwarded (closes its connection: the server never saw it, so a retry is safe
+    whatever the request was), sets ``tripped`` and calls ``on_trip`` from a thread of its own
+    (say, ``stop``: the server restarting right then). With ``every``, every later matching
+    request is dropped too: an object whose upload never gets through."""
+
+    def __init__(self, target: tuple[str, int]):
+        import threading
+
+        self.tripped = threading.Event()
+        self.matched, self._armed = 0, None
+        super().__init__(target)
+
+    def arm(self, pattern: bytes, on_trip: Any = None, *, after: int = 1, every: bool = False) -> None:
+        self.tripped.clear()
+        self.matched, self._armed = 0, (pattern, on_trip, after, every)
+
+    def disarm(self) -> None:
+        """Forward everything again."""
+        self._armed = None
+
+    def _drop(self, data: bytes) -> bool:
+        armed = self._armed
+        if armed is None or armed[0] not in data:
+            return False
+        pattern, on_trip, after, every = armed
+        with self._lock:
+            self.matched += 1
+            if self.matched < after:
+                return False
+            first = not self.tripped.is_set()
+            self.tripped.set()
+            if not every:
+                self._armed = None
+        if first and on_trip is not None:
+            self._threading.Thread(target=on_trip, daemon=True).start()
+        return True
+
+    def _pipe(self, src: Any, dst: Any) -> None:  # type: ignore[override]
+        try:
+            # requests only: a listing the server sends back names keys too
+            request = src.getpeername()[1] != self.target[1]
+            while data := src.recv(65536):
+                if request and self._drop(data):
+                    return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+
+def s3_objects(uri: str, endpoint: str | None = None) -> list[str]:
+    """Keys under ``uri`` (s3://bucket/prefix), relative to it, as the server at ``endpoint``
+    (default ``AWS_ENDPOINT_URL``) lists them: the store's own view."""
+    import os
+
+    import boto3
+
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    client = boto3.client("s3", endpoint_url=endpoint or os.environ.get("AWS_ENDPOINT_URL"))
+    keys, token = [], None
+    while True:
+        page = client.list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/") + "/",
+                                      **({"ContinuationToken": token} if token else {}))
+        keys += [o["Key"][len(prefix.rstrip("/")) + 1:] for o in page.get("Contents", [])]
+        if not page.get("IsTruncated"):
+            return sorted(keys)
+        token = page["NextContinuationToken"]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from bigopt.runtime import RunDir, embedded_cpus, filesystem_for
+from bigopt.runtime import S3_MAX_ATTEMPTS, RunDir, embedded_cpus, filesystem_for
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -28,6 +30,50 @@ def test_run_dir_round_trip(storage):
 def test_unknown_scheme_is_a_clear_error():
     with pytest.raises(ValueError, match="unsupported URI scheme"):
         filesystem_for("gs://bucket/x")
+
+
+def test_s3_requests_retry_through_an_outage_also_after_pickling(s3_server, monkeypatch):
+    """Ray Train pickles the storage filesystem to the workers, which upload the checkpoints:
+    the retries must survive pickling, which pyarrow's own pickling drops (apache/arrow
+    GH-47348). The endpoint goes away for 5 s (connections refused; the AWS SDK's default 3
+    tries give up within 3 s) and comes back: a write through the unpickled filesystem waits
+    it out."""
+    import pickle
+    import threading
+    from urllib.parse import urlparse
+
+    import pyarrow.fs as pafs
+
+    from factories import TcpProxy
+
+    server = urlparse(os.environ["AWS_ENDPOINT_URL"])
+    proxy = TcpProxy((server.hostname, server.port))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    fs, path = filesystem_for(f"{s3_server}/retries")
+    remote = pickle.loads(pickle.dumps(fs))
+    assert isinstance(remote, pafs.S3FileSystem) and remote.max_attempts == S3_MAX_ATTEMPTS
+    plain = pickle.loads(pickle.dumps(pafs.S3FileSystem(
+        endpoint_override=f"127.0.0.1:{proxy.port}", scheme="http", region=fs.region)))
+    proxy.stop()
+    threading.Timer(5.0, proxy.start).start()
+    try:
+        with pytest.raises(OSError):  # if this starts passing, pyarrow pickles retries now
+            with plain.open_output_stream(f"{path}/plain") as out:
+                out.write(b"x")
+        with remote.open_output_stream(f"{path}/kept") as out:
+            out.write(b"checkpoint bytes")
+        with fs.open_input_stream(f"{path}/kept") as src:
+            assert src.read() == b"checkpoint bytes"
+    finally:
+        proxy.stop()
+
+
+def test_aws_max_attempts_sets_the_tries(monkeypatch):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    assert filesystem_for("s3://bucket/x")[0].max_attempts == 2
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "many")
+    with pytest.raises(ValueError, match="AWS_MAX_ATTEMPTS='many'"):
+        filesystem_for("s3://bucket/x")
 
 
 def test_embedded_ray_keeps_a_cpu_for_data_readers():

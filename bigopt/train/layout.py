@@ -13,7 +13,7 @@ stage, ``<run>/compress/<variant>/`` for a fine-tuning step): no module names a 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from bigopt.runtime import RunDir
@@ -56,6 +56,20 @@ def complete_checkpoints(out: RunDir, session: str | None = None) -> list[str]:
         if session is None or written_by == session:
             found.append(info.path)
     return sorted(found, key=step_of)
+
+
+def is_complete(fs: Any, path: str) -> bool:
+    """Whether checkpoint directory ``path`` (inside ``fs``) has a readable completion marker:
+    rank 0 writes it only after every rank's upload returned, so a directory without one is a
+    checkpoint whose upload was cut short (files missing, or not known to be all there)."""
+    import json
+
+    try:
+        with fs.open_input_stream(f"{path.rstrip('/')}/{COMPLETE_FILE}") as src:
+            json.loads(src.read())
+    except (OSError, ValueError):  # no marker, or one torn by a crash mid-write
+        return False
+    return True
 
 
 def latest_checkpoint(out: RunDir) -> str | None:

@@ -52,14 +52,25 @@ class RayTrainReporter:
 
     def register(self, checkpoint: Any, step: int) -> None:
         """Hand a checkpoint already in Ray's storage to Ray (no copy), so it becomes the one a
-        later restart starts from and ``keep_last`` deletes it in turn (no orphan)."""
+        later restart starts from and ``keep_last`` deletes it in turn (no orphan).
+
+        Ray takes it only on its own storage filesystem (compared with ``==``: one this worker
+        builds from its own environment can differ from the driver's, which Ray was given;
+        seen with the driver on another S3 endpoint) and inside its storage path. A report Ray
+        refuses raises after Ray counted it, and every later report then waits forever for it
+        (Ray 2.60, ``_wait_then_report``): so the checkpoint is handed over on Ray's own
+        filesystem, and one outside Ray's storage is not handed over at all."""
         import ray.train
 
-        try:
-            ray.train.report({"step": step}, checkpoint=checkpoint,
-                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
-        except ValueError as exc:  # e.g. Ray does not see it as inside its storage
-            log.warning("could not register %s with Ray Train: %s", checkpoint.path, exc)
+        storage = ray.train.get_context().get_storage()
+        root = storage.experiment_fs_path.rstrip("/") + "/"
+        if not checkpoint.path.startswith(root):
+            log.warning("not registering %s with Ray Train: outside its storage %s",
+                        checkpoint.path, root)
+            return
+        ours = ray.train.Checkpoint(checkpoint.path, filesystem=storage.storage_filesystem)
+        ray.train.report({"step": step}, checkpoint=ours,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
 
 
 class LocalReporter:

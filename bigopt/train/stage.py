@@ -17,7 +17,13 @@ from bigopt.data.partition import plan_shards
 from bigopt.resolve import ResolvedJob
 from bigopt.runtime import RunDir, filesystem_for
 from bigopt.stages import StageOptions
-from bigopt.train.layout import CHECKPOINTS, latest_checkpoint
+from bigopt.train.layout import (
+    CHECKPOINTS,
+    COMPLETE_FILE,
+    is_complete,
+    latest_checkpoint,
+    step_of,
+)
 
 log = logging.getLogger("bigopt")
 
@@ -143,6 +149,27 @@ def train_stage(job: ResolvedJob, inputs: dict[str, Any], out: RunDir,
 
 class UntrustedCheckpointError(ValueError):
     """A ``--resume`` checkpoint from outside the run dir, without ``--trust-checkpoint``."""
+
+
+class IncompleteCheckpointError(ValueError):
+    """A ``--resume`` checkpoint whose upload was cut short (no completion marker)."""
+
+
+def refuse_incomplete(resume: str | None) -> None:
+    """Refuse an explicit ``--resume`` of a bigopt checkpoint (``.../checkpoints/step_NNNNNN``)
+    that has no completion marker: a run killed while uploading it leaves some ranks' files
+    and not others', and DeepSpeed would fail on the missing shards, or load a mix."""
+    if resume is None or resume == "latest" or step_of(resume) < 0:
+        return
+    head = resume.rstrip("/").rsplit("/", 2)
+    if len(head) < 3 or head[1] != CHECKPOINTS:  # not bigopt's layout: nothing to go by
+        return
+    fs, path = filesystem_for(resume)
+    if not is_complete(fs, path):
+        raise IncompleteCheckpointError(
+            f"--resume {resume}: this checkpoint is incomplete (no {COMPLETE_FILE}: not every "
+            "rank's upload finished, e.g. the run was killed while uploading it). Resume from "
+            "the newest complete one instead: --run-dir RUN --resume latest")
 
 
 def checked_resume(out: RunDir, options: StageOptions) -> str | None:

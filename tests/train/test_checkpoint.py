@@ -53,6 +53,30 @@ def test_only_checkpoints_every_rank_finished_count(tmp_path):
     assert latest_checkpoint(RunDir.create(str(tmp_path), "empty", run_id="1").stage("train")) is None
 
 
+def test_an_explicit_resume_of_a_checkpoint_cut_short_is_refused(tmp_path):
+    """``--resume .../checkpoints/step_N`` needs the marker too: a run killed mid-upload leaves
+    some ranks' files without it (tests/train/test_s3_faults.py does that on S3)."""
+    import pytest
+
+    from bigopt.train.layout import is_complete
+    from bigopt.train.stage import IncompleteCheckpointError, refuse_incomplete
+
+    run = RunDir.create(str(tmp_path), "r", run_id="1").stage("train")
+    run.write_text(f"checkpoints/{checkpoint_dir_name(10)}/state/shard", "x")
+    run.write_json(f"checkpoints/{checkpoint_dir_name(10)}/{COMPLETE_FILE}", {"step": 10})
+    run.write_text(f"checkpoints/{checkpoint_dir_name(20)}/state/shard", "x")
+    run.write_text(f"checkpoints/{checkpoint_dir_name(30)}/{COMPLETE_FILE}", '{"step": 3')
+    assert [is_complete(run.fs, run.sub(f"checkpoints/{checkpoint_dir_name(s)}"))
+            for s in (10, 20, 30, 40)] == [True, False, False, False]
+    refuse_incomplete(run.uri_of(f"checkpoints/{checkpoint_dir_name(10)}"))
+    for step in (20, 30):
+        with pytest.raises(IncompleteCheckpointError, match="incomplete.*--resume latest"):
+            refuse_incomplete(run.uri_of(f"checkpoints/{checkpoint_dir_name(step)}"))
+    refuse_incomplete(str(tmp_path / "mine" / "step_000020"))  # not bigopt's layout: no marker to ask for
+    refuse_incomplete("latest")
+    refuse_incomplete(None)
+
+
 def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     import torch
 
