@@ -355,16 +355,28 @@ def write_shards(part: Any, run: RunDir, split: str, rows: int, rows_per_shard: 
         ctx.execution_options.preserve_order = previous
 
 
-def _count_distinct(part: Any, column: str) -> int:
-    """Distinct values of one column of a materialized dataset, counted in the driver (Ray's
-    ``unique`` is a hash aggregate: seconds of shuffle tasks for a few thousand strings)."""
+def _distinct_in_task(column: str, *blocks: Any) -> int:
+    """Ray task body: distinct values of ``column`` over ``blocks``."""
     import pyarrow as pa
     import pyarrow.compute as pc
+
+    values = pa.chunked_array([t.column(column) for t in blocks])
+    return int(pc.count_distinct(values).as_py()) if len(values) else 0
+
+
+def _count_distinct(part: Any, column: str, engine: str = "auto") -> int:
+    """Distinct values of one column of a materialized dataset; only the count reaches the
+    driver. By the engine rule: one Ray task over the column's blocks (Ray's ``unique`` is a
+    hash aggregate: seconds of shuffle tasks for a few thousand strings), or, for a split the
+    single path would not hold, a Ray Data groupby whose groups are counted where they are."""
     import ray
 
-    values = pa.chunked_array([t.column(column) for t in
-                               ray.get(part.select_columns([column]).to_arrow_refs())])
-    return int(pc.count_distinct(values).as_py()) if len(values) else 0
+    from bigopt.data.engine import choose_engine, submit
+
+    if choose_engine(part.size_bytes() or 0, engine) == "distributed":
+        return part.select_columns([column]).groupby(column).count().count()
+    return int(ray.get(submit(_distinct_in_task, column,
+                              *part.select_columns([column]).to_arrow_refs())))
 
 
 def fingerprint(job: ResolvedJob, content_hash: str) -> str:
@@ -418,7 +430,7 @@ def _write_splits(spec: JobSpec, kept: Any, run: RunDir,
         per_split[name] = {
             "rows": n,
             "tokens": int(part.sum(count_column)) if count_column else 0,
-            "files": _count_distinct(part, key),
+            "files": _count_distinct(part, key, spec.data.engine),
             "shards": _shards(run, name),
         }
     return per_split, augmented
