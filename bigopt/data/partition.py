@@ -25,7 +25,6 @@ import logging
 import os
 import queue
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -206,7 +205,9 @@ class RankStream:
         buffer: dict[str, np.ndarray] | None = None
         made = 0
         remote_before = self.remote.snapshot()
-        reader = _PieceReader(self.plan, pieces, self.counter, self.remote, self.node_cache)
+        pieces_in = _PieceReader(self.plan, pieces, self.counter, self.remote, self.node_cache)
+        reader = _Prefetched(pieces_in.chunks(), PREFETCH_ROW_GROUPS, "bigopt-rank-reader",
+                             pieces_in.stopped)
         try:
             for chunk in reader:
                 buffer = {k: v.copy() for k, v in chunk.items()} if buffer is None else {
@@ -221,7 +222,7 @@ class RankStream:
                 made += 1
                 yield batch
         finally:
-            reader.close()
+            reader.close(wait_s=0)  # a read in flight ends on its own (the thread is a daemon)
         self.counter.per_epoch.append((self.counter.read - read_before,
                                        self.counter.used - used_before))
         if self.plan.uri.startswith("s3://"):
@@ -250,18 +251,20 @@ def _rows(buffer: dict[str, np.ndarray]) -> int:
 
 
 class _Prefetched:
-    """An iterator run ``depth`` items ahead in a background thread: the shuffle buffer's
-    concatenations and gathers (milliseconds per batch for image rows) overlap the training
-    step instead of counting as data wait. One producer thread, so the order is the
+    """An iterator run ``depth`` items ahead in a background thread: the row-group reads, and
+    the shuffle buffer's concatenations and gathers (milliseconds per batch for image rows),
+    overlap the training step instead of counting as data wait. One producer thread, so the order is the
     iterator's own; ``close`` stops it between items and closes the iterator there."""
 
     _DONE = object()
 
-    def __init__(self, items: Iterator[Any], depth: int):
+    def __init__(self, items: Iterator[Any], depth: int, name: str = "bigopt-batch-prefetch",
+                 stopped: threading.Event | None = None):
         self.items = items
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="bigopt-batch-prefetch", daemon=True)
+        # the producer may watch this too (a reader's retry backoff ends at close)
+        self.stopped = stopped or threading.Event()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
@@ -295,46 +298,37 @@ class _Prefetched:
             raise item
         return item
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 60.0) -> None:
+        """Stop the producer; wait up to ``wait_s`` for it to close its iterator."""
         self.stopped.set()
-        self.thread.join(timeout=60)
+        self.thread.join(timeout=wait_s)
 
 
 class _PieceReader:
-    """Reads a rank's pieces in order in a background thread, ``PREFETCH_ROW_GROUPS`` ahead."""
-
-    _DONE = object()
+    """Reads a rank's pieces in order (``chunks``; run ``PREFETCH_ROW_GROUPS`` ahead in a
+    ``_Prefetched`` thread by the stream)."""
 
     def __init__(self, plan: ShardPlan, pieces: list[Piece], counter: ReadCounter,
                  remote: RemoteCounter, node_cache: Any):
         self.plan, self.pieces, self.counter = plan, pieces, counter
         self.remote, self.node_cache = remote, node_cache
         self._local: dict[str, str] = {}  # this epoch's node-cache paths, by remote path
-        self.queue: queue.Queue[Any] = queue.Queue(maxsize=PREFETCH_ROW_GROUPS)
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="bigopt-rank-reader", daemon=True)
-        self.thread.start()
+        self.stopped = threading.Event()  # set when the stream closes: no more retries
 
-    def _run(self) -> None:
+    def chunks(self) -> Iterator[dict[str, np.ndarray]]:
         # Ray Data's own Arrow -> NumPy conversion (importing it registers the tensor extension
         # type, so Parquet tensor columns come back as (rows, *shape) arrays)
         from ray.data.block import BlockAccessor
 
         from bigopt.runtime import filesystem_for
 
-        try:
-            fs, _ = filesystem_for(self.plan.uri)
-            for piece in self.pieces:
-                if self.stopped.is_set():
-                    return
-                table = self._read_with_retries(fs, piece)
-                self.counter.read += table.num_rows
-                table = table.slice(piece.start, piece.stop - piece.start)
-                self.counter.used += table.num_rows
-                self._put(BlockAccessor.for_block(table).to_batch_format("numpy"))
-            self._put(self._DONE)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
-            self._put(exc)
+        fs, _ = filesystem_for(self.plan.uri)
+        for piece in self.pieces:
+            table = self._read_with_retries(fs, piece)
+            self.counter.read += table.num_rows
+            table = table.slice(piece.start, piece.stop - piece.start)
+            self.counter.used += table.num_rows
+            yield BlockAccessor.for_block(table).to_batch_format("numpy")
 
     def _read_with_retries(self, fs: Any, piece: Piece) -> Any:
         """A piece is read whole or not at all, so a retry after a failed read (a remote store
@@ -351,7 +345,8 @@ class _PieceReader:
                 wait = RETRY_FIRST_S * 2**attempt
                 log.warning("reading %s row group %d failed (%s): retry %d in %.1f s",
                             self.plan.files[piece.file], piece.group, exc, attempt + 1, wait)
-                time.sleep(wait)
+                if self.stopped.wait(wait):  # the stream closed meanwhile
+                    raise
         raise AssertionError("unreachable")
 
     def _read(self, fs: Any, piece: Piece) -> Any:
@@ -375,22 +370,3 @@ class _PieceReader:
                 self.remote.bytes += group.total_byte_size
         return table
 
-    def _put(self, item: Any) -> None:
-        while not self.stopped.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        while True:
-            item = self.queue.get()
-            if item is self._DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def close(self) -> None:
-        self.stopped.set()
