@@ -24,6 +24,7 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -47,13 +48,41 @@ def bigopt_stage(max_files: int | None, storage: str) -> tuple[float, dict]:
     return seconds, json.load(open(os.path.join(run, "data", "manifest.json")))
 
 
+def lsh_kept(shingled: Iterable[tuple[str, set[bytes]]], threshold: float = 0.8) -> set[str]:
+    """The baseline's near-duplicate step in one process: datasketch MinHash (128 permutations)
+    and ``MinHashLSH``, pairs verified at ``threshold``, clusters by union-find with the
+    smallest key kept; returns the kept keys."""
+    from datasketch import MinHash, MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=128)
+    sigs = {}
+    for key, shingles in shingled:
+        m = MinHash(num_perm=128)
+        m.update_batch(shingles)
+        sigs[key] = m
+        lsh.insert(key, m)
+    parent = {k: k for k in sigs}
+
+    def find(k: str) -> str:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    for key, m in sigs.items():
+        for other in lsh.query(m):
+            if other != key and m.jaccard(sigs[other]) >= threshold:
+                a, b = find(key), find(other)
+                parent[max(a, b)] = min(a, b)
+    return {k for k in sigs if find(k) == k}
+
+
 def plain(max_files: int | None, out_dir: str) -> tuple[float, dict]:
     """The same steps in one process: pyarrow/pandas and datasketch, no Ray."""
     import numpy as np
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from datasketch import MinHash, MinHashLSH
 
     from bigopt.data.steps import noise_reason
     from bigopt.data.text import list_files, resolve_root
@@ -92,28 +121,10 @@ def plain(max_files: int | None, out_dir: str) -> tuple[float, dict]:
     dup = df.duplicated("h", keep="first")
     rejected += int(dup.sum())
     df = df[~dup]
-    lsh = MinHashLSH(threshold=0.8, num_perm=128)
-    sigs = {}
-    for path, text in zip(df["path"], df["text"], strict=True):
-        s = text.decode("utf-8")
-        m = MinHash(num_perm=128)
-        m.update_batch({s[i:i + 5].encode() for i in range(max(1, len(s) - 4))})
-        sigs[path] = m
-        lsh.insert(path, m)
-    parent = {p: p for p in sigs}
-
-    def find(p: str) -> str:
-        while parent[p] != p:
-            parent[p] = parent[parent[p]]
-            p = parent[p]
-        return p
-
-    for path, m in sigs.items():
-        for other in lsh.query(m):
-            if other != path and m.jaccard(sigs[other]) >= 0.8:
-                a, b = find(path), find(other)
-                parent[max(a, b)] = min(a, b)
-    keep = df["path"].map(lambda p: find(p) == p)
+    kept_paths = lsh_kept((path, {s[i:i + 5].encode() for i in range(max(1, len(s) - 4))})
+                          for path, s in zip(df["path"], (t.decode("utf-8") for t in df["text"]),
+                                             strict=True))
+    keep = df["path"].map(lambda p: p in kept_paths)
     rejected += int((~keep).sum())
     df = df[keep]
     kept = len(df)

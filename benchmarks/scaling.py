@@ -19,7 +19,8 @@ the load after it) is rerun (after a pause) up to ``--tries``
 times, and every try is printed.
 
 The single-process baseline (pandas + datasketch's ``MinHashLSH``, the same steps in one
-process, as in ``benchmarks/prepare.py``) runs at the sizes given by ``--baseline`` in a
+process, its near-duplicate part ``benchmarks/prepare.py``'s ``lsh_kept`` on byte shingles)
+runs at the sizes given by ``--baseline`` in a
 subprocess with a one-hour limit.
 
     python benchmarks/scaling.py --sizes 10000 100000 1000000 10000000 --baseline 10000 100000 1000000
@@ -39,6 +40,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 ROWS_PER_FILE = 100_000
 LENGTH = 300
@@ -138,7 +140,7 @@ def plain(path: str) -> dict:
     import re
 
     import pyarrow.dataset as pads
-    from datasketch import MinHash, MinHashLSH
+    from prepare import lsh_kept  # benchmarks/prepare.py: the same near-duplicate baseline
 
     from bigopt.data.spec import NoiseStep
     from bigopt.data.steps import noise_reason
@@ -157,28 +159,9 @@ def plain(path: str) -> dict:
     dup = df.sort_values("id").duplicated("h", keep="first")
     rejected += int(dup.sum())
     df = df[~dup]
-    lsh = MinHashLSH(threshold=0.8, num_perm=128)
-    sigs = {}
-    for key, text in zip(df["id"], df["text"], strict=True):
-        b = text.encode()
-        m = MinHash(num_perm=128)
-        m.update_batch({b[i:i + 5] for i in range(max(1, len(b) - 4))})
-        sigs[key] = m
-        lsh.insert(key, m)
-    parent = {k: k for k in sigs}
-
-    def find(k: str) -> str:
-        while parent[k] != k:
-            parent[k] = parent[parent[k]]
-            k = parent[k]
-        return k
-
-    for key, m in sigs.items():
-        for other in lsh.query(m):
-            if other != key and m.jaccard(sigs[other]) >= 0.8:
-                a, b = find(key), find(other)
-                parent[max(a, b)] = min(a, b)
-    keep = df["id"].map(lambda k: find(k) == k)
+    kept_ids = lsh_kept((key, {b[i:i + 5] for i in range(max(1, len(b) - 4))})
+                        for key, b in zip(df["id"], (t.encode() for t in df["text"]), strict=True))
+    keep = df["id"].map(lambda k: k in kept_ids)
     rejected += int((~keep).sum())
     return {"seconds": round(time.perf_counter() - started, 1), "rows_in": rows_in,
             "rows_kept": int(keep.sum()), "rows_rejected": rejected}
