@@ -222,10 +222,13 @@ class TcpProxy:
             for a, b in ((client, upstream), (upstream, client)):
                 self._threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: Any, dst: Any) -> None:
+    def _pipe(self, src: Any, dst: Any) -> None:
         try:
+            # requests only: a listing the server sends back names keys too
+            request = src.getpeername()[1] != self.target[1]
             while data := src.recv(65536):
+                if request and self._drop(data):
+                    return
                 dst.sendall(data)
         except OSError:
             pass
@@ -235,6 +238,10 @@ class TcpProxy:
                     s.close()
                 except OSError:
                     pass
+
+    def _drop(self, data: bytes) -> bool:
+        """Whether to drop (not forward) this chunk of a request: never, here."""
+        return False
 
 
 class TrippingProxy(TcpProxy):
@@ -276,23 +283,6 @@ class TrippingProxy(TcpProxy):
         if first and on_trip is not None:
             self._threading.Thread(target=on_trip, daemon=True).start()
         return True
-
-    def _pipe(self, src: Any, dst: Any) -> None:  # type: ignore[override]
-        try:
-            # requests only: a listing the server sends back names keys too
-            request = src.getpeername()[1] != self.target[1]
-            while data := src.recv(65536):
-                if request and self._drop(data):
-                    return
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.close()
-                except OSError:
-                    pass
 
 
 def s3_objects(uri: str, endpoint: str | None = None) -> list[str]:
