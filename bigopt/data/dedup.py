@@ -138,8 +138,13 @@ def _exact_details(sizes: list[tuple[int, Any]], members: dict[Any, list[Any]]) 
             "examples": examples}
 
 
+def _largest(sizes: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+    """The ``EXAMPLES`` largest (size, key), ties by key: the report's one rule, both paths."""
+    return sorted(sizes, key=lambda s: (-s[0], str(s[1])))[:EXAMPLES]
+
+
 def _top_groups(sizes: list[tuple[int, Any]]) -> set[Any]:
-    return {k for _, k in sorted(sizes, key=lambda s: (-s[0], str(s[1])))[:EXAMPLES]}
+    return {k for _, k in _largest(sizes)}
 
 
 def _add_member(members: dict[Any, list[Any]], kept: Any, key: Any) -> None:
@@ -208,9 +213,8 @@ def top_groups(ds: Any, key: str, size: str) -> tuple[list[tuple[int, Any]], int
                                                                batch_size=65536):
         count += int(batch["_count"].sum())
         total += int(batch["_total"].sum())
-        top = sorted([*top, *((int(n), _py(k)) for k, n in zip(batch[key], batch[size],
-                                                                strict=True))],
-                     key=lambda s: (-s[0], str(s[1])))[:EXAMPLES]
+        top = _largest([*top, *((int(n), _py(k)) for k, n in zip(batch[key], batch[size],
+                                                                  strict=True))])
     return top, count, total
 
 
