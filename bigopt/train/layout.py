@@ -39,6 +39,24 @@ def step_of(path: str) -> int:
     return int(match.group(1)) if match else -1
 
 
+def read_marker(fs: Any, path: str) -> dict[str, Any] | None:
+    """The completion marker of checkpoint directory ``path`` (inside ``fs``), or None: rank 0
+    writes it only after every rank's upload returned, so a directory without a readable one
+    is a checkpoint whose upload was cut short (files missing, or not known to be all there)."""
+    import json
+
+    try:
+        with fs.open_input_stream(f"{path.rstrip('/')}/{COMPLETE_FILE}") as src:
+            return json.loads(src.read())
+    except (OSError, ValueError):  # no marker, or one torn by a crash mid-write
+        return None
+
+
+def is_complete(fs: Any, path: str) -> bool:
+    """Whether checkpoint directory ``path`` has its completion marker (``read_marker``)."""
+    return read_marker(fs, path) is not None
+
+
 def complete_checkpoints(out: RunDir, session: str | None = None) -> list[str]:
     """Paths (inside ``out.fs``) of the checkpoints in stage folder ``out`` that every rank
     finished, oldest first; only those written by ``session`` when given."""
@@ -49,27 +67,10 @@ def complete_checkpoints(out: RunDir, session: str | None = None) -> list[str]:
     for info in out.fs.get_file_info(sel):
         if info.type != pafs.FileType.Directory or step_of(info.path) < 0:
             continue
-        try:
-            written_by = out.read_json(f"{CHECKPOINTS}/{info.base_name}/{COMPLETE_FILE}").get("session")
-        except (OSError, ValueError):  # no marker, or one torn by a crash mid-write: not complete
-            continue
-        if session is None or written_by == session:
+        marker = read_marker(out.fs, info.path)
+        if marker is not None and (session is None or marker.get("session") == session):
             found.append(info.path)
     return sorted(found, key=step_of)
-
-
-def is_complete(fs: Any, path: str) -> bool:
-    """Whether checkpoint directory ``path`` (inside ``fs``) has a readable completion marker:
-    rank 0 writes it only after every rank's upload returned, so a directory without one is a
-    checkpoint whose upload was cut short (files missing, or not known to be all there)."""
-    import json
-
-    try:
-        with fs.open_input_stream(f"{path.rstrip('/')}/{COMPLETE_FILE}") as src:
-            json.loads(src.read())
-    except (OSError, ValueError):  # no marker, or one torn by a crash mid-write
-        return False
-    return True
 
 
 def latest_checkpoint(out: RunDir) -> str | None:
