@@ -642,20 +642,132 @@ def _similar(sig: bytes, other: Any) -> float:
 
 def _near_clusters(ds: Any, sigs: Any, pairs: Any, ctx: StepContext, threshold: float,
                    action: str, parts: int) -> dict[str, Any]:
-    """Verification, clusters, kept keys and each row's decision, all in Ray Data tasks
-    (``bigopt.data.components``): the driver sees counts and the report's few examples."""
+    """Verification, clusters, kept keys and each row's decision, all in Ray tasks: the driver
+    sees counts and the report's few examples. Each part takes the engine rule
+    (``fits_one_task``): the candidate pairs and their signatures are usually a small share of
+    the rows (a tenth of them at 10 % near-copies), so where they fit one task they are
+    verified and clustered there with the single path's own ``_clusters``, and the smaller side
+    of each lookup goes to the tasks by reference (a broadcast join); above the rule, every
+    lookup is a shuffle (``bigopt.data.components``: cogroups and min-label propagation)."""
+    from bigopt.data.engine import fits_one_task
+
+    sigs = _signatures_in_pairs(sigs, pairs, ctx.key, parts)
+    if fits_one_task(sigs.size_bytes() + pairs.size_bytes()):
+        found = _clusters_in_task(sigs, pairs, ctx.key, threshold, action)
+    else:
+        found = _clusters_shuffled(sigs, pairs, ctx.key, threshold, parts)
+    if found["verified"] == 0:
+        found["marked"] = ds.map_batches(_no_reason, fn_kwargs={"key": ctx.key,
+                                                                "group": action == "group"},
+                                         batch_size=256)
+        return found
+    found["marked"] = _mark_near(ds, found.pop("labels"), found.pop("kept_of"), ctx.key, action,
+                                 parts).materialize()
+    return found
+
+
+def _pair_keys(*blocks: Any) -> Any:
+    """Ray task: every key of some candidate pair, once (an Arrow string array)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from bigopt.data.engine import concat
+
+    pairs = concat(blocks)
+    return pc.unique(pa.concat_arrays([pairs["a"].combine_chunks(), pairs["b"].combine_chunks()]))
+
+
+def _one_table(*blocks: Any) -> Any:
+    """Ray task: blocks as one Arrow table (what a broadcast side is sent as)."""
+    from bigopt.data.engine import concat
+
+    return concat(blocks)
+
+
+def _rows_with_keys(batch: Any, key: str, keys: Any) -> Any:
+    """Ray Data task: the rows whose key is in ``keys`` (an ``ObjectRef``, fetched here)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import ray
+
+    return batch.filter(pc.is_in(pc.cast(batch[key], pa.string()), value_set=ray.get(keys)))
+
+
+def _signatures_in_pairs(sigs: Any, pairs: Any, key: str, parts: int) -> Any:
+    """The signatures of the keys in some candidate pair (materialized): the key set goes to
+    a filter over the signatures by reference where it fits one task, else both are shuffled
+    (a cogroup)."""
+    import pyarrow as pa
+
+    from bigopt.data.components import cogroup
+    from bigopt.data.engine import fits_one_task, submit
+
+    if fits_one_task(pairs.size_bytes()):
+        keys = submit(_pair_keys, *pairs.to_arrow_refs())
+        return sigs.map_batches(_rows_with_keys, fn_kwargs={"key": key, "keys": keys},
+                                batch_format="pyarrow", batch_size=None).materialize()
+    in_pairs = pairs.map_batches(lambda b: {"k": np.concatenate([b["a"], b["b"]])}, batch_size=65536)
+    return cogroup(in_pairs, sigs, "k", key, lambda k, p, sg: [
+        {key: k, "sig": np.asarray(sg[0]["sig"], dtype=np.uint32).tolist()}] if p and sg else [],
+        {key: pa.string(), "sig": pa.list_(pa.uint32())}, parts).materialize()
+
+
+def _signature_matrix(column: Any) -> np.ndarray:
+    """A signature column (Ray's tensor extension or a list of uint32) as an (n, num_perm)
+    matrix."""
+    column = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    if hasattr(column, "to_numpy_ndarray"):  # Ray's ArrowTensorArray
+        return np.asarray(column.to_numpy_ndarray(), dtype=np.uint32)
+    return np.asarray(column.to_pylist(), dtype=np.uint32).reshape(len(column), -1)
+
+
+def _cluster_task(key: str, threshold: float, action: str, n_sig_blocks: int,
+                  *blocks: Any) -> tuple[dict[str, Any], Any, Any]:
+    """Ray task: the candidate pairs verified, clustered and each member's kept key, by the
+    single path's ``_clusters``; returns (summary, labels {node, label}, kept_of {m, r, sim})."""
+    import pyarrow as pa
+
+    from bigopt.data.engine import concat
+
+    sigs, pairs = concat(blocks[:n_sig_blocks]), concat(blocks[n_sig_blocks:])
+    keys = [str(k) for k in sigs[key].to_pylist()]
+    candidates = set(zip(pairs["a"].to_pylist(), pairs["b"].to_pylist(), strict=True))
+    clusters, kept_of, verified = _clusters(candidates, _signature_matrix(sigs["sig"]),
+                                            {k: i for i, k in enumerate(keys)}, threshold)
+    details = _near_details(clusters, kept_of, action, {})
+    summary = {"verified": verified, "clusters": details["clusters"],
+               "rows_in_clusters": details["rows_in_clusters"], "removed": len(kept_of),
+               "examples": details["examples"]}
+    labels = pa.table({"node": pa.array([m for ms in clusters.values() for m in ms], pa.string()),
+                       "label": pa.array([r for r, ms in clusters.items() for _ in ms], pa.string())})
+    kept = pa.table({"m": pa.array(list(kept_of), pa.string()),
+                     "r": pa.array([r for r, _ in kept_of.values()], pa.string()),
+                     "sim": pa.array([sim for _, sim in kept_of.values()], pa.float64())})
+    return summary, labels, kept
+
+
+def _clusters_in_task(sigs: Any, pairs: Any, key: str, threshold: float,
+                      action: str) -> dict[str, Any]:
+    import ray
+
+    from bigopt.data.engine import submit
+
+    sig_refs = sigs.to_arrow_refs()
+    summary, labels, kept_of = submit(_cluster_task, key, threshold, action, len(sig_refs),
+                                      *sig_refs, *pairs.to_arrow_refs(), returns=3)
+    return {**ray.get(summary), "labels": labels, "kept_of": kept_of}
+
+
+def _clusters_shuffled(sigs: Any, pairs: Any, key: str, threshold: float,
+                       parts: int) -> dict[str, Any]:
+    """The same as ``_cluster_task`` for pair tables over the rule: every lookup a cogroup,
+    the clusters by min-label propagation (``bigopt.data.components``)."""
     import pyarrow as pa
     from ray.data.expressions import col
 
     from bigopt.data.components import cogroup, components
 
-    key, s, f = ctx.key, pa.string(), pa.float64()
-    # the signatures of the keys in some candidate pair only (one shuffle of all signatures;
-    # the four lookups below then shuffle this much smaller table)
-    in_pairs = pairs.map_batches(lambda b: {"k": np.concatenate([b["a"], b["b"]])}, batch_size=65536)
-    sigs = cogroup(in_pairs, sigs, "k", key, lambda k, p, sg: [
-        {key: k, "sig": np.asarray(sg[0]["sig"], dtype=np.uint32).tolist()}] if p and sg else [],
-        {key: s, "sig": pa.list_(pa.uint32())}, parts).materialize()
+    s, f = pa.string(), pa.float64()
     # each candidate pair's estimated Jaccard: a's signature attached by a, compared by b
     with_a = cogroup(pairs, sigs, "a", key, lambda k, p, sg: [
         {"a": r["a"], "b": r["b"], "sig": _sig_bytes(sg)} for r in p],
@@ -665,10 +777,7 @@ def _near_clusters(ds: Any, sigs: Any, pairs: Any, ctx: StepContext, threshold: 
         {"a": s, "b": s, "sim": f}, parts).filter(expr=col("sim") >= threshold).materialize()
     n_verified = verified.count()
     if n_verified == 0:
-        marked = ds.map_batches(_no_reason, fn_kwargs={"key": key, "group": action == "group"},
-                                batch_size=256)
-        return {"verified": 0, "marked": marked, "clusters": 0, "rows_in_clusters": 0,
-                "removed": 0, "examples": []}
+        return {"verified": 0, "clusters": 0, "rows_in_clusters": 0, "removed": 0, "examples": []}
     edges = verified.map_batches(lambda b: {"u": np.concatenate([b["a"], b["b"]]),
                                             "v": np.concatenate([b["b"], b["a"]])}, batch_size=4096)
     labels = components(edges.materialize(), parts)  # node -> its cluster's smallest key
@@ -679,19 +788,59 @@ def _near_clusters(ds: Any, sigs: Any, pairs: Any, ctx: StepContext, threshold: 
     kept_of = cogroup(with_m, sigs, "r", key, lambda k, m, sg: [
         {"m": r["m"], "r": r["r"], "sim": _similar(r["sig"], sg[0]["sig"])} for r in m],
         {"m": s, "r": s, "sim": f}, parts).materialize()
-    columns = {name: t for name, t in zip(ds.schema().names, ds.schema().types, strict=True)}
-    if action == "group":
-        marked = cogroup(ds, labels, key, "node", lambda k, rows, lab: [
-            {**r, REASON: "", "group": lab[0]["label"] if lab else k} for r in rows],
-            {**columns, REASON: s, "group": s}, parts)
-    else:
-        marked = cogroup(ds, kept_of, key, "m", lambda k, rows, hit: [
-            {**r, REASON: f"near_duplicate: ~J={hit[0]['sim']:.2f} with {hit[0]['r']}" if hit
-             else ""} for r in rows], {**columns, REASON: s}, parts)
-    return {"verified": n_verified, "marked": marked.materialize(),
+    return {"verified": n_verified, "labels": labels, "kept_of": kept_of,
             "clusters": labels.filter(lambda r: r["node"] == r["label"]).count(),
             "rows_in_clusters": labels.count(), "removed": kept_of.count(),
             "examples": _cluster_examples(labels, kept_of, parts)}
+
+
+def _near_reason_batch(batch: Any, key: str, hits: Any, action: str) -> Any:
+    """Ray Data task: ``REASON`` (and ``group``) for each row from ``hits`` (an ``ObjectRef``
+    of kept_of {m, r, sim} for drop, of labels {node, label} for group; fetched here): the
+    broadcast side of the row decision."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import ray
+
+    table = ray.get(hits)
+    keys = pc.cast(batch[key], pa.string())
+    at = pc.index_in(keys, value_set=table["m" if action != "group" else "node"]).to_pylist()
+    if action == "group":
+        label = table["label"].to_pylist()
+        groups = [k if i is None else label[i] for k, i in zip(keys.to_pylist(), at, strict=True)]
+        return (batch.append_column(REASON, pa.array([""] * batch.num_rows, pa.string()))
+                .append_column("group", pa.array(groups, pa.string())))
+    root, sim = table["r"].to_pylist(), table["sim"].to_pylist()
+    reasons = ["" if i is None else f"near_duplicate: ~J={sim[i]:.2f} with {root[i]}" for i in at]
+    return batch.append_column(REASON, pa.array(reasons, pa.string()))
+
+
+def _mark_near(ds: Any, labels: Any, kept_of: Any, key: str, action: str, parts: int) -> Any:
+    """Each row with its ``REASON`` ('' keeps it) and, for ``action: group``, its cluster:
+    ``labels``/``kept_of`` (Datasets, or ``ObjectRef``s of tables from ``_cluster_task``) go
+    to the tasks by reference where they fit one task, else are cogrouped with the rows."""
+    import pyarrow as pa
+    import ray
+
+    from bigopt.data.components import cogroup
+    from bigopt.data.engine import fits_one_task, submit
+
+    hits = labels if action == "group" else kept_of
+    if not isinstance(hits, ray.ObjectRef) and fits_one_task(hits.size_bytes()):
+        hits = submit(_one_table, *hits.to_arrow_refs())
+    if isinstance(hits, ray.ObjectRef):
+        return ds.map_batches(_near_reason_batch, fn_kwargs={"key": key, "hits": hits,
+                                                             "action": action},
+                              batch_format="pyarrow", batch_size=None)
+    s = pa.string()
+    columns = {name: t for name, t in zip(ds.schema().names, ds.schema().types, strict=True)}
+    if action == "group":
+        return cogroup(ds, labels, key, "node", lambda k, rows, lab: [
+            {**r, REASON: "", "group": lab[0]["label"] if lab else k} for r in rows],
+            {**columns, REASON: s, "group": s}, parts)
+    return cogroup(ds, kept_of, key, "m", lambda k, rows, hit: [
+        {**r, REASON: f"near_duplicate: ~J={hit[0]['sim']:.2f} with {hit[0]['r']}" if hit
+         else ""} for r in rows], {**columns, REASON: s}, parts)
 
 
 def _no_reason(batch: dict[str, np.ndarray], key: str, group: bool) -> dict[str, np.ndarray]:

@@ -51,6 +51,13 @@ def choose_engine(input_bytes: int, forced: str = "auto") -> Engine:
     return "single" if input_bytes <= SINGLE_TASK_MAX_BYTES else "distributed"
 
 
+def fits_one_task(nbytes: int) -> bool:
+    """The same rule inside the distributed path: a table this small (a join's smaller side,
+    near_dedup's candidate pairs with their signatures) is worked in one task or sent to the
+    tasks by reference (a broadcast join, Spark's rule) instead of shuffling both sides."""
+    return nbytes <= SINGLE_TASK_MAX_BYTES
+
+
 def has_single(kind: str) -> bool:
     """Whether a step kind has a single-task implementation (labels trains its own tasks)."""
     return kind in SINGLE_STEP_FUNCTIONS

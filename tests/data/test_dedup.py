@@ -216,3 +216,23 @@ def test_large_bucket_pairs_stay_linear():
     for x, y in big:
         uf.union(x, y)
     assert {uf.find(k) for k in keys} == {"k000"}
+
+
+@pytest.mark.parametrize("action", ["drop", "group"])
+def test_pairs_in_one_task_or_shuffled_agree(ray_session, monkeypatch, action):
+    """The engine rule inside near_dedup: candidate pairs small enough are verified and
+    clustered in one task with broadcast lookups; with the rule at 0 bytes every lookup is a
+    shuffle (cogroups, min-label propagation). Same rows, reasons, groups and details."""
+    from bigopt.data import engine
+
+    results = []
+    for limit in (engine.SINGLE_TASK_MAX_BYTES, 0):
+        monkeypatch.setattr(engine, "SINGLE_TASK_MAX_BYTES", limit)
+        ds = corpus_ds(ray_session, blocks=3)
+        out = dedup.near_duplicates(ds, near(action=action, threshold=0.84), TEXT)
+        details = {k: v for k, v in out.details.items() if k != "phase_seconds"}
+        cols = ("path", "group") if action == "group" else ("path",)
+        results.append((rows(out.kept, *cols), rows(out.rejected, "path", "reason"), details))
+    assert results[0] == results[1]
+    assert details["clusters"] == 3 and results[0][0]
+    assert action == "group" or len(results[0][1]) == details["rows_removed"] == 5
