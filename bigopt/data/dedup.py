@@ -36,20 +36,26 @@ few largest groups.
    gives each key paired with the bucket's smallest key and with its neighbour in key order
    (2 m pairs instead of m^2/2; a key that verifies against neither may miss its cluster
    there). A ``groupby(["a", "b"])`` keeps each pair once.
-4. *Verification*: each pair's two signatures are brought together by two key-grouped
-   shuffles (``bigopt.data.components.cogroup``: a join without polars); a pair is kept when
-   its estimated Jaccard (share of equal signature entries) is ``>= threshold``, which drops
-   LSH false positives.
-5. *Clusters*: connected components of the verified pairs by min-label propagation on Ray
-   Data (``bigopt.data.components.components``): every node ends labelled with its
-   component's smallest key, the kept one. Transitive chains (A~B, B~C) become one cluster
+4. *Verification*: a pair is kept when its estimated Jaccard (share of equal signature
+   entries) is ``>= threshold``, which drops LSH false positives. The candidate pairs are
+   usually a small share of the rows (a tenth of them at 10 % near-copies), so the engine
+   rule (``bigopt.data.engine.fits_one_task``) decides again here: the signatures of the keys
+   in some pair are fetched by a filter that receives the pairs' key set by reference (a
+   broadcast semi-join), and where pairs and signatures fit one task, steps 4 and 5 run there
+   with the single path's own ``_clusters`` (numpy, union-find). Over the rule, each pair's
+   two signatures are brought together by two key-grouped shuffles
+   (``bigopt.data.components.cogroup``: a join without polars).
+5. *Clusters*: connected components of the verified pairs, every node labelled with its
+   component's smallest key, the kept one (over the rule: min-label propagation on Ray Data,
+   ``bigopt.data.components.components``). Transitive chains (A~B, B~C) become one cluster
    even when A and C are less similar than ``threshold``. ``action: drop`` rejects the others
-   with ``near_duplicate: ~J=0.87 with <kept key>`` (the estimated Jaccard with the kept row,
-   computed by two more cogroups); ``action: group`` rejects nothing and adds a ``group``
-   column (the cluster's kept key, or a row's own key) so the split keeps a cluster on one
-   side. Each row's decision is made by a cogroup of the rows with those labels: no key set
-   comes to the driver or rides in a closure; the driver sees counts and the report's five
-   largest clusters.
+   with ``near_duplicate: ~J=0.87 with <kept key>`` (the estimated Jaccard with the kept row);
+   ``action: group`` rejects nothing and adds a ``group`` column (the cluster's kept key, or a
+   row's own key) so the split keeps a cluster on one side. Each row's decision is a lookup
+   of its key in the members' table, sent to the row tasks by reference where it fits one
+   task (a broadcast join), else a cogroup of the rows with it: no key set comes to the
+   driver or rides in a closure; the driver sees counts and the report's five largest
+   clusters.
 
 The single-task path (``near_duplicates_single``, for inputs the engine rule calls small)
 makes the same decisions in one process: the same signatures and band hashes, buckets by a
