@@ -48,7 +48,7 @@ def choose_engine(input_bytes: int, forced: str = "auto") -> Engine:
         return forced  # type: ignore[return-value]
     if forced != "auto":
         raise ValueError(f"data.engine: {forced!r}, expected auto, single or distributed")
-    return "single" if input_bytes <= SINGLE_TASK_MAX_BYTES else "distributed"
+    return "single" if fits_one_task(input_bytes) else "distributed"
 
 
 def fits_one_task(nbytes: int) -> bool:
