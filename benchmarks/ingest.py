@@ -15,6 +15,7 @@ this one run:
 
     python benchmarks/ingest.py                       # Fashion-MNIST, ~2 minutes on 2 cores
     python benchmarks/ingest.py --job jobs/quickstart.yaml
+    python benchmarks/ingest.py --train-dir RUN/data/train   # (a) only, on shards already prepared
 """
 
 from __future__ import annotations
@@ -157,10 +158,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--job", default="jobs/fmnist_cnn.yaml")
     parser.add_argument("--out", default=None, help="write the figures as JSON here too")
+    parser.add_argument("--train-dir", default=None,
+                        help="only (a), on this prepared split's shards (e.g. a larger run's)")
     args = parser.parse_args(argv)
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if args.train_dir:
+        import glob
+
+        import pyarrow.parquet as pq
+
+        columns = pq.read_schema(sorted(glob.glob(os.path.join(args.train_dir, "*.parquet")))[0]).names
+        load_before = os.getloadavg()[0]
+        a = read_ratios(args.train_dir, columns)
+        print(json.dumps({"train_dir": args.train_dir, "load_before": load_before,
+                          "load_after": os.getloadavg()[0], "a_read": a}))
+        return 0
     with tempfile.TemporaryDirectory() as storage:
         train_dir, columns, prep_s = prepare(args.job, storage)
         figures = {"job": args.job, "machine": f"{platform.node()} {os.cpu_count()} cores",
