@@ -3,7 +3,8 @@
 Prepares the job's data once (``bigopt data``, embedded Ray), then, each figure a ratio from
 this one run:
 
-(a) reading the train split: Ray Data (``read_parquet(...).materialize()``) and one rank's
+(a) reading the train split: Ray Data as bigopt reads it (``bigopt.data.ingest.read_shards``, then
+    ``materialize()``; Ray's own ``read_parquet`` defaults beside it) and one rank's
     deterministic-order stream (``bigopt.data.partition.RankStream``, the default ingest)
     against ``pyarrow.parquet.read_table`` of the same files;
 (d) the same shards on S3 (a real moto_server process on 127.0.0.1): epochs 1 and 2 of one
@@ -60,31 +61,51 @@ def epoch_seconds(stream, epochs: int = 1) -> list[float]:
     return out
 
 
-def read_ratios(train_dir: str, columns: list[str]) -> dict:
+def read_ratios(train_dir: str, columns: list[str], repeats: int = 3) -> dict:
+    """Each read ``repeats`` times, interleaved; ratios of the medians (one run's times on
+    2 cores swing by 2x with Ray's worker start-ups, so one pass is not a figure)."""
     import glob
+    import statistics
 
     import pyarrow.parquet as pq
     import ray
 
+    from bigopt.data.ingest import read_shards
     from bigopt.data.partition import RankStream, plan_shards
 
     files = sorted(glob.glob(os.path.join(train_dir, "*.parquet")))
-    t0 = time.perf_counter()
-    rows = sum(pq.read_table(f, columns=columns).num_rows for f in files)
-    arrow_s = time.perf_counter() - t0
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ray.data.read_parquet(files[:1], columns=columns).materialize()  # read tasks warmed up
-    t0 = time.perf_counter()
-    ds = ray.data.read_parquet(train_dir, columns=columns).materialize()
-    assert ds.count() == rows
-    ray_s = time.perf_counter() - t0
+    read_shards(files[:1], columns=columns).materialize()  # read tasks warmed up
+    rows = sum(pq.read_metadata(f).num_rows for f in files)
+
+    def timed(read) -> float:
+        t0 = time.perf_counter()
+        n = read()
+        assert n == rows, (n, rows)
+        return time.perf_counter() - t0
+
+    times: dict[str, list[float]] = {"arrow": [], "bigopt": [], "ray_defaults": []}
+    for _ in range(repeats):
+        times["arrow"].append(timed(
+            lambda: sum(pq.read_table(f, columns=columns).num_rows for f in files)))
+        # bigopt's Ray Data read, then Ray Data's own defaults (DataSourceV2, >= 200 read tasks)
+        times["bigopt"].append(timed(
+            lambda: read_shards(train_dir, columns=columns).materialize().count()))
+        times["ray_defaults"].append(timed(
+            lambda: ray.data.read_parquet(train_dir, columns=columns).materialize().count()))
+    arrow_s, ray_s, ray_default_s = (statistics.median(times[k])
+                                     for k in ("arrow", "bigopt", "ray_defaults"))
     plan = plan_shards(train_dir, columns)
     stream = RankStream(plan, batch_size=64, seed=0, shuffle_buffer=1024)
     (stream_s,) = epoch_seconds(stream)
     stream.close()
-    return {"rows": rows, "files": len(files), "pyarrow_read_table_s": arrow_s,
+    return {"rows": rows, "files": len(files), "repeats": repeats, "times_s": times,
+            "pyarrow_read_table_s": arrow_s,
             "ray_data_materialize_s": ray_s, "rank_stream_epoch_s": stream_s,
-            "ray_data_vs_pyarrow": arrow_s / ray_s, "rank_stream_vs_pyarrow": arrow_s / stream_s}
+            "ray_data_defaults_materialize_s": ray_default_s,
+            "ray_data_vs_pyarrow": arrow_s / ray_s,
+            "ray_data_defaults_vs_pyarrow": arrow_s / ray_default_s,
+            "rank_stream_vs_pyarrow": arrow_s / stream_s}
 
 
 def rows_per_rank(train_dir: str, columns: list[str]) -> list[dict]:
@@ -188,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ingest benchmark, {args.job}: {a['rows']} train rows in {a['files']} shards; load "
           f"{figures['load_before']:.1f} -> {figures['load_after']:.1f}")
     print(f"(a) pyarrow read_table {a['pyarrow_read_table_s']:.2f} s; Ray Data materialize "
-          f"{a['ray_data_materialize_s']:.2f} s (ratio {a['ray_data_vs_pyarrow']:.2f}); one rank's "
+          f"{a['ray_data_materialize_s']:.2f} s (ratio {a['ray_data_vs_pyarrow']:.2f}; Ray's defaults "
+          f"{a['ray_data_defaults_materialize_s']:.2f} s, "
+          f"{a['ray_data_defaults_vs_pyarrow']:.2f}); one rank's "
           f"stream, one epoch in batches {a['rank_stream_epoch_s']:.2f} s (ratio "
           f"{a['rank_stream_vs_pyarrow']:.2f})")
     print(f"(d) epoch 1 / epoch 2 seconds: local {d['local_s'][0]:.2f} / {d['local_s'][1]:.2f}; "
