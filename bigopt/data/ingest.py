@@ -48,10 +48,12 @@ def read_shards(path: str, filesystem: Any = None, columns: list[str] | None = N
     saved, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
     try:
-        return ray.data.read_parquet(path, filesystem=filesystem, columns=columns,
-                                     override_num_blocks=max(2, READ_TASKS_PER_CPU * cpus))
+        ds = ray.data.read_parquet(path, filesystem=filesystem,
+                                   override_num_blocks=max(2, READ_TASKS_PER_CPU * cpus))
     finally:
         ctx.use_datasource_v2 = saved
+    # Ray's optimizer pushes the projection into the Parquet read (one ReadParquet operator)
+    return ds.select_columns(columns) if columns else ds
 
 
 def model_input(x: torch.Tensor, float_dtype: torch.dtype | None = None) -> torch.Tensor:
