@@ -13,7 +13,6 @@ import uuid
 from typing import Any
 
 from bigopt.artifacts import DataArtifact, ModelArtifact
-from bigopt.data.ingest import read_shards
 from bigopt.data.partition import plan_shards
 from bigopt.resolve import ResolvedJob
 from bigopt.runtime import RunDir, filesystem_for
@@ -103,6 +102,8 @@ def plan_splits(job: ResolvedJob, data: DataArtifact, *, test: bool = False) -> 
         if materialize and _total_bytes(fs, path) <= DRIVER_READ_MAX_BYTES:
             sources[split] = read_split_in_driver(fs, path, list(data.columns))
             continue
+        from bigopt.data.ingest import read_shards  # here: it imports torch, the data stage not
+
         ds = read_shards(path, fs, list(data.columns))
         sources[split] = ds.materialize() if materialize else ds
     return sources
