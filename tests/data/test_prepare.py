@@ -97,3 +97,16 @@ def test_same_source_spec_and_seed_write_the_same_shuffled_shards(ray_session, t
     assert len(set(paths[:first])) > 3 * len(set(ordered[:first]))
     fingerprint = {r.read_json("data/artifact.json")["fingerprint"] for r in (a, b, unshuffled)}
     assert len(fingerprint) == 2  # a and b alike; the unshuffled spec is another data set
+
+
+def test_the_data_stage_driver_does_not_import_torch():
+    """``bigopt data``'s driver stays small (issue 17, item 3: its peak RSS is in the manifest):
+    torch adds ~180 MB to it. A module-level import of the training ingest in the train stage
+    once pulled torch into every data stage (1M rows: driver peak 297 -> 474 MB)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, bigopt.cli, bigopt.stages, bigopt.data.prepare, bigopt.train.stage; "
+            "print(sorted(m for m in ('torch', 'deepspeed') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
