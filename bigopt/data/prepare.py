@@ -10,11 +10,13 @@ records ``rows_in == rows_kept + rows_rejected``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,7 +71,7 @@ def _shards(run: RunDir, rel_dir: str) -> list[dict[str, Any]]:
 class SourceRows:
     """What a source hands the shared split/write/manifest code."""
 
-    kept: Any  # ray.data.Dataset of model-ready rows with a "split" column
+    kept: Any  # ray.data.Dataset of kept rows with a "split" column (model-ready: see model_rows)
     rows_in: int
     info: dict[str, Any]
     #: hash of the source's content, computed from what was read (see ``fingerprint``)
@@ -81,6 +83,10 @@ class SourceRows:
     rows_kept: int | None = None
     #: the manifest's splits, when the single-task path already wrote the shards
     splits: dict[str, Any] | None = None
+    #: turns one split's kept rows into model-ready rows (text: token windows), applied split
+    #: by split after the filter, so the larger windows are made once and never copied by it;
+    #: None: the kept rows are model-ready
+    model_rows: Callable[[Any], Any] | None = None
 
 
 def _clean(spec: JobSpec, ds: Any, run: RunDir, ctx: StepContext, *, read: bool = True,
@@ -156,6 +162,10 @@ def _table_rows(spec: JobSpec, context: int, run: RunDir) -> SourceRows:
     return _text_source_rows(spec, context, run, checked, rows_in, info)
 
 
+#: Text per ``to_windows`` batch: its windows are ~8x the bytes (two int32 tensors per token).
+WINDOW_BATCH_TEXT_BYTES = 2 * 2**20
+
+
 def _text_source_rows(spec: JobSpec, context: int, run: RunDir, checked: Any, rows_in: int,
                       info: dict[str, Any], input_bytes: int | None = None,
                       digest: str | None = None) -> SourceRows:
@@ -203,10 +213,20 @@ def _text_source_rows(spec: JobSpec, context: int, run: RunDir, checked: Any, ro
                      "trained_on": "train split", "seconds": round(time.time() - started, 2)}
         log.info("data: BPE tokenizer, %d tokens, trained in %.1f s", bpe.get_vocab_size(),
                  time.time() - started)
-    windows = kept.map_batches(to_windows, fn_kwargs={"context": context,
-                                                      "tokenizer_json": tokenizer_json}, batch_size=8)
-    return SourceRows(windows, rows_in, {**info, "tokenizer": tokenizer, "context": context},
-                      digest, steps, n_kept)
+    # batches of ~WINDOW_BATCH_TEXT_BYTES of text: 8 files of source code, 1024 short records
+    # (at 8 per batch, 1M 300-byte records spent most of their windowing in per-batch overhead)
+    avg_bytes = input_bytes / max(1, rows_in)
+    batch = int(max(8, min(1024, WINDOW_BATCH_TEXT_BYTES // max(1.0, avg_bytes))))
+    return SourceRows(kept, rows_in, {**info, "tokenizer": tokenizer, "context": context},
+                      digest, steps, n_kept, model_rows=functools.partial(
+                          _windows, context=context, tokenizer_json=tokenizer_json, batch=batch))
+
+
+def _windows(texts: Any, context: int, tokenizer_json: str | None, batch: int) -> Any:
+    """Text rows (a Dataset) -> token windows of ``context`` (``bigopt.data.text.to_windows``)."""
+    return texts.map_batches(to_windows, fn_kwargs={"context": context,
+                                                    "tokenizer_json": tokenizer_json},
+                             batch_size=batch)
 
 
 def _image_rows(spec: JobSpec, run: RunDir) -> SourceRows:
@@ -296,20 +316,6 @@ def _add_order_key(batch: dict[str, np.ndarray], seed: int | None,
     return batch
 
 
-class _ShardNames:
-    """``<split>-00000.parquet``, ... by write task, so two runs write the same file names."""
-
-    def __init__(self, split: str):
-        self.split = split
-
-    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return f"{self.split}-{task_index:05d}.parquet"
-
-    def get_filename_for_row(self, row: Any, write_uuid: str, task_index: int, block_index: int,
-                             row_index: int) -> str:
-        return f"{self.split}-{task_index:05d}-{block_index:05d}-{row_index:06d}.parquet"
-
-
 def _sort_blocks(*blocks: Any) -> Any:
     """Ray task body: the blocks as one table in ``ORDER_KEY`` order, without the key."""
     from bigopt.data.engine import concat
@@ -336,23 +342,50 @@ def _sorted(part: Any, engine: str = "auto") -> Any:
 def write_shards(part: Any, run: RunDir, split: str, rows: int, rows_per_shard: int,
                  engine: str = "auto") -> None:
     """Write one split as Parquet shards: same source, spec and seed -> same rows, same order,
-    same shard boundaries and names (Ray Data keeps the sorted order and the even cut)."""
+    same shard boundaries and names. The split is sorted (materialized: the blocks' row counts
+    give each shard's rows) and each shard is cut out of the sorted blocks by the task that
+    writes it: no repartition, whose output would be one more copy of the split."""
+    import ray
     import ray.data
 
+    from bigopt.data.engine import submit
     from bigopt.data.partition import row_group_rows
 
     ctx = ray.data.DataContext.get_current()
     previous, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
     try:
-        shards = max(1, math.ceil(rows / rows_per_shard))
-        ordered = _sorted(part, engine).repartition(shards)
-        # OVERWRITE: the names are fixed (no write id in them), and a data stage run again
-        # into the same run dir replaces its shards rather than mixing old and new ones.
-        ordered.write_parquet(run.sub(split), filesystem=run.fs,
-                              filename_provider=_ShardNames(split), mode=ray.data.SaveMode.OVERWRITE,
-                              row_group_size=row_group_rows(rows_per_shard))
+        ordered = _sorted(part, engine).materialize()
     finally:
         ctx.execution_options.preserve_order = previous
+    blocks = [(entry.ref, entry.metadata.num_rows)
+              for bundle in ordered.iter_internal_ref_bundles() for entry in bundle.blocks]
+    starts = np.cumsum([0] + [n for _, n in blocks])
+    if int(starts[-1]) != rows:
+        raise RuntimeError(f"data: the sorted {split} split has {int(starts[-1])} rows, not {rows}")
+    # a data stage run again into the same run dir replaces its shards, never mixes them
+    run.fs.delete_dir_contents(run.sub(split), missing_dir_ok=True)
+    run.fs.create_dir(run.sub(split), recursive=True)
+    shards = max(1, math.ceil(rows / rows_per_shard))
+    pending = []
+    for k in range(shards):
+        lo, hi = k * rows // shards, (k + 1) * rows // shards  # an even cut: sizes differ by <= 1
+        pieces = [(i, max(lo, int(starts[i])) - int(starts[i]), min(hi, int(starts[i + 1])) - int(starts[i]))
+                  for i in range(int(np.searchsorted(starts, lo, side="right")) - 1, len(blocks))
+                  if starts[i] < hi and starts[i + 1] > lo]
+        pending.append(submit(_write_shard, run.fs, run.sub(f"{split}/{split}-{k:05d}.parquet"),
+                              row_group_rows(rows_per_shard), [(a, b) for _, a, b in pieces],
+                              *[blocks[i][0] for i, _, _ in pieces]))
+    ray.get(pending)
+
+
+def _write_shard(fs: Any, path: str, row_group: int, cuts: list[tuple[int, int]],
+                 *blocks: Any) -> int:
+    """Ray task body: rows ``[a, b)`` of each block, in order, as one Parquet file."""
+    from bigopt.data.engine import concat
+
+    table = concat([block.slice(a, b - a) for block, (a, b) in zip(blocks, cuts, strict=True)])
+    pq.write_table(table, path, filesystem=fs, row_group_size=row_group)
+    return table.num_rows
 
 
 def _distinct_in_task(column: str, *blocks: Any) -> int:
@@ -366,17 +399,20 @@ def _distinct_in_task(column: str, *blocks: Any) -> int:
 
 def _count_distinct(part: Any, column: str, engine: str = "auto") -> int:
     """Distinct values of one column of a materialized dataset; only the count reaches the
-    driver. By the engine rule: one Ray task over the column's blocks (Ray's ``unique`` is a
-    hash aggregate: seconds of shuffle tasks for a few thousand strings), or, for a split the
-    single path would not hold, a Ray Data groupby whose groups are counted where they are."""
+    driver. By the engine rule on the column's size: one Ray task over the column's blocks
+    (Ray's ``unique`` is a hash aggregate: seconds of shuffle tasks for a few thousand strings),
+    or, for a column the single path would not hold, a Ray Data groupby whose groups are
+    counted where they are."""
     import ray
 
     from bigopt.data.engine import choose_engine, submit
 
-    if choose_engine(part.size_bytes() or 0, engine) == "distributed":
-        return part.select_columns([column]).groupby(column).count().count()
-    return int(ray.get(submit(_distinct_in_task, column,
-                              *part.select_columns([column]).to_arrow_refs())))
+    # the rule on the column alone: a split of 3.4 GB of windows has 20 MB of paths, counted
+    # in one task in seconds (a groupby of them took 23 s at 1.7M windows on 2 cores)
+    values = part.select_columns([column]).materialize()
+    if choose_engine(values.size_bytes() or 0, engine) == "distributed":
+        return values.groupby(column).count().count()
+    return int(ray.get(submit(_distinct_in_task, column, *values.to_arrow_refs())))
 
 
 def fingerprint(job: ResolvedJob, content_hash: str) -> str:
@@ -391,6 +427,7 @@ def fingerprint(job: ResolvedJob, content_hash: str) -> str:
 
 
 def _write_splits(spec: JobSpec, kept: Any, run: RunDir,
+                  model_rows: Callable[[Any], Any] | None = None,
                   ) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
     """The distributed path's tail: model-ready rows -> seeded order -> shards per split (and
     prepare-time augmented copies); returns (the manifest's splits, augmentation record)."""
@@ -398,19 +435,25 @@ def _write_splits(spec: JobSpec, kept: Any, run: RunDir,
 
     assert spec.data is not None
     identity = ["path", "window"] if isinstance(spec.data.source, TEXT_SOURCES) else ["id"]
-    rows = kept.map_batches(_add_order_key, fn_kwargs={
-        "seed": spec.data.shuffle_seed, "columns": identity}, batch_size=1024).materialize()
-    count_column = "n_tokens" if "n_tokens" in rows.schema().names else None
+    kept = kept.materialize()  # each split filters it (text: rows, ~1/8 of their windows' bytes)
 
     per_split: dict[str, dict[str, Any]] = {}
     augmented: dict[str, Any] | None = None
     for name in SPLITS:
-        # a vectorised (Arrow) filter, materialized once: count, sum and unique below and the
-        # shard writer read it instead of filtering all rows again, row by row, each time
-        part = rows.filter(expr=col("split") == name).drop_columns(["split"]).materialize()
+        started = time.time()
+        # a vectorised (Arrow) filter, then this split's model-ready rows with their order keys,
+        # materialized once: count, sum and unique below and the shard writer read it
+        part = kept.filter(expr=col("split") == name)
+        if model_rows is not None:
+            part = model_rows(part)
+        part = part.drop_columns(["split"]).map_batches(_add_order_key, fn_kwargs={
+            "seed": spec.data.shuffle_seed, "columns": identity}, batch_size=1024).materialize()
         n = part.count()
         if n == 0:
             continue
+        count_column = "n_tokens" if "n_tokens" in part.schema().names else None
+        log.info("data: %s split, %d model-ready rows with their order keys (%.1f s)", name, n,
+                 time.time() - started)
         augment = spec.data.augment
         if name == "train" and augment is not None and augment.when == "prepare":
             from bigopt.data.augment import augmented_copies
@@ -425,7 +468,9 @@ def _write_splits(spec: JobSpec, kept: Any, run: RunDir,
             augmented = {"when": "prepare", "copies": augment.copies, "source_rows": n,
                          "rows_added": augmented_rows}
             n = part.count()
+        started = time.time()
         write_shards(part, run, name, n, spec.data.rows_per_shard, spec.data.engine)
+        written = time.time()
         key = "path" if count_column else "id"
         per_split[name] = {
             "rows": n,
@@ -433,6 +478,8 @@ def _write_splits(spec: JobSpec, kept: Any, run: RunDir,
             "files": _count_distinct(part, key, spec.data.engine),
             "shards": _shards(run, name),
         }
+        log.info("data: %s split, %d rows: sorted and written in %.1f s, counted in %.1f s", name,
+                 n, written - started, time.time() - written)
     return per_split, augmented
 
 
@@ -484,7 +531,7 @@ def _run_data(job: ResolvedJob, run: RunDir) -> tuple[dict[str, Any], str]:
     if source.splits is not None:  # the single-task path wrote its shards already
         per_split = source.splits
     else:
-        per_split, augmented = _write_splits(spec, source.kept, run)
+        per_split, augmented = _write_splits(spec, source.kept, run, source.model_rows)
     reasons: dict[str, int] = {}
     for record in source.steps:  # the read step's included: every reject is in data/rejects/
         for kind, n in record["rejected_by_reason"].items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -110,3 +111,30 @@ def test_the_data_stage_driver_does_not_import_torch():
             "print(sorted(m for m in ('torch', 'deepspeed') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("engine", ["single", "distributed"])
+def test_write_shards_cuts_the_sorted_split_evenly_and_replaces_old_shards(ray_session, tmp_path,
+                                                                           engine):
+    """Shards are the split in order-key order, cut evenly (sizes differ by at most one row)
+    straight out of the sorted blocks, named ``<split>-NNNNN.parquet``; writing the split
+    again with fewer shards leaves none of the old files behind."""
+    import pyarrow as pa
+    import ray
+
+    from bigopt.data.prepare import ORDER_KEY, write_shards
+
+    keys = np.random.default_rng(0).permutation(1000)
+    ds = ray.data.from_arrow([pa.table({"id": [f"r{k}" for k in keys[i:i + 90]],
+                                        ORDER_KEY: keys[i:i + 90]})
+                              for i in range(0, 1000, 90)])  # 12 blocks of up to 90 rows
+    run = RunDir(str(tmp_path)).stage("data")
+    write_shards(ds.materialize(), run, "train", 1000, 70, engine)
+    names = [p.split("/")[-1] for p in sorted(run.list("train"))]
+    assert names == [f"train-{k:05d}.parquet" for k in range(15)]  # ceil(1000 / 70)
+    tables = [pq.read_table(run.fs.open_input_file(run.sub(f"train/{n}"))) for n in names]
+    assert {t.num_rows for t in tables} == {66, 67} and ORDER_KEY not in tables[0].column_names
+    assert [i for t in tables for i in t.column("id").to_pylist()] == [f"r{k}" for k in range(1000)]
+    write_shards(ds.materialize(), run, "train", 1000, 400, engine)
+    assert sorted(p.split("/")[-1] for p in run.list("train")) == [
+        "train-00000.parquet", "train-00001.parquet", "train-00002.parquet"]
