@@ -162,7 +162,7 @@ def _table_rows(spec: JobSpec, context: int, run: RunDir) -> SourceRows:
     return _text_source_rows(spec, context, run, checked, rows_in, info)
 
 
-#: Text per ``to_windows`` batch: its windows are ~8x the bytes (two int32 tensors per token).
+#: Text per ``to_windows`` batch: its windows are ~4-8x the bytes (two int16/int32 tensors per token).
 WINDOW_BATCH_TEXT_BYTES = 2 * 2**20
 
 
@@ -219,13 +219,16 @@ def _text_source_rows(spec: JobSpec, context: int, run: RunDir, checked: Any, ro
     batch = int(max(8, min(1024, WINDOW_BATCH_TEXT_BYTES // max(1.0, avg_bytes))))
     return SourceRows(kept, rows_in, {**info, "tokenizer": tokenizer, "context": context},
                       digest, steps, n_kept, model_rows=functools.partial(
-                          _windows, context=context, tokenizer_json=tokenizer_json, batch=batch))
+                          _windows, context=context, tokenizer_json=tokenizer_json,
+                          vocab_size=tokenizer["vocab_size"], batch=batch))
 
 
-def _windows(texts: Any, context: int, tokenizer_json: str | None, batch: int) -> Any:
+def _windows(texts: Any, context: int, tokenizer_json: str | None, vocab_size: int,
+             batch: int) -> Any:
     """Text rows (a Dataset) -> token windows of ``context`` (``bigopt.data.text.to_windows``)."""
     return texts.map_batches(to_windows, fn_kwargs={"context": context,
-                                                    "tokenizer_json": tokenizer_json},
+                                                    "tokenizer_json": tokenizer_json,
+                                                    "vocab_size": vocab_size},
                              batch_size=batch)
 
 

@@ -89,7 +89,7 @@ def text_tail(data: Any, key: str, context: int, run: Any, *blocks: Any) -> dict
                      "uri": run.uri_of("tokenizer.json"), "trained_on": "train split",
                      "seconds": round(time.time() - started, 2)}
     windows = to_windows({"path": batch["path"], "text": batch["text"], "split": batch["split"]},
-                         context, tokenizer_json)
+                         context, tokenizer_json, tokenizer["vocab_size"])
     windows = _add_order_key(windows, data.shuffle_seed, ["path", "window"])
     splits = {}
     for name in SPLITS:

@@ -105,10 +105,20 @@ def read_and_check(batch: dict[str, np.ndarray], root: str, max_bytes: int) -> d
     return {"path": batch["path"], "text": np.array(texts, dtype=object), "reject_reason": reasons}
 
 
+def token_dtype(vocab_size: int) -> type:
+    """The integer type of the windows' ``input_ids``/``labels``: int16 when every id (and
+    ``IGNORE_INDEX``) fits, which halves the shards, the object store's copies of them and the
+    bytes every epoch reads (the byte tokenizer: always); int32 for larger vocabularies.
+    Whatever reads them casts to int64 (``bigopt.data.ingest.model_input``, ``.long()``)."""
+    return np.int16 if vocab_size <= np.iinfo(np.int16).max else np.int32
+
+
 def to_windows(batch: dict[str, np.ndarray], context: int,
-               tokenizer_json: str | None = None) -> dict[str, np.ndarray]:
-    """Files -> fixed windows: ``input_ids``/``labels`` of shape [context], one row each.
-    Tokens are the UTF-8 bytes, or a trained BPE's ids when ``tokenizer_json`` is given."""
+               tokenizer_json: str | None = None, vocab_size: int = 256) -> dict[str, np.ndarray]:
+    """Files -> fixed windows: ``input_ids``/``labels`` of shape [context], one row each, of
+    ``token_dtype(vocab_size)``. Tokens are the UTF-8 bytes, or a trained BPE's ids when
+    ``tokenizer_json`` is given (``vocab_size`` is then that tokenizer's)."""
+    dtype = token_dtype(vocab_size)
     inputs, labels, paths, splits, n_tokens, window = [], [], [], [], [], []
     if tokenizer_json is not None:
         from bigopt.data.tokenizer import encode
@@ -124,8 +134,8 @@ def to_windows(batch: dict[str, np.ndarray], context: int,
         # All of a file's windows at once: the tokens laid out on a padded grid, inputs padded
         # with PAD_TOKEN and labels (shifted by one) with IGNORE_INDEX past the file's end.
         n = -(-max(len(tokens) - 1, 1) // context)
-        grid_x = np.full(n * context + 1, PAD_TOKEN, dtype=np.int32)
-        grid_y = np.full(n * context + 1, IGNORE_INDEX, dtype=np.int32)
+        grid_x = np.full(n * context + 1, PAD_TOKEN, dtype=dtype)
+        grid_y = np.full(n * context + 1, IGNORE_INDEX, dtype=dtype)
         grid_x[: len(tokens)] = tokens
         grid_y[: len(tokens)] = tokens
         inputs.append(grid_x[: n * context].reshape(n, context))
@@ -136,8 +146,8 @@ def to_windows(batch: dict[str, np.ndarray], context: int,
         paths += [rel] * n
         splits += [split] * n
     return {
-        "input_ids": np.concatenate(inputs) if inputs else np.zeros((0, context), np.int32),
-        "labels": np.concatenate(labels) if labels else np.zeros((0, context), np.int32),
+        "input_ids": np.concatenate(inputs) if inputs else np.zeros((0, context), dtype),
+        "labels": np.concatenate(labels) if labels else np.zeros((0, context), dtype),
         "path": np.array(paths, dtype=object),
         "n_tokens": np.concatenate(n_tokens) if n_tokens else np.zeros(0, np.int32),
         # index within the file: a stable identity

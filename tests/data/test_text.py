@@ -53,3 +53,16 @@ def test_stdlib_corpus_is_found_and_excludes_site_packages():
     assert len(files) > 500
     assert not any(f.startswith("site-packages") for f in files)
     assert files == sorted(files)
+
+
+def test_windows_take_the_smallest_type_the_vocabulary_fits():
+    """Byte (and BPE < 32k) windows are int16: half the shard and object-store bytes of int32,
+    the same values, IGNORE_INDEX included; a larger vocabulary keeps int32."""
+    text = bytes(range(1, 256)) * 2
+    small = windows_of(text, context=64)
+    assert small["input_ids"].dtype == small["labels"].dtype == np.int16
+    big = to_windows({"path": np.array(["f.py"], dtype=object), "text": np.array([text], dtype=object),
+                      "split": np.array(["train"], dtype=object)}, 64, vocab_size=40_000)
+    assert big["input_ids"].dtype == np.int32
+    assert np.array_equal(small["labels"], big["labels"]) and (small["labels"] == IGNORE_INDEX).any()
+    assert np.array_equal(small["input_ids"], big["input_ids"]) and small["input_ids"].max() == 255
