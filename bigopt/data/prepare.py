@@ -372,12 +372,13 @@ def write_shards(part: Any, run: RunDir, split: str, rows: int, rows_per_shard: 
     pending = []
     for k in range(shards):
         lo, hi = k * rows // shards, (k + 1) * rows // shards  # an even cut: sizes differ by <= 1
-        pieces = [(i, max(lo, int(starts[i])) - int(starts[i]), min(hi, int(starts[i + 1])) - int(starts[i]))
-                  for i in range(int(np.searchsorted(starts, lo, side="right")) - 1, len(blocks))
-                  if starts[i] < hi and starts[i + 1] > lo]
+        # the blocks holding rows [lo, hi), and each one's slice of them
+        first, end = np.searchsorted(starts, lo, "right") - 1, np.searchsorted(starts, hi, "left")
+        pieces = [(blocks[i][0], (max(lo, starts[i]) - starts[i], min(hi, starts[i + 1]) - starts[i]))
+                  for i in range(first, end) if starts[i + 1] > starts[i]]
         pending.append(submit(_write_shard, run.fs, run.sub(f"{split}/{split}-{k:05d}.parquet"),
-                              row_group_rows(rows_per_shard), [(a, b) for _, a, b in pieces],
-                              *[blocks[i][0] for i, _, _ in pieces]))
+                              row_group_rows(rows_per_shard), [(int(a), int(b)) for _, (a, b) in pieces],
+                              *[ref for ref, _ in pieces]))
     ray.get(pending)
 
 

@@ -113,12 +113,14 @@ def test_the_data_stage_driver_does_not_import_torch():
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("engine", ["single", "distributed"])
-def test_write_shards_cuts_the_sorted_split_evenly_and_replaces_old_shards(ray_session, tmp_path,
-                                                                           engine):
+@pytest.mark.parametrize("engine,storage", [("single", "local"), ("distributed", "local"),
+                                            ("distributed", "s3")])
+def test_write_shards_cuts_the_sorted_split_evenly_and_replaces_old_shards(
+        ray_session, s3_server, tmp_path, engine, storage):
     """Shards are the split in order-key order, cut evenly (sizes differ by at most one row)
-    straight out of the sorted blocks, named ``<split>-NNNNN.parquet``; writing the split
-    again with fewer shards leaves none of the old files behind."""
+    straight out of the sorted blocks by their write tasks (on local disk and on S3), named
+    ``<split>-NNNNN.parquet``; writing the split again with fewer shards leaves none of the old
+    files behind."""
     import pyarrow as pa
     import ray
 
@@ -128,7 +130,8 @@ def test_write_shards_cuts_the_sorted_split_evenly_and_replaces_old_shards(ray_s
     ds = ray.data.from_arrow([pa.table({"id": [f"r{k}" for k in keys[i:i + 90]],
                                         ORDER_KEY: keys[i:i + 90]})
                               for i in range(0, 1000, 90)])  # 12 blocks of up to 90 rows
-    run = RunDir(str(tmp_path)).stage("data")
+    root = str(tmp_path) if storage == "local" else f"{s3_server}/write-shards/{tmp_path.name}"
+    run = RunDir(root).stage("data")
     write_shards(ds.materialize(), run, "train", 1000, 70, engine)
     names = [p.split("/")[-1] for p in sorted(run.list("train"))]
     assert names == [f"train-{k:05d}.parquet" for k in range(15)]  # ceil(1000 / 70)
