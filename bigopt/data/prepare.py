@@ -320,48 +320,49 @@ def _add_order_key(batch: dict[str, np.ndarray], seed: int | None,
 
 
 def _sort_blocks(*blocks: Any) -> Any:
-    """Ray task body: the blocks as one table in ``ORDER_KEY`` order, without the key."""
+    """Ray task body: the blocks as one table in ``ORDER_KEY`` order."""
     from bigopt.data.engine import concat
 
-    return concat(blocks).sort_by(ORDER_KEY).drop_columns([ORDER_KEY])
+    return concat(blocks).sort_by(ORDER_KEY)
 
 
-def _sorted(part: Any, engine: str = "auto") -> Any:
-    """``part`` (materialized) in ``ORDER_KEY`` order, without the key; the same rows in the
-    same order either way (pyarrow's sort and Ray's both order by the key's values). The
-    engine rule decides: a split the single path would hold is sorted by pyarrow in one Ray
-    task (0.1-3 s for Fashion-MNIST's 220 MB), a larger one by Ray Data's distributed sort
-    (sample, map and reduce tasks: ~7 s per split on 2 cores, whatever the size)."""
+def _first_key(block: Any) -> int | str:
+    """Ray task body: the first ``ORDER_KEY`` of a sorted, non-empty block."""
+    return block[ORDER_KEY][0].as_py()
+
+
+def _sorted_blocks(part: Any, engine: str = "auto") -> list[tuple[Any, int]]:
+    """``part`` (materialized) in ``ORDER_KEY`` order, key kept, as (block ref, rows) in order;
+    the same rows in the same order either way. The engine rule decides: a split the single
+    path would hold is sorted by pyarrow in one Ray task (0.1-3 s for Fashion-MNIST's 220 MB),
+    a larger one by Ray Data's distributed sort (sample, map and reduce tasks). Its blocks
+    hold disjoint key ranges, but the order they come out in follows the execution (at 1M
+    rows 3 of them once came out of place), so they are put in order by their first keys."""
     import ray
-    import ray.data
 
     from bigopt.data.engine import choose_engine, submit
 
-    if choose_engine(part.size_bytes() or 0, engine) == "distributed":
-        return part.sort(ORDER_KEY).drop_columns([ORDER_KEY])
-    return ray.data.from_arrow_refs([submit(_sort_blocks, *part.to_arrow_refs())])
+    if choose_engine(part.size_bytes() or 0, engine) == "single":
+        return [(submit(_sort_blocks, *part.to_arrow_refs()), part.count())]
+    ordered = part.sort(ORDER_KEY).materialize()
+    blocks = [(entry.ref, entry.metadata.num_rows) for bundle in ordered.iter_internal_ref_bundles()
+              for entry in bundle.blocks if entry.metadata.num_rows]
+    firsts = ray.get([submit(_first_key, ref) for ref, _ in blocks])
+    return [blocks[i] for i in sorted(range(len(blocks)), key=firsts.__getitem__)]
 
 
 def write_shards(part: Any, run: RunDir, split: str, rows: int, rows_per_shard: int,
                  engine: str = "auto") -> None:
     """Write one split as Parquet shards: same source, spec and seed -> same rows, same order,
-    same shard boundaries and names. The split is sorted (materialized: the blocks' row counts
-    give each shard's rows) and each shard is cut out of the sorted blocks by the task that
-    writes it: no repartition, whose output would be one more copy of the split."""
+    same shard boundaries and names. Each shard is cut out of the sorted blocks (their row
+    counts give each shard's rows) by the task that writes it: no repartition, whose output
+    would be one more copy of the split."""
     import ray
-    import ray.data
 
     from bigopt.data.engine import submit
     from bigopt.data.partition import row_group_rows
 
-    ctx = ray.data.DataContext.get_current()
-    previous, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
-    try:
-        ordered = _sorted(part, engine).materialize()
-    finally:
-        ctx.execution_options.preserve_order = previous
-    blocks = [(entry.ref, entry.metadata.num_rows)
-              for bundle in ordered.iter_internal_ref_bundles() for entry in bundle.blocks]
+    blocks = _sorted_blocks(part, engine)
     starts = np.cumsum([0] + [n for _, n in blocks])
     if int(starts[-1]) != rows:
         raise RuntimeError(f"data: the sorted {split} split has {int(starts[-1])} rows, not {rows}")
@@ -384,11 +385,12 @@ def write_shards(part: Any, run: RunDir, split: str, rows: int, rows_per_shard: 
 
 def _write_shard(fs: Any, path: str, row_group: int, cuts: list[tuple[int, int]],
                  *blocks: Any) -> int:
-    """Ray task body: rows ``[a, b)`` of each block, in order, as one Parquet file."""
+    """Ray task body: rows ``[a, b)`` of each sorted block, in order, without the order key,
+    as one Parquet file."""
     from bigopt.data.engine import concat
 
     table = concat([block.slice(a, b - a) for block, (a, b) in zip(blocks, cuts, strict=True)])
-    pq.write_table(table, path, filesystem=fs, row_group_size=row_group)
+    pq.write_table(table.drop_columns([ORDER_KEY]), path, filesystem=fs, row_group_size=row_group)
     return table.num_rows
 
 
