@@ -27,7 +27,7 @@ from bigopt.artifacts import DataArtifact, SplitInfo
 from bigopt.data.engine import choose_engine
 from bigopt.data.images import check_image_row, idx_table, load_digits_rows
 from bigopt.data.split import split_dataset
-from bigopt.data.steps import StepContext, run_steps
+from bigopt.data.steps import Handoff, StepContext, run_steps
 from bigopt.data.text import list_files, read_and_check, resolve_root, to_windows
 from bigopt.resolve import ResolvedJob
 from bigopt.runtime import RunDir
@@ -134,10 +134,10 @@ def _text_rows(spec: JobSpec, context: int, run: RunDir) -> SourceRows:
         return _text_source_rows(spec, context, run, [table], len(files), info, input_bytes=size,
                                  digest=digest)
     rows = ray.data.from_items([{"path": f} for f in files], override_num_blocks=min(len(files), 32))
-    checked = rows.map_batches(
+    checked = Handoff(rows.map_batches(
         read_and_check, fn_kwargs={"root": str(root), "max_bytes": src.max_file_bytes},
         batch_size=32,
-    ).materialize()
+    ).materialize())
     return _text_source_rows(spec, context, run, checked, len(files), info, input_bytes=size)
 
 
@@ -159,7 +159,9 @@ def _table_rows(spec: JobSpec, context: int, run: RunDir) -> SourceRows:
     rows_in = checked.count()
     log.info("data: %d records (and quarantined files) in %d %s files", rows_in, files,
              spec.data.source.format)
-    return _text_source_rows(spec, context, run, checked, rows_in, info)
+    handoff = Handoff(checked)
+    del checked  # the cleaning steps own the rows from here (``Handoff``)
+    return _text_source_rows(spec, context, run, handoff, rows_in, info)
 
 
 #: Text per ``to_windows`` batch: its windows are ~4-8x the bytes (two int16/int32 tensors per token).
@@ -169,21 +171,23 @@ WINDOW_BATCH_TEXT_BYTES = 2 * 2**20
 def _text_source_rows(spec: JobSpec, context: int, run: RunDir, checked: Any, rows_in: int,
                       info: dict[str, Any], input_bytes: int | None = None,
                       digest: str | None = None) -> SourceRows:
-    """Text rows ``{path, text, reject_reason}`` (a materialized Dataset, or the single-task
-    reader's table refs, with its ``digest``; '' keeps a row) -> read
+    """Text rows ``{path, text, reject_reason}`` (a materialized Dataset in a ``Handoff``, or
+    the single-task reader's table refs, with its ``digest``; '' keeps a row) -> read
     rejects and steps, split by key, tokenizer, windows: shared by every text source.
     On the single-task path (``choose_engine``) the windows are written here, in one task."""
     assert spec.data is not None
+    rows = checked.peek() if isinstance(checked, Handoff) else checked
     if input_bytes is None:
-        input_bytes = checked.size_bytes() or 0
+        input_bytes = rows.size_bytes() or 0
     engine = choose_engine(input_bytes, spec.data.engine)
+    if digest is None:  # the input's digest, taken before the steps consume (and free) it
+        from bigopt.data.digest import dataset_digest
+
+        digest = dataset_digest(rows, "path", "text")
+    del rows
     kept, steps, n_kept = _clean(spec, checked, run, StepContext(
         key="path", content="text", label=None, modality="text", seed=spec.data.split.seed),
         input_bytes=input_bytes, engine=engine)
-    if digest is None:
-        from bigopt.data.digest import dataset_digest
-
-        digest = dataset_digest(checked, "path", "text")
     if engine == "single":
         from bigopt.data.small import write_text_stage
 

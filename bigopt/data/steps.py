@@ -28,6 +28,26 @@ log = logging.getLogger("bigopt")
 
 REASON = "_reject_reason"
 
+
+class Handoff:
+    """The one reference to a large input, handed down a call chain: the callee ``take()``s it,
+    so no caller's frame keeps the input alive while later steps run. Why: a materialized
+    Dataset kept by a caller pins its blocks in the object store, and at 10M rows those blocks
+    (spilled to disk, with every other object fused into the same spill files) filled the disk
+    before the stage ended (BENCHMARKS 7c)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: Any) -> None:
+        self._value = value
+
+    def peek(self) -> Any:
+        return self._value
+
+    def take(self) -> Any:
+        value, self._value = self._value, None
+        return value
+
 STEP_FUNCTIONS: dict[str, str] = {
     "read": "bigopt.data.steps:read_rejects",
     "incomplete": "bigopt.data.steps:incomplete_rows",
@@ -304,7 +324,8 @@ def run_steps(ds: Any, steps: list[Any], ctx: StepContext, run: Any, *,
     """Run ``steps`` in order; returns the kept rows and one record per step.
 
     ``ds``: a Ray Dataset, or a list of refs to Arrow tables (then the kept rows come back as
-    such a list too).
+    such a list too), or either in a ``Handoff`` (taken here: the input is freed once the first
+    step has consumed it).
 
     ``read``: ``ds`` has the reader's ``reject_reason`` column, split off first as the "read"
     step. ``run`` (a RunDir) receives each step's rejected rows as Parquet under
@@ -318,6 +339,8 @@ def run_steps(ds: Any, steps: list[Any], ctx: StepContext, run: Any, *,
 
     from bigopt.data.engine import choose_engine, has_single, run_single_steps
 
+    if isinstance(ds, Handoff):
+        ds = ds.take()
     # blocks in the object store (the single-task reader's) stay blocks: no Ray Data at all
     as_refs = isinstance(ds, list)
     refs: list[Any] | None = ds if as_refs else None  # the single-task path's table
