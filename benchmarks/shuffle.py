@@ -1,5 +1,5 @@
 """Ray Data's shuffle strategies for a groupby, in one process: why the data stage uses the
-sort-based pull shuffle (``bigopt.data.prepare.SHUFFLE_STRATEGY``).
+sort-based pull shuffle (``bigopt.data.prepare.shuffle_strategy``, up to 1 GiB of source).
 
 A dataset of ``--rows`` rows (an id and one of 997 group keys) is grouped into
 ``--partitions`` partitions and passed through ``map_groups`` ``--repeats`` times with each

@@ -501,11 +501,21 @@ def _peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, else KiB
 
 
-#: Ray Data's shuffle for the data stage's groupbys (exact_dedup, LSH buckets, cogroups, counts):
-#: the sort-based pull shuffle. Ray 2.60's default hash shuffle starts aggregator actors for
-#: every groupby: on 2 cores a groupby + map_groups of 2M rows into 200 partitions took 11 s
-#: with it and 1.3 s with this one, driver RSS growing alike (~2 MB per shuffle; BENCHMARKS 7c).
-SHUFFLE_STRATEGY = "sort_shuffle_pull_based"
+#: Ray Data's shuffle for the data stage's groupbys (exact_dedup, LSH buckets, cogroups, counts),
+#: by the source's size on disk (``shuffle_strategy``). Up to ``SORT_SHUFFLE_MAX_SOURCE_BYTES``
+#: the sort-based pull shuffle: Ray 2.60's default hash shuffle starts aggregator actors for every
+#: groupby, and on 2 cores a groupby + map_groups of 2M rows into 200 partitions took 11 s with
+#: it and 1.3 s with the sort shuffle. Above it the hash shuffle: the sort shuffle leaves native
+#: memory in the driver that grows with the map blocks (+529 MB for one groupby of 400 blocks;
+#: the hash shuffle +16 MB), and at 10M rows the driver reached 1.79 GB with it against 376 MB
+#: with the hash shuffle, near_dedup taking about as long either way (1,546 s / 1,519 s;
+#: BENCHMARKS 7c). 1 GiB keeps the 1M-row figures (294 MB of Parquet) on the sort shuffle.
+SORT_SHUFFLE_MAX_SOURCE_BYTES = 2**30
+
+
+def shuffle_strategy(source_bytes: int) -> str:
+    """The data stage's Ray Data shuffle for a source of ``source_bytes`` on disk."""
+    return "sort_shuffle_pull_based" if source_bytes <= SORT_SHUFFLE_MAX_SOURCE_BYTES else "hash_shuffle"
 
 
 def run_data(job: ResolvedJob, run: RunDir) -> tuple[dict[str, Any], str]:
@@ -513,12 +523,21 @@ def run_data(job: ResolvedJob, run: RunDir) -> tuple[dict[str, Any], str]:
     import ray.data
     from ray.data.context import ShuffleStrategy
 
+    from bigopt.data.cache import source_listing
+
+    assert job.spec.data is not None
+    # chosen before any Dataset exists: a Dataset keeps the DataContext it was created under
+    strategy = shuffle_strategy(sum(size for _, size, _ in source_listing(job.spec.data.source)))
+    log.info("data: Ray Data shuffles: %s", strategy)
     ctx = ray.data.DataContext.get_current()
-    previous, ctx.shuffle_strategy = ctx.shuffle_strategy, ShuffleStrategy(SHUFFLE_STRATEGY)
+    previous, ctx.shuffle_strategy = ctx.shuffle_strategy, ShuffleStrategy(strategy)
     try:
-        return _run_data(job, run)
+        manifest, print_ = _run_data(job, run)
     finally:
         ctx.shuffle_strategy = previous
+    manifest["shuffle"] = strategy
+    run.write_json("manifest.json", manifest)
+    return manifest, print_
 
 
 def _run_data(job: ResolvedJob, run: RunDir) -> tuple[dict[str, Any], str]:

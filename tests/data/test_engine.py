@@ -66,6 +66,34 @@ def test_text_steps_decide_the_same_on_both_engines(ray_session, tmp_path):
         assert details[0] == details[1], step
 
 
+def test_the_shuffle_follows_the_source_size():
+    from bigopt.data.prepare import SORT_SHUFFLE_MAX_SOURCE_BYTES, shuffle_strategy
+
+    assert shuffle_strategy(0) == shuffle_strategy(SORT_SHUFFLE_MAX_SOURCE_BYTES) == "sort_shuffle_pull_based"
+    assert shuffle_strategy(SORT_SHUFFLE_MAX_SOURCE_BYTES + 1) == "hash_shuffle"
+
+
+@pytest.mark.slow
+def test_text_steps_decide_the_same_under_the_hash_shuffle(ray_session, tmp_path):
+    """Sources over 1 GiB shuffle by hash (``prepare.shuffle_strategy``): the distributed
+    steps under it decide as the single engine does."""
+    from ray.data.context import ShuffleStrategy
+
+    steps = [IncompleteStep(kind="incomplete"), NoiseStep(kind="noise", min_chars=5),
+             ExactDedupStep(kind="exact_dedup"), NearDedupStep(kind="near_dedup")]
+    ctx = ray_session.data.DataContext.get_current()
+    previous, ctx.shuffle_strategy = ctx.shuffle_strategy, ShuffleStrategy("hash_shuffle")
+    try:
+        single, dist = _run_both(ray_session, tmp_path, dirty_text_rows(), steps, TEXT, read=True)
+    finally:
+        ctx.shuffle_strategy = previous
+    assert set(single[0]) == set(dist[0]) and single[1] == dist[1]
+    assert _counts(single[2]) == _counts(dist[2])
+    by_reason = {r["step"]: r["rejected_by_reason"] for r in dist[2]}
+    assert by_reason["exact_dedup"] == {"exact_duplicate": 3}
+    assert by_reason["near_dedup"]["near_duplicate"] >= 5  # so the comparison compares something
+
+
 @pytest.mark.slow
 def test_near_dedup_groups_the_same_on_both_engines(ray_session, tmp_path):
     steps = [NearDedupStep(kind="near_dedup", action="group")]
