@@ -532,15 +532,12 @@ def run_data(job: ResolvedJob, run: RunDir) -> tuple[dict[str, Any], str]:
     ctx = ray.data.DataContext.get_current()
     previous, ctx.shuffle_strategy = ctx.shuffle_strategy, ShuffleStrategy(strategy)
     try:
-        manifest, print_ = _run_data(job, run)
+        return _run_data(job, run, strategy)
     finally:
         ctx.shuffle_strategy = previous
-    manifest["shuffle"] = strategy
-    run.write_json("manifest.json", manifest)
-    return manifest, print_
 
 
-def _run_data(job: ResolvedJob, run: RunDir) -> tuple[dict[str, Any], str]:
+def _run_data(job: ResolvedJob, run: RunDir, shuffle: str) -> tuple[dict[str, Any], str]:
     spec = job.spec
     assert spec.data is not None
     started = time.time()
@@ -580,6 +577,7 @@ def _run_data(job: ResolvedJob, run: RunDir) -> tuple[dict[str, Any], str]:
         "augmented": augmented or ({"when": "train"} if spec.data.augment else None),
         "splits": per_split,
         "seconds": round(time.time() - started, 2),
+        "shuffle": shuffle,  # Ray Data's shuffle strategy (``shuffle_strategy``)
         # what the driver held (issue 17, item 3): its peak resident memory over the process's
         # life so far, and the largest function + arguments a step pickled into its tasks
         "driver": {"peak_rss_mb": round(_peak_rss_mb(), 1),

@@ -48,6 +48,7 @@ class Handoff:
         value, self._value = self._value, None
         return value
 
+
 STEP_FUNCTIONS: dict[str, str] = {
     "read": "bigopt.data.steps:read_rejects",
     "incomplete": "bigopt.data.steps:incomplete_rows",
