@@ -209,7 +209,10 @@ def main() -> None:
             try:
                 out = subprocess.run([sys.executable, __file__, "--plain-one", path],
                                      capture_output=True, text=True, timeout=3600)
-                record = json.loads(out.stdout.strip().splitlines()[-1])
+                if out.returncode:  # e.g. killed for memory: say so instead of a traceback here
+                    record = {"seconds": None, "note": f"exit {out.returncode}: {out.stderr[-500:]}"}
+                else:
+                    record = json.loads(out.stdout.strip().splitlines()[-1])
             except subprocess.TimeoutExpired:
                 record = {"seconds": None, "note": "did not finish within an hour"}
             emit({"kind": "baseline", "rows": n, **record, "load_before": round(load_before, 2),
