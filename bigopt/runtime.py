@@ -101,10 +101,21 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None,
     # address="local": a new instance even where a `ray start` record exists (plain ray.init()
     # would try to join the recorded cluster, dead or not).
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
-             dashboard_host="127.0.0.1", log_to_driver=log_to_driver)
+             dashboard_host="127.0.0.1", log_to_driver=log_to_driver,
+             _system_config={} if "RAY_max_fused_object_count" in os.environ else SPILL_CONFIG)
     log.info("started an embedded local Ray on 127.0.0.1 with %s CPU slots",
              ray.cluster_resources().get("CPU"))
     return "embedded"
+
+
+#: Ray's object spilling for the embedded instance. Ray fuses up to 2,000 spilled objects into one
+#: file and deletes a file only when every object in it is freed, so one long-lived block (a
+#: step's kept rows) keeps the whole file, and the freed intermediates beside it, on disk to the
+#: end of the stage: at 10M rows that filled a 73 GB disk. One object per file lets each spill file
+#: go with its object (BENCHMARKS 7c). A cluster started by `ray start` takes the same setting
+#: from ``RAY_max_fused_object_count=1`` in its environment (clusters/*.yaml); that variable, set
+#: by the user, also wins here.
+SPILL_CONFIG = {"max_fused_object_count": 1}
 
 
 # --------------------------------------------------------------------------- storage
