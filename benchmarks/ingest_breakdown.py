@@ -10,6 +10,8 @@ medians of 3 interleaved repeats over the same files, seconds.
 - ``read_shards``: bigopt's Ray Data read (``bigopt.data.ingest.read_shards``) streamed with
   ``iter_batches(batch_size=None)`` under Ray Data's defaults, without its USS polling, with a
   larger streaming-generator buffer, and with ``prefetch_batches`` 0 / 4;
+- ``read_shards_combined``: the same with each block's chunks combined in the read task (one
+  chunk per column: Ray's Arrow pickling and the driver's deserializing work per chunk);
 - ``bundles_no_fetch``: Ray Data's read with no block fetched by the driver (metadata only).
 
 Raw output of the session-13 run: ``benchmarks/results/ingest_breakdown_session13.txt``.
@@ -67,6 +69,11 @@ def main() -> None:
         return lambda: sum(b.num_rows for b in read_shards(train_dir, columns=COLUMNS).iter_batches(
             batch_size=None, batch_format="pyarrow", **iter_kwargs))
 
+    def combined() -> int:  # one chunk per column per block, made in the read task (fused)
+        ds = read_shards(train_dir, columns=COLUMNS).map_batches(
+            lambda t: t.combine_chunks(), batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+        return sum(b.num_rows for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+
     def bundles_no_fetch() -> int:
         return sum(rb.num_rows() for rb in read_shards(train_dir, columns=COLUMNS)
                    .iter_internal_ref_bundles())
@@ -84,6 +91,7 @@ def main() -> None:
         "read_shards_gen_buffer_16": (streamed(), {"_max_num_blocks_in_streaming_gen_buffer": 16}),
         "read_shards_prefetch_0": (streamed(prefetch_batches=0), {}),
         "read_shards_prefetch_4": (streamed(prefetch_batches=4), {}),
+        "read_shards_combined": (combined, {}),
         "bundles_no_fetch": (bundles_no_fetch, {}),
     }
     read_shards(files[:1], columns=COLUMNS).materialize()  # workers and imports warm

@@ -82,7 +82,11 @@ def ray_session(s3_server):
     """The session's embedded Ray: 3 CPU slots (2 training workers + 1 for Ray Data)."""
     import ray
 
-    ray.init(num_cpus=3, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    from bigopt.runtime import SPILL_CONFIG
+
+    # the user's embedded Ray's spill setting (bigopt.runtime.connect_ray)
+    ray.init(num_cpus=3, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+             _system_config=SPILL_CONFIG)
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     yield ray
     os.environ.pop("RAY_ADDRESS", None)
