@@ -335,10 +335,6 @@ def _first_key(block: Any) -> int | str:
     return block[ORDER_KEY][0].as_py()
 
 
-#: block size for the distributed sort of a split (Ray Data's default target block size)
-SORT_BLOCK_BYTES = 128 * 2**20
-
-
 def _sorted_blocks(part: Any, engine: str = "auto") -> list[tuple[Any, int]]:
     """``part`` (materialized) in ``ORDER_KEY`` order, key kept, as (block ref, rows) in order;
     the same rows in the same order either way. The engine rule decides: a split the single
@@ -353,12 +349,9 @@ def _sorted_blocks(part: Any, engine: str = "auto") -> list[tuple[Any, int]]:
     size = part.size_bytes() or 0
     if choose_engine(size, engine) == "single":
         return [(submit(_sort_blocks, *part.to_arrow_refs()), part.count())]
-    # Ray Data's sort is a map/reduce shuffle whose blocks x blocks intermediate objects the
-    # driver owns, and their bookkeeping stays in its memory: the 10M-row train split (16.8 GB
-    # in small blocks) took the driver from 314 to 481 MB. Blocks of Ray's target size first.
-    sort_blocks = max(1, math.ceil(size / SORT_BLOCK_BYTES))
-    if part.num_blocks() > sort_blocks:
-        part = part.repartition(sort_blocks)
+    # Ray Data's sort (a map/reduce shuffle whose intermediate objects the driver owns) took the
+    # driver from 314 to 481 MB on the 10M-row train split. Merging the blocks first (fewer map x
+    # reduce objects) made one more 17 GB copy, which Ray could not spill: BENCHMARKS 7c.
     ordered = part.sort(ORDER_KEY).materialize()
     blocks = [(entry.ref, entry.metadata.num_rows) for bundle in ordered.iter_internal_ref_bundles()
               for entry in bundle.blocks if entry.metadata.num_rows]

@@ -113,24 +113,18 @@ def test_the_data_stage_driver_does_not_import_torch():
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("engine,storage,sort_block_bytes", [
-    ("single", "local", None), ("distributed", "local", None), ("distributed", "s3", None),
-    ("distributed", "local", 3000)])  # the 12 blocks merged into fewer before the sort
+@pytest.mark.parametrize("engine,storage", [("single", "local"), ("distributed", "local"),
+                                            ("distributed", "s3")])
 def test_write_shards_cuts_the_sorted_split_evenly_and_replaces_old_shards(
-        ray_session, s3_server, tmp_path, monkeypatch, engine, storage, sort_block_bytes):
+        ray_session, s3_server, tmp_path, engine, storage):
     """Shards are the split in order-key order, cut evenly (sizes differ by at most one row)
     straight out of the sorted blocks by their write tasks (on local disk and on S3), named
     ``<split>-NNNNN.parquet``; writing the split again with fewer shards leaves none of the old
-    files behind. The same whether the sort runs on the split's blocks or on fewer, larger
-    ones (``SORT_BLOCK_BYTES``)."""
+    files behind."""
     import pyarrow as pa
     import ray
 
-    from bigopt.data import prepare
     from bigopt.data.prepare import ORDER_KEY, write_shards
-
-    if sort_block_bytes is not None:
-        monkeypatch.setattr(prepare, "SORT_BLOCK_BYTES", sort_block_bytes)
 
     keys = np.random.default_rng(0).permutation(1000)
     ds = ray.data.from_arrow([pa.table({"id": [f"r{k}" for k in keys[i:i + 90]],
