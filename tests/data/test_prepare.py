@@ -141,3 +141,24 @@ def test_write_shards_cuts_the_sorted_split_evenly_and_replaces_old_shards(
     write_shards(ds.materialize(), run, "train", 1000, 400, engine)
     assert sorted(p.split("/")[-1] for p in run.list("train")) == [
         "train-00000.parquet", "train-00001.parquet", "train-00002.parquet"]
+
+
+@pytest.mark.parametrize("shuffle", ["sort_shuffle_pull_based", "hash_shuffle"])
+def test_token_count_is_summed_per_block_under_either_shuffle(ray_session, shuffle):
+    """The manifest's token count: ``Dataset.sum`` under the hash shuffle is one aggregator
+    actor that asks for memory sized by the whole split, which at 10M rows no node had, so the
+    stage waited forever; the per-block sum gives the same number under either shuffle."""
+    from ray.data.context import ShuffleStrategy
+
+    from bigopt.data.prepare import _column_sum
+
+    ctx = ray_session.data.DataContext.get_current()
+    previous, ctx.shuffle_strategy = ctx.shuffle_strategy, ShuffleStrategy(shuffle)
+    try:
+        counts = np.random.default_rng(1).integers(0, 1000, 5000)
+        ds = ray_session.data.from_items([{"n_tokens": int(n)} for n in counts],
+                                         override_num_blocks=7).materialize()
+        assert _column_sum(ds, "n_tokens") == int(counts.sum())
+        assert _column_sum(ds.filter(lambda r: False).materialize(), "n_tokens") == 0
+    finally:
+        ctx.shuffle_strategy = previous
