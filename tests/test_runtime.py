@@ -123,10 +123,9 @@ def test_a_spill_file_goes_when_its_object_is_freed(tmp_path):
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_max_fused_object_count")}
-    import psutil
-
     # a ~100 MB object store (Ray's floor is 75 MiB), whatever the machine's memory
-    env["RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION"] = str(100e6 / psutil.virtual_memory().total)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    env["RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION"] = str(100e6 / memory)
     out = subprocess.run([sys.executable, "-c", SPILL_PROBE], capture_output=True, text=True, env=env,
                          timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -346,8 +346,7 @@ def _sorted_blocks(part: Any, engine: str = "auto") -> list[tuple[Any, int]]:
 
     from bigopt.data.engine import choose_engine, submit
 
-    size = part.size_bytes() or 0
-    if choose_engine(size, engine) == "single":
+    if choose_engine(part.size_bytes() or 0, engine) == "single":
         return [(submit(_sort_blocks, *part.to_arrow_refs()), part.count())]
     # Ray Data's sort (a map/reduce shuffle whose intermediate objects the driver owns) took the
     # driver from 314 to 481 MB on the 10M-row train split. Merging the blocks first (fewer map x
