@@ -330,64 +330,88 @@ def _sort_blocks(*blocks: Any) -> Any:
     return concat(blocks).sort_by(ORDER_KEY)
 
 
-def _first_key(block: Any) -> int | str:
-    """Ray task body: the first ``ORDER_KEY`` of a sorted, non-empty block."""
-    return block[ORDER_KEY][0].as_py()
+class SortedSplit:
+    """A split's rows in ``ORDER_KEY`` order as consecutive blocks that are made on demand:
+    ``rows[i]`` rows in block ``i``, ``sort(i)`` submits the task that makes it (a ref)."""
+
+    def __init__(self, rows: list[int], sort: Callable[[int], Any],
+                 cleanup: Callable[[], None] | None = None) -> None:
+        self.rows, self.sort, self.cleanup = rows, sort, cleanup
 
 
-def _sorted_blocks(part: Any, engine: str = "auto") -> list[tuple[Any, int]]:
-    """``part`` (materialized) in ``ORDER_KEY`` order, key kept, as (block ref, rows) in order;
-    the same rows in the same order either way. The engine rule decides: a split the single
-    path would hold is sorted by pyarrow in one Ray task (0.1-3 s for Fashion-MNIST's 220 MB),
-    a larger one by Ray Data's distributed sort (sample, map and reduce tasks). Its blocks
-    hold disjoint key ranges, but the order they come out in follows the execution (at 1M
-    rows 3 of them once came out of place), so they are put in order by their first keys."""
-    import ray
-
+def sort_split(part: Any, run: RunDir, split: str, engine: str = "auto") -> SortedSplit:
+    """``part`` (materialized, with its order key) as a :class:`SortedSplit`; the same rows in
+    the same order either way. The engine rule decides: a split the single path would hold is
+    sorted by pyarrow in one Ray task (0.1-3 s for Fashion-MNIST's 220 MB); a larger one is
+    range-partitioned through Parquet files and sorted a range at a time
+    (``bigopt.data.range_sort``: no global shuffle, nothing per row in the driver). Once this
+    returns, ``part`` is no longer needed: the caller can drop it before the shards are cut."""
+    from bigopt.data import range_sort
     from bigopt.data.engine import choose_engine, submit
 
     if choose_engine(part.size_bytes() or 0, engine) == "single":
-        return [(submit(_sort_blocks, *part.to_arrow_refs()), part.count())]
-    # Ray Data's sort (a map/reduce shuffle whose intermediate objects the driver owns) took the
-    # driver from 314 to 481 MB on the 10M-row train split. Merging the blocks first (fewer map x
-    # reduce objects) made one more 17 GB copy, which Ray could not spill: BENCHMARKS 7c.
-    ordered = part.sort(ORDER_KEY).materialize()
-    blocks = [(entry.ref, entry.metadata.num_rows) for bundle in ordered.iter_internal_ref_bundles()
-              for entry in bundle.blocks if entry.metadata.num_rows]
-    firsts = ray.get([submit(_first_key, ref) for ref, _ in blocks])
-    return [blocks[i] for i in sorted(range(len(blocks)), key=firsts.__getitem__)]
+        refs = part.to_arrow_refs()
+        return SortedSplit([part.count()], lambda _: submit(_sort_blocks, *refs))
+    schema = part.schema()
+    seeded = str(schema.types[schema.names.index(ORDER_KEY)]).startswith("int")
+    plan = range_sort.partition(part, run.fs, run.sub("_sort"), ORDER_KEY, seeded=seeded)
+    return SortedSplit(plan.range_rows, plan.sort, plan.remove)
+
+
+#: Shard writes in flight per CPU: enough to keep the cluster busy, few enough that only the
+#: ranges they read (and the next one, sorted ahead) are held.
+WRITES_IN_FLIGHT_PER_CPU = 2
 
 
 def write_shards(part: Any, run: RunDir, split: str, rows: int, rows_per_shard: int,
                  engine: str = "auto") -> None:
-    """Write one split as Parquet shards: same source, spec and seed -> same rows, same order,
-    same shard boundaries and names. Each shard is cut out of the sorted blocks (their row
-    counts give each shard's rows) by the task that writes it: no repartition, whose output
-    would be one more copy of the split."""
+    """Write one split as Parquet shards (:func:`sort_split`, then :func:`write_sorted`)."""
+    write_sorted(sort_split(part, run, split, engine), run, split, rows, rows_per_shard)
+
+
+def write_sorted(ordered: SortedSplit, run: RunDir, split: str, rows: int,
+                 rows_per_shard: int) -> None:
+    """Write one sorted split as Parquet shards: same source, spec and seed -> same rows, same
+    order, same shard boundaries and names. Each shard is cut out of the sorted blocks (their
+    row counts give each shard's rows) by the task that writes it; a block is made just before
+    the first shard that needs it (the next one too, so the CPUs do not wait on it) and
+    dropped after the last."""
     import ray
 
     from bigopt.data.engine import submit
     from bigopt.data.partition import row_group_rows
 
-    blocks = _sorted_blocks(part, engine)
-    starts = np.cumsum([0] + [n for _, n in blocks])
+    starts = np.cumsum([0] + ordered.rows)
     if int(starts[-1]) != rows:
         raise RuntimeError(f"data: the sorted {split} split has {int(starts[-1])} rows, not {rows}")
     # a data stage run again into the same run dir replaces its shards, never mixes them
     run.fs.delete_dir_contents(run.sub(split), missing_dir_ok=True)
     run.fs.create_dir(run.sub(split), recursive=True)
     shards = max(1, math.ceil(rows / rows_per_shard))
-    pending = []
+    in_flight = WRITES_IN_FLIGHT_PER_CPU * max(1, int(ray.available_resources().get("CPU", 1)))
+    made: dict[int, Any] = {}
+    pending: list[Any] = []
     for k in range(shards):
         lo, hi = k * rows // shards, (k + 1) * rows // shards  # an even cut: sizes differ by <= 1
         # the blocks holding rows [lo, hi), and each one's slice of them
         first, end = np.searchsorted(starts, lo, "right") - 1, np.searchsorted(starts, hi, "left")
-        pieces = [(blocks[i][0], (max(lo, starts[i]) - starts[i], min(hi, starts[i + 1]) - starts[i]))
-                  for i in range(first, end) if starts[i + 1] > starts[i]]
+        needed = [i for i in range(first, end) if starts[i + 1] > starts[i]]
+        for i in [*needed, end]:  # and the next block, sorted ahead
+            if i < len(ordered.rows) and ordered.rows[i] and i not in made:
+                made[i] = ordered.sort(i)
+        for i in [i for i in made if i < first]:
+            del made[i]  # its last shard is submitted; the write tasks hold it from here
+        while len(pending) >= in_flight:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)  # a failed write fails the stage here, not at the end
+        cuts = [(int(max(lo, starts[i]) - starts[i]), int(min(hi, starts[i + 1]) - starts[i]))
+                for i in needed]
         pending.append(submit(_write_shard, run.fs, run.sub(f"{split}/{split}-{k:05d}.parquet"),
-                              row_group_rows(rows_per_shard), [(int(a), int(b)) for _, (a, b) in pieces],
-                              *[ref for ref, _ in pieces]))
+                              row_group_rows(rows_per_shard), cuts, *[made[i] for i in needed]))
+    made.clear()
     ray.get(pending)
+    if ordered.cleanup is not None:
+        ordered.cleanup()
 
 
 def _write_shard(fs: Any, path: str, row_group: int, cuts: list[tuple[int, int]],
@@ -482,17 +506,16 @@ def _write_splits(spec: JobSpec, kept: Any, run: RunDir,
                          "rows_added": augmented_rows}
             n = part.count()
         started = time.time()
-        write_shards(part, run, name, n, spec.data.rows_per_shard, spec.data.engine)
-        written = time.time()
         key = "path" if count_column else "id"
-        per_split[name] = {
-            "rows": n,
-            "tokens": _column_sum(part, count_column) if count_column else 0,
-            "files": _count_distinct(part, key, spec.data.engine),
-            "shards": _shards(run, name),
-        }
-        log.info("data: %s split, %d rows: sorted and written in %.1f s, counted in %.1f s", name,
-                 n, written - started, time.time() - written)
+        tokens = _column_sum(part, count_column) if count_column else 0
+        files = _count_distinct(part, key, spec.data.engine)
+        counted = time.time()
+        ordered = sort_split(part, run, name, spec.data.engine)
+        del part  # the sorted split holds the rows now (at 10M rows, 17 GB less in the store)
+        write_sorted(ordered, run, name, n, spec.data.rows_per_shard)
+        per_split[name] = {"rows": n, "tokens": tokens, "files": files, "shards": _shards(run, name)}
+        log.info("data: %s split, %d rows: counted in %.1f s, sorted and written in %.1f s", name,
+                 n, counted - started, time.time() - counted)
     return per_split, augmented
 
 

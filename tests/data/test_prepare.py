@@ -116,13 +116,18 @@ def test_the_data_stage_driver_does_not_import_torch():
 @pytest.mark.parametrize("engine,storage", [("single", "local"), ("distributed", "local"),
                                             ("distributed", "s3")])
 def test_write_shards_cuts_the_sorted_split_evenly_and_replaces_old_shards(
-        ray_session, s3_server, tmp_path, engine, storage):
+        ray_session, s3_server, tmp_path, monkeypatch, engine, storage):
     """Shards are the split in order-key order, cut evenly (sizes differ by at most one row)
     straight out of the sorted blocks by their write tasks (on local disk and on S3), named
     ``<split>-NNNNN.parquet``; writing the split again with fewer shards leaves none of the old
-    files behind."""
+    files behind, nor the distributed sort's scratch files. The distributed path's key ranges
+    and partition files are made small here (a 20 KB split) so that shards span ranges."""
     import pyarrow as pa
     import ray
+    from pyarrow.fs import FileType
+
+    monkeypatch.setattr("bigopt.data.range_sort.RANGE_BYTES", 2000)
+    monkeypatch.setattr("bigopt.data.range_sort.GROUP_BYTES", 5000)
 
     from bigopt.data.prepare import ORDER_KEY, write_shards
 
@@ -141,6 +146,7 @@ def test_write_shards_cuts_the_sorted_split_evenly_and_replaces_old_shards(
     write_shards(ds.materialize(), run, "train", 1000, 400, engine)
     assert sorted(p.split("/")[-1] for p in run.list("train")) == [
         "train-00000.parquet", "train-00001.parquet", "train-00002.parquet"]
+    assert run.fs.get_file_info(run.sub("_sort")).type == FileType.NotFound
 
 
 @pytest.mark.parametrize("shuffle", ["sort_shuffle_pull_based", "hash_shuffle"])
