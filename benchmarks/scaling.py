@@ -24,6 +24,7 @@ runs at the sizes given by ``--baseline`` in a
 subprocess with a one-hour limit.
 
     python benchmarks/scaling.py --sizes 10000 100000 1000000 10000000 --baseline 10000 100000 1000000
+    python benchmarks/scaling.py --sizes --baseline 10000000   # the baseline alone
 """
 
 from __future__ import annotations
@@ -169,7 +170,8 @@ def plain(path: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000],
+                        help="rows per bigopt run (none: only the --baseline sizes)")
     parser.add_argument("--baseline", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--root", default="/tmp/bigopt-scaling")
     parser.add_argument("--max-load", type=float, default=1.5)
@@ -192,9 +194,9 @@ def main() -> None:
             with open(args.json, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
 
-    for n in args.sizes:
+    for n in sorted(set(args.sizes) | set(args.baseline)):
         path = corpus(n, args.root)
-        for attempt in range(1, args.tries + 1):
+        for attempt in range(1, args.tries + 1 if n in args.sizes else 1):
             while os.getloadavg()[0] > args.max_load and attempt < args.tries:
                 time.sleep(20)  # wait for a quiet machine before the try
             record = bigopt_size(n, path, os.path.join(args.root, "storage"), args.engine)
@@ -215,6 +217,10 @@ def main() -> None:
                     record = json.loads(out.stdout.strip().splitlines()[-1])
             except subprocess.TimeoutExpired:
                 record = {"seconds": None, "note": "did not finish within an hour"}
+            import resource  # the largest child's peak RSS so far (this one, if it ran alone)
+
+            record["children_peak_rss_mb"] = round(
+                resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
             emit({"kind": "baseline", "rows": n, **record, "load_before": round(load_before, 2),
                   "load_after": round(os.getloadavg()[0], 2)})
 
