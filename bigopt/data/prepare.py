@@ -388,7 +388,7 @@ def write_sorted(ordered: SortedSplit, run: RunDir, split: str, rows: int,
     run.fs.delete_dir_contents(run.sub(split), missing_dir_ok=True)
     run.fs.create_dir(run.sub(split), recursive=True)
     shards = max(1, math.ceil(rows / rows_per_shard))
-    in_flight = WRITES_IN_FLIGHT_PER_CPU * max(1, int(ray.available_resources().get("CPU", 1)))
+    in_flight = WRITES_IN_FLIGHT_PER_CPU * max(1, int(ray.cluster_resources().get("CPU", 1)))
     made: dict[int, Any] = {}
     pending: list[Any] = []
     for k in range(shards):

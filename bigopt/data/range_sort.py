@@ -111,7 +111,7 @@ def partition(part: Any, fs: Any, scratch: str, key: str, *, seeded: bool,
     paths = [f"{scratch}/part-{g:05d}.parquet" for g in range(len(groups))]
     # a few groups at a time: Ray pulls (or restores from spill) a queued task's arguments
     # before it runs, so submitting them all would ask for the whole split at once
-    in_flight = 2 * max(1, int(ray.available_resources().get("CPU", 1)))
+    in_flight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
     pending: dict[Any, int] = {}
     counts = np.zeros((len(groups), max(1, len(cuts) + 1)), dtype=np.int64)
     for g, refs in enumerate(groups):
