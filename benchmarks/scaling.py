@@ -33,6 +33,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -196,7 +197,7 @@ def main() -> None:
 
     for n in sorted(set(args.sizes) | set(args.baseline)):
         path = corpus(n, args.root)
-        for attempt in range(1, args.tries + 1 if n in args.sizes else 1):
+        for attempt in range(1, args.tries + 1) if n in args.sizes else ():
             while os.getloadavg()[0] > args.max_load and attempt < args.tries:
                 time.sleep(20)  # wait for a quiet machine before the try
             record = bigopt_size(n, path, os.path.join(args.root, "storage"), args.engine)
@@ -217,8 +218,7 @@ def main() -> None:
                     record = json.loads(out.stdout.strip().splitlines()[-1])
             except subprocess.TimeoutExpired:
                 record = {"seconds": None, "note": "did not finish within an hour"}
-            import resource  # the largest child's peak RSS so far (this one, if it ran alone)
-
+            # the largest child's peak RSS so far (this one, if it ran alone)
             record["children_peak_rss_mb"] = round(
                 resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
             emit({"kind": "baseline", "rows": n, **record, "load_before": round(load_before, 2),

@@ -330,13 +330,15 @@ def _sort_blocks(*blocks: Any) -> Any:
     return concat(blocks).sort_by(ORDER_KEY)
 
 
+@dataclass
 class SortedSplit:
     """A split's rows in ``ORDER_KEY`` order as consecutive blocks that are made on demand:
-    ``rows[i]`` rows in block ``i``, ``sort(i)`` submits the task that makes it (a ref)."""
+    ``rows[i]`` rows in block ``i``, ``sort(i)`` submits the task that makes it (a ref);
+    ``cleanup`` removes what the sort left on storage."""
 
-    def __init__(self, rows: list[int], sort: Callable[[int], Any],
-                 cleanup: Callable[[], None] | None = None) -> None:
-        self.rows, self.sort, self.cleanup = rows, sort, cleanup
+    rows: list[int]
+    sort: Callable[[int], Any]
+    cleanup: Callable[[], None] | None = None
 
 
 def sort_split(part: Any, run: RunDir, split: str, engine: str = "auto") -> SortedSplit:
@@ -376,17 +378,27 @@ def write_sorted(ordered: SortedSplit, run: RunDir, split: str, rows: int,
     row counts give each shard's rows) by the task that writes it; a block is made just before
     the first shard that needs it (the next one too, so the CPUs do not wait on it) and
     dropped after the last."""
+    try:
+        starts = np.cumsum([0] + ordered.rows)
+        if int(starts[-1]) != rows:
+            raise RuntimeError(f"data: the sorted {split} split has {int(starts[-1])} rows, "
+                               f"not {rows}")
+        # a data stage run again into the same run dir replaces its shards, never mixes them
+        run.fs.delete_dir_contents(run.sub(split), missing_dir_ok=True)
+        run.fs.create_dir(run.sub(split), recursive=True)
+        _write_sorted_shards(ordered, run, split, rows, rows_per_shard, starts)
+    finally:  # the scratch goes whether or not the shards were written
+        if ordered.cleanup is not None:
+            ordered.cleanup()
+
+
+def _write_sorted_shards(ordered: SortedSplit, run: RunDir, split: str, rows: int,
+                         rows_per_shard: int, starts: np.ndarray) -> None:
     import ray
 
     from bigopt.data.engine import submit
     from bigopt.data.partition import row_group_rows
 
-    starts = np.cumsum([0] + ordered.rows)
-    if int(starts[-1]) != rows:
-        raise RuntimeError(f"data: the sorted {split} split has {int(starts[-1])} rows, not {rows}")
-    # a data stage run again into the same run dir replaces its shards, never mixes them
-    run.fs.delete_dir_contents(run.sub(split), missing_dir_ok=True)
-    run.fs.create_dir(run.sub(split), recursive=True)
     shards = max(1, math.ceil(rows / rows_per_shard))
     in_flight = WRITES_IN_FLIGHT_PER_CPU * max(1, int(ray.cluster_resources().get("CPU", 1)))
     made: dict[int, Any] = {}
@@ -410,8 +422,6 @@ def write_sorted(ordered: SortedSplit, run: RunDir, split: str, rows: int,
                               row_group_rows(rows_per_shard), cuts, *[made[i] for i in needed]))
     made.clear()
     ray.get(pending)
-    if ordered.cleanup is not None:
-        ordered.cleanup()
 
 
 def _write_shard(fs: Any, path: str, row_group: int, cuts: list[tuple[int, int]],

@@ -114,16 +114,20 @@ def partition(part: Any, fs: Any, scratch: str, key: str, *, seeded: bool,
     in_flight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
     pending: dict[Any, int] = {}
     counts = np.zeros((len(groups), max(1, len(cuts) + 1)), dtype=np.int64)
-    for g, refs in enumerate(groups):
-        while len(pending) >= in_flight:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            counts[pending.pop(done[0])] = ray.get(done[0])
-        pending[submit(_partition_to_file, fs, paths[g], key, cuts, *refs)] = g
-    for ref, g in pending.items():
-        counts[g] = ray.get(ref)
-    rows = sum(n for _, n, _ in blocks)
-    if int(counts.sum()) != rows:
-        raise RuntimeError(f"data: partitioned {int(counts.sum())} rows of {rows}")
+    try:
+        for g, refs in enumerate(groups):
+            while len(pending) >= in_flight:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                counts[pending.pop(done[0])] = ray.get(done[0])
+            pending[submit(_partition_to_file, fs, paths[g], key, cuts, *refs)] = g
+        for ref, g in pending.items():
+            counts[g] = ray.get(ref)
+        rows = sum(n for _, n, _ in blocks)
+        if int(counts.sum()) != rows:
+            raise RuntimeError(f"data: partitioned {int(counts.sum())} rows of {rows}")
+    except BaseException:
+        fs.delete_dir(scratch)  # a failed partition leaves no scratch behind
+        raise
     log.info("data: %d rows in %d key ranges through %d files", rows, counts.shape[1], len(paths))
     return RangePlan(fs, scratch, paths, counts, key)
 
