@@ -16,6 +16,10 @@ heard": one cogroup and one ``Min`` aggregation per round, until no label change
 with a filter + count. It converges
 in as many rounds as the longest shortest path in a component (a handful for near-duplicate
 clusters), and its result equals union-find's with the smallest key as root.
+
+:func:`label_components` is the same labelling for an edge table that fits one task: scipy's
+connected components over the keys' ranks, so each component's smallest rank is its smallest
+key (Arrow sorts strings by their UTF-8 bytes, which is Python's order of code points).
 """
 
 from __future__ import annotations
@@ -130,3 +134,24 @@ def components(edges: Any, partitions: int) -> Any:
             return labels
     raise RuntimeError(f"components: labels still changing after {MAX_ROUNDS} rounds (a chain "
                        f"of over {MAX_ROUNDS} near-duplicates?)")
+
+
+def label_components(edges: Any, u: str, v: str) -> tuple[Any, np.ndarray]:
+    """An edge table's nodes (columns ``u``, ``v``: strings) as ``{node, label}``, nodes in key
+    order, each labelled with its component's smallest node; also each node's component id."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    ends = pa.chunked_array([*edges.column(u).chunks, *edges.column(v).chunks], pa.string())
+    nodes = pc.unique(ends)
+    nodes = nodes.take(pc.sort_indices(nodes))
+    rank_u = pc.index_in(edges.column(u), value_set=nodes).to_numpy(zero_copy_only=False)
+    rank_v = pc.index_in(edges.column(v), value_set=nodes).to_numpy(zero_copy_only=False)
+    n = len(nodes)
+    graph = coo_matrix((np.ones(len(rank_u), dtype=np.int8), (rank_u, rank_v)), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    smallest = np.full(component.max() + 1 if n else 0, n, dtype=np.int64)
+    np.minimum.at(smallest, component, np.arange(n))
+    return pa.table({"node": nodes, "label": nodes.take(smallest[component])}), component

@@ -42,20 +42,22 @@ few largest groups.
    rule (``bigopt.data.engine.fits_one_task``) decides again here: the signatures of the keys
    in some pair are fetched by a filter that receives the pairs' key set by reference (a
    broadcast semi-join), and where pairs and signatures fit one task, steps 4 and 5 run there
-   with the single path's own ``_clusters`` (numpy, union-find). Over the rule, each pair's
-   two signatures are brought together by two key-grouped shuffles
-   (``bigopt.data.components.cogroup``: a join without polars).
+   with the single path's own ``_clusters`` (numpy, union-find). Over the rule (10M rows:
+   ~1 GB), each pair's two signatures are brought together by a hash join written as plain
+   Ray tasks (``bigopt.data.pair_join``: partitions as task outputs, no Ray Data shuffle).
 5. *Clusters*: connected components of the verified pairs, every node labelled with its
-   component's smallest key, the kept one (over the rule: min-label propagation on Ray Data,
-   ``bigopt.data.components.components``). Transitive chains (A~B, B~C) become one cluster
-   even when A and C are less similar than ``threshold``. ``action: drop`` rejects the others
-   with ``near_duplicate: ~J=0.87 with <kept key>`` (the estimated Jaccard with the kept row);
-   ``action: group`` rejects nothing and adds a ``group`` column (the cluster's kept key, or a
-   row's own key) so the split keeps a cluster on one side. Each row's decision is a lookup
-   of its key in the members' table, sent to the row tasks by reference where it fits one
-   task (a broadcast join), else a cogroup of the rows with it: no key set comes to the
-   driver or rides in a closure; the driver sees counts and the report's five largest
-   clusters.
+   component's smallest key, the kept one. Over the rule for pairs and signatures, the verified
+   pairs (two keys and a similarity each) are clustered in one task where they fit (scipy's
+   connected components, ``bigopt.data.components.label_components``), else by min-label
+   propagation on Ray Data (``bigopt.data.components.components``). Transitive chains (A~B,
+   B~C) become one cluster even when A and C are less similar than ``threshold``. ``action:
+   drop`` rejects the others with ``near_duplicate: ~J=0.87 with <kept key>`` (the estimated
+   Jaccard with the kept row); ``action: group`` rejects nothing and adds a ``group`` column
+   (the cluster's kept key, or a row's own key) so the split keeps a cluster on one side. Each
+   row's decision is a lookup of its key in the members' table, sent to the row tasks by
+   reference where it fits one task (a broadcast join), else a cogroup of the rows with it: no
+   key set comes to the driver or rides in a closure; the driver sees counts and the report's
+   five largest clusters.
 
 The single-task path (``near_duplicates_single``, for inputs the engine rule calls small)
 makes the same decisions in one process: the same signatures and band hashes, buckets by a
@@ -612,7 +614,8 @@ def near_duplicates(ds: Any, step: Any, ctx: StepContext) -> StepOutput:
              .select_columns(["a", "b"]).materialize())
     n_candidates = pairs.count()
     clock.append(time.perf_counter())
-    found = _near_clusters(ds, sigs, pairs, ctx, threshold, action, parts) if n_candidates else None
+    found = (_near_clusters(ds, sigs, pairs, ctx, threshold, action, parts, num_perm)
+             if n_candidates else None)
     clock.append(time.perf_counter())
     verified = found["verified"] if found else 0
     log.info("near_dedup: signatures %.1f s, LSH buckets and candidate pairs %.1f s, verification "
@@ -637,31 +640,23 @@ def near_duplicates(ds: Any, step: Any, ctx: StepContext) -> StepOutput:
     return StepOutput(out.kept, out.rejected, details, task_arg_bytes=out.task_arg_bytes)
 
 
-def _sig_bytes(rows: list[dict[str, Any]]) -> bytes:
-    return np.asarray(rows[0]["sig"], dtype=np.uint32).tobytes()
-
-
-def _similar(sig: bytes, other: Any) -> float:
-    """Share of equal signature entries: the same estimate as the single path's matrix."""
-    return float((np.frombuffer(sig, dtype=np.uint32) == np.asarray(other, dtype=np.uint32)).mean())
-
-
 def _near_clusters(ds: Any, sigs: Any, pairs: Any, ctx: StepContext, threshold: float,
-                   action: str, parts: int) -> dict[str, Any]:
+                   action: str, parts: int, num_perm: int) -> dict[str, Any]:
     """Verification, clusters, kept keys and each row's decision, all in Ray tasks: the driver
     sees counts and the report's few examples. Each part takes the engine rule
     (``fits_one_task``): the candidate pairs and their signatures are usually a small share of
     the rows (a tenth of them at 10 % near-copies), so where they fit one task they are
     verified and clustered there with the single path's own ``_clusters``, and the smaller side
     of each lookup goes to the tasks by reference (a broadcast join); above the rule, every
-    lookup is a shuffle (``bigopt.data.components``: cogroups and min-label propagation)."""
+    signatures are hash-partitioned by Ray tasks (``bigopt.data.pair_join``) and the verified
+    pairs clustered in one task where they fit (``_clusters_partitioned``)."""
     from bigopt.data.engine import fits_one_task
 
     sigs = _signatures_in_pairs(sigs, pairs, ctx.key, parts)
     if fits_one_task(sigs.size_bytes() + pairs.size_bytes()):
         found = _clusters_in_task(sigs, pairs, ctx.key, threshold, action)
     else:
-        found = _clusters_shuffled(sigs, pairs, ctx.key, threshold, parts)
+        found = _clusters_partitioned(sigs, pairs, ctx.key, threshold, parts, num_perm)
     labels, kept_of = found.pop("labels", None), found.pop("kept_of", None)
     if found["verified"] == 0:
         found["marked"] = ds.map_batches(_no_reason, fn_kwargs={"key": ctx.key,
@@ -755,40 +750,106 @@ def _clusters_in_task(sigs: Any, pairs: Any, key: str, threshold: float,
     return {**ray.get(summary), "labels": labels, "kept_of": kept_of}
 
 
-def _clusters_shuffled(sigs: Any, pairs: Any, key: str, threshold: float,
-                       parts: int) -> dict[str, Any]:
-    """The same as ``_cluster_task`` for pair tables over the rule: every lookup a cogroup,
-    the clusters by min-label propagation (``bigopt.data.components``)."""
+def _components_task(*edges: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """Ray task: verified pairs ``{a, b}`` -> labels ``{node, label}``, members ``{m, r}`` (each
+    non-kept node and its kept key) and a summary (clusters, rows, bytes, the largest clusters)."""
     import pyarrow as pa
-    from ray.data.expressions import col
+    import pyarrow.compute as pc
 
-    from bigopt.data.components import cogroup, components
+    from bigopt.data.components import label_components
+    from bigopt.data.engine import concat
 
-    s, f = pa.string(), pa.float64()
-    # each candidate pair's estimated Jaccard: a's signature attached by a, compared by b
-    with_a = cogroup(pairs, sigs, "a", key, lambda k, p, sg: [
-        {"a": r["a"], "b": r["b"], "sig": _sig_bytes(sg)} for r in p],
-        {"a": s, "b": s, "sig": pa.binary()}, parts)
-    verified = cogroup(with_a, sigs, "b", key, lambda k, p, sg: [
-        {"a": r["a"], "b": r["b"], "sim": _similar(r["sig"], sg[0]["sig"])} for r in p],
-        {"a": s, "b": s, "sim": f}, parts).filter(expr=col("sim") >= threshold).materialize()
-    n_verified = verified.count()
+    labels, component = label_components(concat(edges), "a", "b")
+    sizes = np.bincount(component)
+    # the largest clusters, ties by kept key: a component's id follows its smallest node's rank
+    smallest = np.full(len(sizes), len(component), dtype=np.int64)
+    np.minimum.at(smallest, component, np.arange(len(component)))
+    top = np.lexsort((smallest, -sizes))[:EXAMPLES]
+    nodes = labels.column("node")
+    moved = pc.not_equal(nodes, labels.column("label"))
+    members = pa.table({"m": nodes.filter(moved), "r": labels.column("label").filter(moved)})
+    return labels, members, {
+        "clusters": len(sizes), "rows_in_clusters": labels.num_rows, "labels_bytes": labels.nbytes,
+        "members_bytes": members.nbytes,
+        "top": [(str(nodes[int(smallest[c])]), int(sizes[c])) for c in top]}
+
+
+def _examples_task(top: list[tuple[str, int]], *kept_of: Any) -> list[dict[str, Any]]:
+    """Ray task: the report's largest clusters with their first members by key, from the
+    members' similarities ``{m, r, sim}``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from bigopt.data.engine import concat
+
+    table = concat(kept_of)
+    table = table.filter(pc.is_in(table.column("r"), value_set=pa.array([r for r, _ in top], pa.string())))
+    similar: dict[str, list[tuple[str, float]]] = {r: [] for r, _ in top}
+    for m, r, sim in zip(*(table.column(c).to_pylist() for c in ("m", "r", "sim")), strict=True):
+        similar[r].append((m, sim))
+    return [{"kept": root, "rows": n,
+             "similar": [{"key": m, "jaccard": round(sim, 3)} for m, sim in sorted(similar[root])
+                         ][:EXAMPLES]} for root, n in top]
+
+
+def _one_side(refs: list[Any], nbytes: int) -> Any:
+    """Tables in the object store as what ``_mark_near`` takes: one table's ref where they fit
+    one task (sent by reference), else a Dataset (cogrouped with the rows)."""
+    import ray
+
+    from bigopt.data.engine import fits_one_task, submit
+
+    return submit(_one_table, *refs) if fits_one_task(nbytes) else ray.data.from_arrow_refs(refs)
+
+
+def _clusters_partitioned(sigs: Any, pairs: Any, key: str, threshold: float, parts: int,
+                          num_perm: int) -> dict[str, Any]:
+    """The same as ``_cluster_task`` for pair tables over the rule, with nothing per row in
+    the driver and no Ray Data shuffle where the verified pairs fit one task: each pair's two
+    signatures met by a hash join in Ray tasks (``bigopt.data.pair_join``), the verified pairs
+    (keys and a similarity, a fraction of the candidates) clustered in one task, each member's
+    similarity with its kept key by the same join. Verified pairs over the rule are clustered
+    by min-label propagation on Ray Data (``bigopt.data.components``)."""
+    import ray
+
+    from bigopt.data import pair_join
+    from bigopt.data.engine import fits_one_task, submit
+    from bigopt.data.range_sort import block_refs
+
+    pair_blocks = block_refs(pairs)
+    signatures = pair_join.partition_signatures(block_refs(sigs), key, num_perm,
+                                                sum(b for _, _, b in pair_blocks))
+    edges, n_verified, edge_bytes = pair_join.similarities(pair_blocks, "a", "b", signatures,
+                                                           min_sim=threshold)
+    log.info("near_dedup: %d verified pairs (%.1f MB) from %d hash partitions", n_verified,
+             edge_bytes / 2**20, signatures.parts)
     if n_verified == 0:
         return {"verified": 0, "clusters": 0, "rows_in_clusters": 0, "removed": 0, "examples": []}
-    edges = verified.map_batches(lambda b: {"u": np.concatenate([b["a"], b["b"]]),
-                                            "v": np.concatenate([b["b"], b["a"]])}, batch_size=4096)
-    labels = components(edges.materialize(), parts)  # node -> its cluster's smallest key
-    members = labels.filter(lambda r: r["node"] != r["label"])
-    with_m = cogroup(members, sigs, "node", key, lambda k, m, sg: [
-        {"m": r["node"], "r": r["label"], "sig": _sig_bytes(sg)} for r in m],
-        {"m": s, "r": s, "sig": pa.binary()}, parts)
-    kept_of = cogroup(with_m, sigs, "r", key, lambda k, m, sg: [
-        {"m": r["m"], "r": r["r"], "sim": _similar(r["sig"], sg[0]["sig"])} for r in m],
-        {"m": s, "r": s, "sim": f}, parts).materialize()
-    return {"verified": n_verified, "labels": labels, "kept_of": kept_of,
+    if fits_one_task(edge_bytes):
+        labels_ref, members_ref, summary_ref = submit(_components_task, *edges, returns=3)
+        summary = ray.get(summary_ref)
+        members = [(members_ref, summary["rows_in_clusters"] - summary["clusters"],
+                    summary["members_bytes"])]
+        kept_of, removed, kept_bytes = pair_join.similarities(members, "m", "r", signatures)
+        examples = ray.get(submit(_examples_task, summary["top"], *kept_of))
+        return {"verified": n_verified, "labels": _one_side([labels_ref], summary["labels_bytes"]),
+                "kept_of": _one_side(kept_of, kept_bytes), "clusters": summary["clusters"],
+                "rows_in_clusters": summary["rows_in_clusters"], "removed": removed,
+                "examples": examples}
+    from bigopt.data.components import components
+
+    edges_ds = ray.data.from_arrow_refs(edges).map_batches(
+        lambda b: {"u": np.concatenate([b["a"], b["b"]]), "v": np.concatenate([b["b"], b["a"]])},
+        batch_size=4096)
+    labels = components(edges_ds.materialize(), parts)  # node -> its cluster's smallest key
+    members = labels.filter(lambda r: r["node"] != r["label"]).map_batches(
+        lambda b: {"m": b["node"], "r": b["label"]}, batch_size=65536).materialize()
+    kept_of, removed, _ = pair_join.similarities(block_refs(members), "m", "r", signatures)
+    kept_of_ds = ray.data.from_arrow_refs(kept_of)  # _mark_near sends it by reference if it fits
+    return {"verified": n_verified, "labels": labels, "kept_of": kept_of_ds,
             "clusters": labels.filter(lambda r: r["node"] == r["label"]).count(),
-            "rows_in_clusters": labels.count(), "removed": kept_of.count(),
-            "examples": _cluster_examples(labels, kept_of, parts)}
+            "rows_in_clusters": labels.count(), "removed": removed,
+            "examples": _cluster_examples(labels, kept_of_ds, parts)}
 
 
 def _near_reason_batch(batch: Any, key: str, hits: Any, action: str) -> Any:

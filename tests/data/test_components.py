@@ -1,4 +1,4 @@
-"""Connected components by min-label propagation on Ray Data, against union-find."""
+"""Connected components (min-label propagation on Ray Data; scipy in one task) against union-find."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 import pyarrow as pa
 import pytest
 
-from bigopt.data.components import cogroup, components
+from bigopt.data.components import cogroup, components, label_components
 
 
 def union_find_labels(edges: list[tuple[str, str]]) -> dict[str, str]:
@@ -44,3 +44,18 @@ def test_cogroup_sees_both_sides_of_every_key(ray_session):
         {"key": pa.string(), "xs": pa.int64(), "ys": pa.int64()}, 2)
     assert sorted((r["key"], r["xs"], r["ys"]) for r in out.iter_rows()) == [
         ("a", 4, 10), ("b", 2, 0), ("c", 0, 30)]
+
+
+def test_label_components_match_union_find():
+    """One task's labelling: every node of an edge labelled with its component's smallest key,
+    whatever the edges' direction and order; keys compared as Python compares strings."""
+    rng = random.Random(5)
+    nodes = [f"k{i:03d}" for i in range(60)] + ["é1", "z", "Z", "a b"]
+    edges = [tuple(rng.sample(nodes, 2)) for _ in range(30)]
+    edges += [(f"c{i:02d}", f"c{i + 1:02d}") for i in range(5)][::-1]
+    table = pa.table({"a": [a for a, _ in edges], "b": [b for _, b in edges]})
+    labels, component = label_components(table, "a", "b")
+    got = dict(zip(labels.column("node").to_pylist(), labels.column("label").to_pylist(), strict=True))
+    assert got == union_find_labels(edges)
+    assert labels.column("node").to_pylist() == sorted(got)  # nodes in key order
+    assert len(set(component.tolist())) == len(set(got.values()))

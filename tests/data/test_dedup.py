@@ -219,20 +219,29 @@ def test_large_bucket_pairs_stay_linear():
 
 
 @pytest.mark.parametrize("action", ["drop", "group"])
-def test_pairs_in_one_task_or_shuffled_agree(ray_session, monkeypatch, action):
-    """The engine rule inside near_dedup: candidate pairs small enough are verified and
-    clustered in one task with broadcast lookups; with the rule at 0 bytes every lookup is a
-    shuffle (cogroups, min-label propagation). Same rows, reasons, groups and details."""
-    from bigopt.data import engine
+def test_pairs_in_one_task_partitioned_or_shuffled_agree(ray_session, monkeypatch, caplog, action):
+    """The engine rule inside near_dedup: candidate pairs and signatures small enough are
+    verified and clustered in one task; over the rule (4 KB here) they meet in a hash join of
+    Ray tasks over several partitions and the verified pairs are clustered in one task; with
+    the rule at 0 bytes the clusters come from min-label propagation on Ray Data and every
+    row lookup is a cogroup. Same rows, reasons, groups and details all three ways."""
+    import logging
 
-    results = []
-    for limit in (engine.SINGLE_TASK_MAX_BYTES, 0):
+    from bigopt.data import engine, pair_join
+
+    monkeypatch.setattr(pair_join, "PART_BYTES", 2048)  # several partitions on a small corpus
+    caplog.set_level(logging.INFO, logger="bigopt")
+    results, paths = [], []
+    for limit in (engine.SINGLE_TASK_MAX_BYTES, 4096, 0):
         monkeypatch.setattr(engine, "SINGLE_TASK_MAX_BYTES", limit)
+        caplog.clear()
         ds = corpus_ds(ray_session, blocks=3)
         out = dedup.near_duplicates(ds, near(action=action, threshold=0.84), TEXT)
         details = {k: v for k, v in out.details.items() if k != "phase_seconds"}
         cols = ("path", "group") if action == "group" else ("path",)
         results.append((rows(out.kept, *cols), rows(out.rejected, "path", "reason"), details))
-    assert results[0] == results[1]
+        paths.append(("hash partitions" in caplog.text, "rounds of label propagation" in caplog.text))
+    assert results[0] == results[1] == results[2]
+    assert paths == [(False, False), (True, False), (True, True)]
     assert details["clusters"] == 3 and results[0][0]
     assert action == "group" or len(results[0][1]) == details["rows_removed"] == 5
