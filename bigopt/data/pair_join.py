@@ -181,7 +181,7 @@ def partition_signatures(blocks: list[tuple[Any, int, int]], key: str, width: in
 
     total = sum(b for _, _, b in blocks) + pairs_bytes
     parts = max(1, math.ceil(total / PART_BYTES))
-    groups = _groups(blocks, GROUP_BYTES) or [[]]
+    groups = _groups(blocks, GROUP_BYTES)
     refs = [_as_lists(submit(_split_signatures, key, width, parts, *g, returns=parts), parts)
             for g in groups]
     return PartitionedSignatures(refs, parts, width)
