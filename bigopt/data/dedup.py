@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -421,13 +422,6 @@ def _signature_batch(batch: dict[str, np.ndarray], key: str, content: str, shing
     return {key: batch[key], "sig": minhash_signatures(batch[content], shingle, num_perm)}
 
 
-def _band_rows(batch: dict[str, np.ndarray], key: str, bands: int, rows: int) -> dict[str, np.ndarray]:
-    n = len(batch[key])
-    hashes = band_hashes(np.asarray(batch["sig"]), bands, rows)
-    return {"band": np.tile(np.arange(bands, dtype=np.int32), n), "bucket": hashes.reshape(-1),
-            "key": np.repeat(np.asarray(batch[key], dtype=object), bands)}
-
-
 def _with_partition(batch: dict[str, np.ndarray], parts: int) -> dict[str, np.ndarray]:
     """Tag each band row with its hash partition (by band and bucket): every row of one bucket
     lands in the same partition."""
@@ -601,18 +595,8 @@ def near_duplicates(ds: Any, step: Any, ctx: StepContext) -> StepOutput:
         fn_kwargs={"key": ctx.key, "content": ctx.content, "shingle": shingle, "num_perm": num_perm},
     ).materialize()
     clock.append(time.perf_counter())
-    band_rows = sigs.map_batches(_band_rows, fn_kwargs={"key": ctx.key, "bands": bands, "rows": rows},
-                                 batch_size=1024).materialize()
-    parts = _partitions(band_rows.count())
-    # One shuffle: band rows hash-partitioned by (band, bucket), each partition's buckets found
-    # by a numpy sort in its task; a pair shares buckets in several bands, so a second groupby
-    # keeps each pair once. No bucket id or key comes to the driver.
-    pairs = (band_rows.map_batches(_with_partition, fn_kwargs={"parts": parts}, batch_size=65536)
-             .groupby("part", num_partitions=parts)
-             .map_groups(_partition_pairs, batch_format="numpy")
-             .groupby(["a", "b"], num_partitions=parts).count()
-             .select_columns(["a", "b"]).materialize())
-    n_candidates = pairs.count()
+    parts = _partitions(sigs.count() * bands)
+    pairs, n_candidates = _candidate_pairs(sigs, ctx.key, bands, rows, num_perm)
     clock.append(time.perf_counter())
     found = (_near_clusters(ds, sigs, pairs, ctx, threshold, action, parts, num_perm)
              if n_candidates else None)
@@ -638,6 +622,81 @@ def near_duplicates(ds: Any, step: Any, ctx: StepContext) -> StepOutput:
                    "rows_removed": 0 if action == "group" else found["removed"], "action": action,
                    **params, "examples": found["examples"]}
     return StepOutput(out.kept, out.rejected, details, task_arg_bytes=out.task_arg_bytes)
+
+
+#: Bytes of band rows (band, bucket, key: about 32 bytes each) per hash partition of the
+#: candidates phase.
+BAND_PART_BYTES = 64 * 2**20
+
+
+def _band_partitions(key: str, bands: int, rows: int, width: int, parts: int, *blocks: Any) -> Any:
+    """Ray task: signature blocks' band rows ``{band, bucket, key}`` in ``parts`` hash
+    partitions of (band, bucket), so every row of a bucket lands in one partition."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from bigopt.data.engine import concat
+    from bigopt.data.pair_join import signature_matrix, split_rows
+    from bigopt.data.range_sort import _arrow
+
+    table = concat([_arrow(b) for b in blocks])
+    n = table.num_rows
+    hashes = band_hashes(signature_matrix(table.column("sig"), width), bands, rows)
+    band_rows = {"band": np.tile(np.arange(bands, dtype=np.int32), n), "bucket": hashes.reshape(-1)}
+    where = _with_partition(dict(band_rows), parts)["part"]
+    keys = pc.cast(table.column(key), pa.string()).take(pa.array(np.repeat(np.arange(n), bands)))
+    return split_rows(pa.table({**band_rows, "key": keys}), where, parts)
+
+
+def _bucket_pair_partitions(parts: int, *pieces: Any) -> Any:
+    """Ray task: one (band, bucket) partition's candidate pairs ``{a, b}`` (``_partition_pairs``),
+    in ``parts`` hash partitions of ``a`` (a pair found in several bands meets itself there)."""
+    import pyarrow as pa
+
+    from bigopt.data.engine import concat
+    from bigopt.data.pair_join import hash_partition, split_rows
+
+    table = concat(pieces)
+    found = _partition_pairs({c: table.column(c).to_numpy(zero_copy_only=False)
+                              for c in ("band", "bucket", "key")})
+    out = pa.table({"a": pa.array(found["a"], pa.string()), "b": pa.array(found["b"], pa.string())})
+    return split_rows(out, hash_partition(out.column("a"), parts), parts)
+
+
+def _unique_pairs(*pieces: Any) -> tuple[Any, int]:
+    """Ray task: one partition's pairs, each once; returns (table, rows)."""
+    from bigopt.data.engine import concat
+
+    table = concat(pieces).group_by(["a", "b"]).aggregate([])
+    return table, table.num_rows
+
+
+def _candidate_pairs(sigs: Any, key: str, bands: int, rows: int, num_perm: int) -> tuple[Any, int]:
+    """LSH candidate pairs of the signatures (a materialized Dataset) as a Dataset of ``{a, b}``
+    and their count, by hash partitions in plain Ray tasks (``bigopt.data.pair_join``): band
+    rows split by (band, bucket), each partition's buckets listed by a numpy sort, the pairs
+    split by their first key and kept once. Ray Data's groupby did the same with two hash
+    shuffles (337-348 s at 10M rows, and ~7 MB of the driver's growth there, BENCHMARKS 7c)."""
+    import ray
+
+    from bigopt.data.pair_join import GROUP_BYTES, group_blocks, submit_bounded
+    from bigopt.data.range_sort import block_refs
+
+    blocks = block_refs(sigs)
+    if not blocks:
+        import pyarrow as pa
+
+        return ray.data.from_arrow(pa.table({"a": pa.array([], pa.string()),
+                                             "b": pa.array([], pa.string())})), 0
+    band_parts = max(1, math.ceil(sum(n for _, n, _ in blocks) * bands * 32 / BAND_PART_BYTES))
+    pair_parts = max(1, math.ceil(band_parts / 4))
+    split = submit_bounded([(_band_partitions, key, bands, rows, num_perm, band_parts, *g)
+                            for g in group_blocks(blocks, GROUP_BYTES)], band_parts)
+    found = submit_bounded([(_bucket_pair_partitions, pair_parts, *(s[p] for s in split))
+                            for p in range(band_parts)], pair_parts)
+    unique = submit_bounded([(_unique_pairs, *(f[q] for f in found)) for q in range(pair_parts)], 2)
+    n_pairs = int(sum(ray.get([n for _, n in unique])))
+    return ray.data.from_arrow_refs([t for t, _ in unique]), n_pairs
 
 
 def _near_clusters(ds: Any, sigs: Any, pairs: Any, ctx: StepContext, threshold: float,

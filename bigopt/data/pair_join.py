@@ -67,7 +67,7 @@ def _as_list_column(matrix: np.ndarray) -> Any:
                                              matrix.shape[1])
 
 
-def _split_rows(table: Any, where: np.ndarray, parts: int) -> Any:
+def split_rows(table: Any, where: np.ndarray, parts: int) -> Any:
     """``table``'s rows by partition ``where``: a tuple of ``parts`` tables (one table when
     ``parts`` is 1, as Ray expects of a task with one return). Each part is a copy (``take``),
     so a part's object does not carry the whole table's buffers."""
@@ -88,7 +88,7 @@ def _split_signatures(key: str, width: int, parts: int, *blocks: Any) -> Any:
     table = concat([_arrow(b) for b in blocks])
     keys = pc.cast(table.column(key), pa.string())
     out = pa.table({"k": keys, "sig": _as_list_column(signature_matrix(table.column("sig"), width))})
-    return _split_rows(out, hash_partition(keys, parts), parts)
+    return split_rows(out, hash_partition(keys, parts), parts)
 
 
 def _split_pairs(x: str, y: str, parts: int, *blocks: Any) -> Any:
@@ -101,7 +101,7 @@ def _split_pairs(x: str, y: str, parts: int, *blocks: Any) -> Any:
 
     table = concat([_arrow(b) for b in blocks])
     xs, ys = pc.cast(table.column(x), pa.string()), pc.cast(table.column(y), pa.string())
-    return _split_rows(pa.table({"x": xs, "y": ys}), hash_partition(xs, parts), parts)
+    return split_rows(pa.table({"x": xs, "y": ys}), hash_partition(xs, parts), parts)
 
 
 def _lookup(signatures: Any, keys: Any, width: int) -> np.ndarray:
@@ -123,7 +123,7 @@ def _attach(width: int, parts: int, n_sig: int, *tables: Any) -> Any:
     signatures, pairs = concat(tables[:n_sig]), concat(tables[n_sig:])
     out = pa.table({"x": pairs.column("x"), "y": pairs.column("y"),
                     "sig_x": _as_list_column(_lookup(signatures, pairs.column("x"), width))})
-    return _split_rows(out, hash_partition(pairs.column("y"), parts), parts)
+    return split_rows(out, hash_partition(pairs.column("y"), parts), parts)
 
 
 def _compare(width: int, min_sim: float | None, names: tuple[str, str], n_sig: int,
@@ -156,7 +156,7 @@ class PartitionedSignatures:
         return [group[p] for group in self.refs]
 
 
-def _groups(blocks: list[tuple[Any, int, int]], group_bytes: int) -> list[list[Any]]:
+def group_blocks(blocks: list[tuple[Any, int, int]], group_bytes: int) -> list[list[Any]]:
     groups: list[list[Any]] = [[]]
     size = 0
     for ref, _, nbytes in blocks:
@@ -168,8 +168,29 @@ def _groups(blocks: list[tuple[Any, int, int]], group_bytes: int) -> list[list[A
     return [g for g in groups if g]
 
 
-def _as_lists(refs: Any, parts: int) -> list[Any]:
+def as_list(refs: Any, parts: int) -> list[Any]:
+    """A task's ``parts`` return refs as a list (Ray returns one ref, not a list, for one)."""
     return [refs] if parts == 1 else list(refs)
+
+
+def submit_bounded(calls: list[tuple[Any, ...]], returns: int) -> list[list[Any]]:
+    """``submit(fn, *args, returns=returns)`` for each ``(fn, *args)`` of ``calls``, with at most
+    two tasks per cluster CPU submitted and unfinished: Ray pulls (or restores from spill) a
+    queued task's arguments before it runs, so submitting them all would ask for all their
+    inputs at once. Returns each call's refs as a list."""
+    import ray
+
+    from bigopt.data.engine import submit
+
+    in_flight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    out: list[list[Any]] = []
+    pending: list[Any] = []
+    for fn, *args in calls:
+        while len(pending) >= in_flight:
+            _, pending = ray.wait(pending, num_returns=1, fetch_local=False)
+        out.append(as_list(submit(fn, *args, returns=returns), returns))
+        pending.append(out[-1][0])
+    return out
 
 
 def partition_signatures(blocks: list[tuple[Any, int, int]], key: str, width: int,
@@ -177,13 +198,10 @@ def partition_signatures(blocks: list[tuple[Any, int, int]], key: str, width: in
     """Split signature blocks ``(ref, rows, bytes)`` (``range_sort.block_refs``) into hash
     partitions of their key, ``P`` chosen so one partition and its pairs are about ``PART_BYTES``
     (``PART_BYTES`` read at call time)."""
-    from bigopt.data.engine import submit
-
     total = sum(b for _, _, b in blocks) + pairs_bytes
     parts = max(1, math.ceil(total / PART_BYTES))
-    groups = _groups(blocks, GROUP_BYTES)
-    refs = [_as_lists(submit(_split_signatures, key, width, parts, *g, returns=parts), parts)
-            for g in groups]
+    refs = submit_bounded([(_split_signatures, key, width, parts, *g)
+                           for g in group_blocks(blocks, GROUP_BYTES)], parts)
     return PartitionedSignatures(refs, parts, width)
 
 
@@ -194,18 +212,15 @@ def similarities(pair_blocks: list[tuple[Any, int, int]], x: str, y: str,
     columns ``x`` and ``y``), those under ``min_sim`` dropped; returns (table refs, rows, bytes)."""
     import ray
 
-    from bigopt.data.engine import submit
-
     parts, width, n_sig = sigs.parts, sigs.width, len(sigs.refs)
-    split = [_as_lists(submit(_split_pairs, x, y, parts, *g, returns=parts), parts)
-             for g in _groups(pair_blocks, GROUP_BYTES)]
+    split = submit_bounded([(_split_pairs, x, y, parts, *g)
+                            for g in group_blocks(pair_blocks, GROUP_BYTES)], parts)
     if not split:
         return [], 0, 0
-    attached = [_as_lists(submit(_attach, width, parts, n_sig, *sigs.part(p),
-                                 *(s[p] for s in split), returns=parts), parts)
-                for p in range(parts)]
-    out = [submit(_compare, width, min_sim, (x, y), n_sig, *sigs.part(q), *(a[q] for a in attached),
-                  returns=3) for q in range(parts)]
+    attached = submit_bounded([(_attach, width, parts, n_sig, *sigs.part(p), *(s[p] for s in split))
+                               for p in range(parts)], parts)
+    out = submit_bounded([(_compare, width, min_sim, (x, y), n_sig, *sigs.part(q),
+                           *(a[q] for a in attached)) for q in range(parts)], 3)
     counts = ray.get([rows for _, rows, _ in out])
     sizes = ray.get([nbytes for _, _, nbytes in out])
     return [table for table, _, _ in out], int(sum(counts)), int(sum(sizes))

@@ -245,3 +245,21 @@ def test_pairs_in_one_task_partitioned_or_shuffled_agree(ray_session, monkeypatc
     assert paths == [(False, False), (True, False), (True, True)]
     assert details["clusters"] == 3 and results[0][0]
     assert action == "group" or len(results[0][1]) == details["rows_removed"] == 5
+
+
+@pytest.mark.parametrize("band_part_bytes", [dedup.BAND_PART_BYTES, 4096])
+def test_candidate_pairs_in_tasks_match_one_process(ray_session, monkeypatch, band_part_bytes):
+    """The distributed candidates (band rows hash-partitioned by Ray tasks, pairs kept once)
+    are the single path's: the same pairs with one partition and with many; a bucket of more
+    than MAX_BUCKET_PAIRS_MEMBERS keys (80 copies of one text) too."""
+    monkeypatch.setattr(dedup, "BAND_PART_BYTES", band_part_bytes)
+    texts = {**near_corpus(), **{f"same{i:02d}.py": "x = 1\n" * 40 for i in range(80)}}
+    keys = np.array(sorted(texts), dtype=object)
+    sig = dedup.minhash_signatures([texts[k].encode() for k in keys], 5, 128)
+    sigs = ray_session.data.from_items([{"path": k, "sig": s} for k, s in zip(keys, sig, strict=True)],
+                                       override_num_blocks=3).materialize()
+    bands, rows_per_band = dedup.lsh_params(0.8, 128)
+    pairs, n = dedup._candidate_pairs(sigs, "path", bands, rows_per_band, 128)
+    got = {(r["a"], r["b"]) for r in pairs.iter_rows()}
+    assert got == dedup.local_candidates(keys, sig, bands, rows_per_band)
+    assert n == len(got) == pairs.count() > 2 * 80  # each pair once
