@@ -20,8 +20,9 @@ written as a hash partitioning in Ray tasks, Ray's own "shuffle with tasks" patt
 The signature partitions are split once and serve every join of the step (verification, then
 each member against its kept key). ``P`` is chosen so a partition is about ``PART_BYTES``.
 What the driver holds: object references (groups x P, a few hundred at 10M rows) and one row
-count per partition, nothing per row. Ray spills the partitions to disk as the object store
-fills, as it does any task output.
+count per partition, nothing per row. The helpers (``hash_partition``, ``split_rows``,
+``group_blocks``, ``submit_bounded``) serve near_dedup's candidate pairs the same way. Ray
+spills the partitions to disk as the object store fills, as it does any task output.
 """
 
 from __future__ import annotations
