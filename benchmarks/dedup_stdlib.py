@@ -14,6 +14,12 @@ the recall of the planted copies (share rejected) and any other row rejected (fa
 
     python benchmarks/dedup_stdlib.py                       # stdlib + 10k and 100k rows
     python benchmarks/dedup_stdlib.py --sizes 10000 100000 1000000
+    python benchmarks/dedup_stdlib.py --parts a --rule-bytes 65536   # over-the-rule path
+
+``--rule-bytes`` sets the engine rule's limit (``engine.SINGLE_TASK_MAX_BYTES``, 256 MiB) for
+this process: at 64 KiB the stdlib's candidate pairs and their signatures are over it, so they
+are verified by the hash join in Ray tasks (``bigopt.data.pair_join``) and clustered in one
+task, as 10M rows are; the counts and clusters should not change.
 """
 
 from __future__ import annotations
@@ -141,7 +147,12 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--parts", default="ab")
     parser.add_argument("--cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--rule-bytes", type=int, default=None)
     args = parser.parse_args()
+    if args.rule_bytes is not None:
+        from bigopt.data import engine
+
+        engine.SINGLE_TASK_MAX_BYTES = args.rule_bytes
     logging.basicConfig(level=logging.INFO, format="   [%(name)s] %(message)s")
     logging.getLogger("ray").setLevel(logging.WARNING)
     import ray
