@@ -682,8 +682,8 @@ def _candidate_pairs(sigs: Any, key: str, bands: int, rows: int, num_perm: int) 
     shuffles (337-348 s at 10M rows, and ~7 MB of the driver's growth there, BENCHMARKS 7c)."""
     import ray
 
-    from bigopt.data.pair_join import GROUP_BYTES, group_blocks, submit_bounded
-    from bigopt.data.range_sort import block_refs
+    from bigopt.data.pair_join import GROUP_BYTES, submit_bounded
+    from bigopt.data.range_sort import block_refs, group_blocks
 
     blocks = block_refs(sigs)
     if not blocks:

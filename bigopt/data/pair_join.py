@@ -21,7 +21,7 @@ The signature partitions are split once and serve every join of the step (verifi
 each member against its kept key). ``P`` is chosen so a partition is about ``PART_BYTES``.
 What the driver holds: object references (groups x P, a few hundred at 10M rows) and one row
 count per partition, nothing per row. The helpers (``hash_partition``, ``split_rows``,
-``group_blocks``, ``submit_bounded``) serve near_dedup's candidate pairs the same way. Ray
+``submit_bounded``; ``range_sort.group_blocks``) serve near_dedup's candidate pairs the same way. Ray
 spills the partitions to disk as the object store fills, as it does any task output.
 """
 
@@ -157,18 +157,6 @@ class PartitionedSignatures:
         return [group[p] for group in self.refs]
 
 
-def group_blocks(blocks: list[tuple[Any, int, int]], group_bytes: int) -> list[list[Any]]:
-    groups: list[list[Any]] = [[]]
-    size = 0
-    for ref, _, nbytes in blocks:
-        if groups[-1] and size + nbytes > group_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(ref)
-        size += nbytes
-    return [g for g in groups if g]
-
-
 def as_list(refs: Any, parts: int) -> list[Any]:
     """A task's ``parts`` return refs as a list (Ray returns one ref, not a list, for one)."""
     return [refs] if parts == 1 else list(refs)
@@ -199,6 +187,8 @@ def partition_signatures(blocks: list[tuple[Any, int, int]], key: str, width: in
     """Split signature blocks ``(ref, rows, bytes)`` (``range_sort.block_refs``) into hash
     partitions of their key, ``P`` chosen so one partition and its pairs are about ``PART_BYTES``
     (``PART_BYTES`` read at call time)."""
+    from bigopt.data.range_sort import group_blocks
+
     total = sum(b for _, _, b in blocks) + pairs_bytes
     parts = max(1, math.ceil(total / PART_BYTES))
     refs = submit_bounded([(_split_signatures, key, width, parts, *g)
@@ -212,6 +202,8 @@ def similarities(pair_blocks: list[tuple[Any, int, int]], x: str, y: str,
     """``{x, y, sim}`` for every pair of ``pair_blocks`` (``(ref, rows, bytes)`` of tables with
     columns ``x`` and ``y``), those under ``min_sim`` dropped; returns (table refs, rows, bytes)."""
     import ray
+
+    from bigopt.data.range_sort import group_blocks
 
     parts, width, n_sig = sigs.parts, sigs.width, len(sigs.refs)
     split = submit_bounded([(_split_pairs, x, y, parts, *g)

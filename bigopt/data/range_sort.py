@@ -76,6 +76,20 @@ def block_refs(part: Any) -> list[tuple[Any, int, int]]:
             if entry.metadata.num_rows]
 
 
+def group_blocks(blocks: list[tuple[Any, int, int]], group_bytes: int) -> list[list[Any]]:
+    """Block refs ``(ref, rows, bytes)`` in consecutive groups of up to ``group_bytes`` (a block
+    larger than that is a group alone): one task's input each."""
+    groups: list[list[Any]] = [[]]
+    size = 0
+    for ref, _, nbytes in blocks:
+        if groups[-1] and size + nbytes > group_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(ref)
+        size += nbytes
+    return [g for g in groups if g]
+
+
 def partition(part: Any, fs: Any, scratch: str, key: str, *, seeded: bool,
               range_bytes: int | None = None, group_bytes: int | None = None) -> RangePlan:
     """Write ``part`` (materialized, with the order key ``key``) as range-partitioned Parquet
@@ -98,14 +112,7 @@ def partition(part: Any, fs: Any, scratch: str, key: str, *, seeded: bool,
         samples.sort()
         cuts = (samples[np.linspace(0, len(samples), ranges + 1)[1:-1].astype(int)]
                 if len(samples) else np.array([], object))
-    groups: list[list[Any]] = [[]]
-    size = 0
-    for ref, _, nbytes in blocks:
-        if groups[-1] and size + nbytes > group_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(ref)
-        size += nbytes
+    groups = group_blocks(blocks, group_bytes) or [[]]
     fs.delete_dir_contents(scratch, missing_dir_ok=True)
     fs.create_dir(scratch, recursive=True)
     paths = [f"{scratch}/part-{g:05d}.parquet" for g in range(len(groups))]
