@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import pickle
-import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -41,9 +40,15 @@ MAX_ROUNDS = 100
 _TOP = "\U0010ffff"
 
 
-def partition_of(key: str, partitions: int) -> int:
-    """A key's partition: the same in every process (Python's ``hash`` of a str is not)."""
-    return zlib.crc32(key.encode("utf-8")) % partitions
+def hash_partition(keys: Any, partitions: int) -> np.ndarray:
+    """Each key's partition in ``[0, partitions)``: pandas' keyed SipHash of the string, the
+    same in every process (Python's ``hash`` of a str is not), vectorised."""
+    import pandas as pd
+
+    values = np.asarray(keys.to_pylist() if hasattr(keys, "to_pylist") else keys, dtype=object)
+    if not len(values):
+        return np.zeros(0, dtype=np.int64)
+    return (pd.util.hash_array(values) % np.uint64(partitions)).astype(np.int64)
 
 
 def _tag(batch: dict[str, np.ndarray], key: str, side: int, partitions: int) -> Any:
@@ -52,7 +57,7 @@ def _tag(batch: dict[str, np.ndarray], key: str, side: int, partitions: int) -> 
     n = len(batch[key])
     keys = [str(k) for k in batch[key]]
     rows = [pickle.dumps({c: batch[c][i] for c in batch}) for i in range(n)]
-    return pa.table({"_p": pa.array([partition_of(k, partitions) for k in keys], pa.int32()),
+    return pa.table({"_p": pa.array(hash_partition(keys, partitions).astype(np.int32), pa.int32()),
                      "_k": pa.array(keys, pa.string()),
                      "_side": pa.array([side] * n, pa.int8()),
                      "_row": pa.array(rows, pa.binary())})
@@ -136,9 +141,10 @@ def components(edges: Any, partitions: int) -> Any:
                        f"of over {MAX_ROUNDS} near-duplicates?)")
 
 
-def label_components(edges: Any, u: str, v: str) -> tuple[Any, np.ndarray]:
+def label_components(edges: Any, u: str, v: str) -> tuple[Any, np.ndarray, np.ndarray]:
     """An edge table's nodes (columns ``u``, ``v``: strings) as ``{node, label}``, nodes in key
-    order, each labelled with its component's smallest node; also each node's component id."""
+    order, each labelled with its component's smallest node; also each node's component id and
+    each component's smallest node (its row in the table)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     from scipy.sparse import coo_matrix
@@ -154,4 +160,4 @@ def label_components(edges: Any, u: str, v: str) -> tuple[Any, np.ndarray]:
     _, component = connected_components(graph, directed=False)
     smallest = np.full(component.max() + 1 if n else 0, n, dtype=np.int64)
     np.minimum.at(smallest, component, np.arange(n))
-    return pa.table({"node": nodes, "label": nodes.take(smallest[component])}), component
+    return pa.table({"node": nodes, "label": nodes.take(smallest[component])}), component, smallest

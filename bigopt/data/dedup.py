@@ -627,9 +627,8 @@ def near_duplicates(ds: Any, step: Any, ctx: StepContext) -> StepOutput:
     return StepOutput(out.kept, out.rejected, details, task_arg_bytes=out.task_arg_bytes)
 
 
-#: Bytes of band rows (band, bucket, key: about 32 bytes each) per hash partition of the
-#: candidates phase.
-BAND_PART_BYTES = 64 * 2**20
+#: Bytes of one band row (band, bucket, key) in memory, to size the candidates' partitions.
+BAND_ROW_BYTES = 32
 
 
 def _band_partitions(key: str, bands: int, rows: int, width: int, parts: int, *blocks: Any) -> Any:
@@ -656,8 +655,9 @@ def _bucket_pair_partitions(parts: int, *pieces: Any) -> Any:
     in ``parts`` hash partitions of ``a`` (a pair found in several bands meets itself there)."""
     import pyarrow as pa
 
+    from bigopt.data.components import hash_partition
     from bigopt.data.engine import concat
-    from bigopt.data.pair_join import hash_partition, split_rows
+    from bigopt.data.pair_join import split_rows
 
     table = concat(pieces)
     found = _partition_pairs({c: table.column(c).to_numpy(zero_copy_only=False)
@@ -682,19 +682,18 @@ def _candidate_pairs(sigs: Any, key: str, bands: int, rows: int, num_perm: int) 
     shuffles (337-348 s at 10M rows, and ~7 MB of the driver's growth there, BENCHMARKS 7c)."""
     import ray
 
-    from bigopt.data.pair_join import GROUP_BYTES, submit_bounded
+    from bigopt.data import pair_join
+    from bigopt.data.engine import submit_bounded
     from bigopt.data.range_sort import block_refs, group_blocks
 
     blocks = block_refs(sigs)
-    if not blocks:
-        import pyarrow as pa
-
-        return ray.data.from_arrow(pa.table({"a": pa.array([], pa.string()),
-                                             "b": pa.array([], pa.string())})), 0
-    band_parts = max(1, math.ceil(sum(n for _, n, _ in blocks) * bands * 32 / BAND_PART_BYTES))
+    if not blocks:  # no rows: no pairs
+        return None, 0
+    band_bytes = sum(n for _, n, _ in blocks) * bands * BAND_ROW_BYTES
+    band_parts = max(1, math.ceil(band_bytes / pair_join.PART_BYTES))
     pair_parts = max(1, math.ceil(band_parts / 4))
     split = submit_bounded([(_band_partitions, key, bands, rows, num_perm, band_parts, *g)
-                            for g in group_blocks(blocks, GROUP_BYTES)], band_parts)
+                            for g in group_blocks(blocks, pair_join.GROUP_BYTES)], band_parts)
     found = submit_bounded([(_bucket_pair_partitions, pair_parts, *(s[p] for s in split))
                             for p in range(band_parts)], pair_parts)
     unique = submit_bounded([(_unique_pairs, *(f[q] for f in found)) for q in range(pair_parts)], 2)
@@ -709,9 +708,9 @@ def _near_clusters(ds: Any, sigs: Any, pairs: Any, ctx: StepContext, threshold: 
     (``fits_one_task``): the candidate pairs and their signatures are usually a small share of
     the rows (a tenth of them at 10 % near-copies), so where they fit one task they are
     verified and clustered there with the single path's own ``_clusters``, and the smaller side
-    of each lookup goes to the tasks by reference (a broadcast join); above the rule, every
-    signatures are hash-partitioned by Ray tasks (``bigopt.data.pair_join``) and the verified
-    pairs clustered in one task where they fit (``_clusters_partitioned``)."""
+    of each lookup goes to the tasks by reference (a broadcast join); above the rule, each pair
+    meets its signatures in a hash join of Ray tasks (``bigopt.data.pair_join``) and the
+    verified pairs are clustered in one task where they fit (``_clusters_partitioned``)."""
     from bigopt.data.engine import fits_one_task
 
     sigs = _signatures_in_pairs(sigs, pairs, ctx.key, parts)
@@ -821,12 +820,9 @@ def _components_task(*edges: Any) -> tuple[Any, Any, dict[str, Any]]:
     from bigopt.data.components import label_components
     from bigopt.data.engine import concat
 
-    labels, component = label_components(concat(edges), "a", "b")
+    labels, component, smallest = label_components(concat(edges), "a", "b")
     sizes = np.bincount(component)
-    # the largest clusters, ties by kept key: a component's id follows its smallest node's rank
-    smallest = np.full(len(sizes), len(component), dtype=np.int64)
-    np.minimum.at(smallest, component, np.arange(len(component)))
-    top = np.lexsort((smallest, -sizes))[:EXAMPLES]
+    top = np.lexsort((smallest, -sizes))[:EXAMPLES]  # the largest clusters, ties by kept key
     nodes = labels.column("node")
     moved = pc.not_equal(nodes, labels.column("label"))
     members = pa.table({"m": nodes.filter(moved), "r": labels.column("label").filter(moved)})

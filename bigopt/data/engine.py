@@ -183,6 +183,29 @@ def submit(fn: Any, *args: Any, returns: int = 1) -> Any:
     return _task().options(num_returns=returns).remote(fn, *args)
 
 
+def as_list(refs: Any, returns: int) -> list[Any]:
+    """A task's ``returns`` refs as a list (Ray gives one ref, not a list, for one return)."""
+    return [refs] if returns == 1 else list(refs)
+
+
+def submit_bounded(calls: list[tuple[Any, ...]], returns: int = 1) -> list[list[Any]]:
+    """``submit(fn, *args, returns=returns)`` for each ``(fn, *args)`` of ``calls``, with at most
+    two tasks per cluster CPU submitted and unfinished: Ray pulls (or restores from spill) a
+    queued task's arguments before it runs, so submitting them all would ask for all their
+    inputs at once. Returns each call's refs as a list."""
+    import ray
+
+    in_flight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    out: list[list[Any]] = []
+    pending: list[Any] = []
+    for fn, *args in calls:
+        while len(pending) >= in_flight:
+            _, pending = ray.wait(pending, num_returns=1, fetch_local=False)
+        out.append(as_list(submit(fn, *args, returns=returns), returns))
+        pending.append(out[-1][0])
+    return out
+
+
 def run_single_steps(refs: list[Any], plan: list[tuple[str, Any, str, str]], ctx: StepContext,
                      run: Any) -> tuple[Any, list[dict[str, Any]]]:
     """Run consecutive steps (``(kind, spec, rejects dir, label)``) in one Ray task over the

@@ -20,9 +20,10 @@ written as a hash partitioning in Ray tasks, Ray's own "shuffle with tasks" patt
 The signature partitions are split once and serve every join of the step (verification, then
 each member against its kept key). ``P`` is chosen so a partition is about ``PART_BYTES``.
 What the driver holds: object references (groups x P, a few hundred at 10M rows) and one row
-count per partition, nothing per row. The helpers (``hash_partition``, ``split_rows``,
-``submit_bounded``; ``range_sort.group_blocks``) serve near_dedup's candidate pairs the same way. Ray
-spills the partitions to disk as the object store fills, as it does any task output.
+count per partition, nothing per row. ``split_rows`` (with ``components.hash_partition``,
+``engine.submit_bounded`` and ``range_sort.group_blocks``) serves near_dedup's candidate pairs
+the same way. Ray spills the partitions to disk as the object store fills, as it does any task
+output.
 """
 
 from __future__ import annotations
@@ -37,17 +38,6 @@ import numpy as np
 PART_BYTES = 64 * 2**20
 #: Bytes of blocks per split task.
 GROUP_BYTES = 256 * 2**20
-
-
-def hash_partition(keys: Any, parts: int) -> np.ndarray:
-    """Each key's partition in ``[0, parts)``: pandas' keyed SipHash of the string, the same in
-    every process (Python's ``hash`` of a str is not), vectorised."""
-    import pandas as pd
-
-    values = np.asarray(keys.to_pylist() if hasattr(keys, "to_pylist") else keys, dtype=object)
-    if not len(values):
-        return np.zeros(0, dtype=np.int64)
-    return (pd.util.hash_array(values) % np.uint64(parts)).astype(np.int64)
 
 
 def signature_matrix(column: Any, width: int) -> np.ndarray:
@@ -83,6 +73,7 @@ def _split_signatures(key: str, width: int, parts: int, *blocks: Any) -> Any:
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from bigopt.data.components import hash_partition
     from bigopt.data.engine import concat
     from bigopt.data.range_sort import _arrow
 
@@ -97,6 +88,7 @@ def _split_pairs(x: str, y: str, parts: int, *blocks: Any) -> Any:
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from bigopt.data.components import hash_partition
     from bigopt.data.engine import concat
     from bigopt.data.range_sort import _arrow
 
@@ -119,6 +111,7 @@ def _attach(width: int, parts: int, n_sig: int, *tables: Any) -> Any:
     """Ray task: one partition's pairs with ``x``'s signature, in hash partitions of ``y``."""
     import pyarrow as pa
 
+    from bigopt.data.components import hash_partition
     from bigopt.data.engine import concat
 
     signatures, pairs = concat(tables[:n_sig]), concat(tables[n_sig:])
@@ -157,36 +150,12 @@ class PartitionedSignatures:
         return [group[p] for group in self.refs]
 
 
-def as_list(refs: Any, parts: int) -> list[Any]:
-    """A task's ``parts`` return refs as a list (Ray returns one ref, not a list, for one)."""
-    return [refs] if parts == 1 else list(refs)
-
-
-def submit_bounded(calls: list[tuple[Any, ...]], returns: int) -> list[list[Any]]:
-    """``submit(fn, *args, returns=returns)`` for each ``(fn, *args)`` of ``calls``, with at most
-    two tasks per cluster CPU submitted and unfinished: Ray pulls (or restores from spill) a
-    queued task's arguments before it runs, so submitting them all would ask for all their
-    inputs at once. Returns each call's refs as a list."""
-    import ray
-
-    from bigopt.data.engine import submit
-
-    in_flight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
-    out: list[list[Any]] = []
-    pending: list[Any] = []
-    for fn, *args in calls:
-        while len(pending) >= in_flight:
-            _, pending = ray.wait(pending, num_returns=1, fetch_local=False)
-        out.append(as_list(submit(fn, *args, returns=returns), returns))
-        pending.append(out[-1][0])
-    return out
-
-
 def partition_signatures(blocks: list[tuple[Any, int, int]], key: str, width: int,
                          pairs_bytes: int = 0) -> PartitionedSignatures:
     """Split signature blocks ``(ref, rows, bytes)`` (``range_sort.block_refs``) into hash
     partitions of their key, ``P`` chosen so one partition and its pairs are about ``PART_BYTES``
     (``PART_BYTES`` read at call time)."""
+    from bigopt.data.engine import submit_bounded
     from bigopt.data.range_sort import group_blocks
 
     total = sum(b for _, _, b in blocks) + pairs_bytes
@@ -203,6 +172,7 @@ def similarities(pair_blocks: list[tuple[Any, int, int]], x: str, y: str,
     columns ``x`` and ``y``), those under ``min_sim`` dropped; returns (table refs, rows, bytes)."""
     import ray
 
+    from bigopt.data.engine import submit_bounded
     from bigopt.data.range_sort import group_blocks
 
     parts, width, n_sig = sigs.parts, sigs.width, len(sigs.refs)

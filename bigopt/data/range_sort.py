@@ -97,7 +97,7 @@ def partition(part: Any, fs: Any, scratch: str, key: str, *, seeded: bool,
     default to ``RANGE_BYTES`` and ``GROUP_BYTES``, read at call time."""
     import ray
 
-    from bigopt.data.engine import submit
+    from bigopt.data.engine import submit, submit_bounded
 
     blocks = block_refs(part)
     total = sum(b for _, _, b in blocks)
@@ -116,19 +116,10 @@ def partition(part: Any, fs: Any, scratch: str, key: str, *, seeded: bool,
     fs.delete_dir_contents(scratch, missing_dir_ok=True)
     fs.create_dir(scratch, recursive=True)
     paths = [f"{scratch}/part-{g:05d}.parquet" for g in range(len(groups))]
-    # a few groups at a time: Ray pulls (or restores from spill) a queued task's arguments
-    # before it runs, so submitting them all would ask for the whole split at once
-    in_flight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
-    pending: dict[Any, int] = {}
-    counts = np.zeros((len(groups), max(1, len(cuts) + 1)), dtype=np.int64)
-    try:
-        for g, refs in enumerate(groups):
-            while len(pending) >= in_flight:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                counts[pending.pop(done[0])] = ray.get(done[0])
-            pending[submit(_partition_to_file, fs, paths[g], key, cuts, *refs)] = g
-        for ref, g in pending.items():
-            counts[g] = ray.get(ref)
+    try:  # a few groups at a time (``submit_bounded``): not the whole split asked for at once
+        written = submit_bounded([(_partition_to_file, fs, paths[g], key, cuts, *refs)
+                                  for g, refs in enumerate(groups)])
+        counts = np.stack(ray.get([ref for ref, in written])).astype(np.int64)
         rows = sum(n for _, n, _ in blocks)
         if int(counts.sum()) != rows:
             raise RuntimeError(f"data: partitioned {int(counts.sum())} rows of {rows}")

@@ -54,8 +54,9 @@ def test_label_components_match_union_find():
     edges = [tuple(rng.sample(nodes, 2)) for _ in range(30)]
     edges += [(f"c{i:02d}", f"c{i + 1:02d}") for i in range(5)][::-1]
     table = pa.table({"a": [a for a, _ in edges], "b": [b for _, b in edges]})
-    labels, component = label_components(table, "a", "b")
+    labels, component, smallest = label_components(table, "a", "b")
     got = dict(zip(labels.column("node").to_pylist(), labels.column("label").to_pylist(), strict=True))
     assert got == union_find_labels(edges)
     assert labels.column("node").to_pylist() == sorted(got)  # nodes in key order
     assert len(set(component.tolist())) == len(set(got.values()))
+    assert sorted(labels.column("node").take(smallest).to_pylist()) == sorted(set(got.values()))

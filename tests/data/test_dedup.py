@@ -247,12 +247,14 @@ def test_pairs_in_one_task_partitioned_or_shuffled_agree(ray_session, monkeypatc
     assert action == "group" or len(results[0][1]) == details["rows_removed"] == 5
 
 
-@pytest.mark.parametrize("band_part_bytes", [dedup.BAND_PART_BYTES, 4096])
-def test_candidate_pairs_in_tasks_match_one_process(ray_session, monkeypatch, band_part_bytes):
+@pytest.mark.parametrize("part_bytes", [64 * 2**20, 4096])
+def test_candidate_pairs_in_tasks_match_one_process(ray_session, monkeypatch, part_bytes):
     """The distributed candidates (band rows hash-partitioned by Ray tasks, pairs kept once)
     are the single path's: the same pairs with one partition and with many; a bucket of more
     than MAX_BUCKET_PAIRS_MEMBERS keys (80 copies of one text) too."""
-    monkeypatch.setattr(dedup, "BAND_PART_BYTES", band_part_bytes)
+    from bigopt.data import pair_join
+
+    monkeypatch.setattr(pair_join, "PART_BYTES", part_bytes)
     texts = {**near_corpus(), **{f"same{i:02d}.py": "x = 1\n" * 40 for i in range(80)}}
     keys = np.array(sorted(texts), dtype=object)
     sig = dedup.minhash_signatures([texts[k].encode() for k in keys], 5, 128)
