@@ -84,12 +84,16 @@ def read_ratios(train_dir: str, columns: list[str], repeats: int = 3) -> dict:
         assert n == rows, (n, rows)
         return time.perf_counter() - t0
 
-    def streamed() -> int:  # the training access pattern: blocks stream past and are dropped
-        return sum(b.num_rows for b in read_shards(train_dir, columns=columns).iter_batches(
-            batch_size=None, batch_format="pyarrow"))
+    def streamed(reservation: bool = False) -> int:  # training's access: blocks stream past
+        ds = read_shards(train_dir, columns=columns)
+        # reservation=True: the same read under Ray Data's default per-operator reservation
+        # (bigopt's read turns it off), the before of that change in the same run
+        ds.context.op_resource_reservation_enabled = reservation
+        return sum(b.num_rows for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"))
 
     times: dict[str, list[float]] = {"arrow": [], "arrow_kept": [], "bigopt_streamed": [],
-                                     "bigopt": [], "ray_defaults": []}
+                                     "bigopt_streamed_reserved": [], "bigopt": [],
+                                     "ray_defaults": []}
     for _ in range(repeats):
         times["arrow"].append(timed(
             lambda: sum(pq.read_table(f, columns=columns).num_rows for f in files)))
@@ -97,9 +101,14 @@ def read_ratios(train_dir: str, columns: list[str], repeats: int = 3) -> dict:
         times["arrow_kept"].append(timed(
             lambda: sum(t.num_rows for t in [pq.read_table(f, columns=columns) for f in files])))
         times["bigopt_streamed"].append(timed(streamed))
-        # bigopt's Ray Data read, then Ray Data's own defaults (DataSourceV2, >= 200 read tasks)
+        times["bigopt_streamed_reserved"].append(timed(lambda: streamed(reservation=True)))
+        # bigopt's Ray Data read, materialized
         times["bigopt"].append(timed(
             lambda: read_shards(train_dir, columns=columns).materialize().count()))
+    # Ray Data's own defaults (DataSourceV2, >= 200 read tasks), after the rest: their read
+    # tasks leave the load at ~10 and slowed the reads after them in the same loop (session 17:
+    # streamed 5.6-6.9 s interleaved with them, 4.4-4.8 s without)
+    for _ in range(repeats):
         times["ray_defaults"].append(timed(
             lambda: ray.data.read_parquet(train_dir).select_columns(columns).materialize().count()))
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -114,6 +123,7 @@ def read_ratios(train_dir: str, columns: list[str], repeats: int = 3) -> dict:
             "ray_data_defaults_materialize_s": ray_default_s,
             "ray_data_streamed_s": med["bigopt_streamed"],
             "ray_data_streamed_vs_pyarrow": arrow_s / med["bigopt_streamed"],
+            "ray_data_streamed_reserved_vs_pyarrow": arrow_s / med["bigopt_streamed_reserved"],
             "ray_data_vs_pyarrow": arrow_s / ray_s,
             "ray_data_vs_pyarrow_kept": med["arrow_kept"] / ray_s,
             "ray_data_defaults_vs_pyarrow": arrow_s / ray_default_s,
@@ -193,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write the figures as JSON here too")
     parser.add_argument("--train-dir", default=None,
                         help="only (a), on this prepared split's shards (e.g. a larger run's)")
+    parser.add_argument("--repeats", type=int, default=3, help="(a): interleaved repeats per read")
     args = parser.parse_args(argv)
     import ray
 
@@ -202,17 +213,25 @@ def main(argv: list[str] | None = None) -> int:
 
         import pyarrow.parquet as pq
 
-        columns = pq.read_schema(sorted(glob.glob(os.path.join(args.train_dir, "*.parquet")))[0]).names
+        # the columns training reads (the task's, from the run's data artifact), as the default
+        # path does; every column where the split has no artifact beside it
+        artifact = os.path.join(os.path.dirname(os.path.normpath(args.train_dir)), "artifact.json")
+        if os.path.exists(artifact):
+            from bigopt.tasks import get_task
+
+            columns = list(get_task(json.load(open(artifact))["task"]).columns)
+        else:
+            columns = pq.read_schema(sorted(glob.glob(os.path.join(args.train_dir, "*.parquet")))[0]).names
         load_before = os.getloadavg()[0]
-        a = read_ratios(args.train_dir, columns)
-        print(json.dumps({"train_dir": args.train_dir, "load_before": load_before,
+        a = read_ratios(args.train_dir, columns, args.repeats)
+        print(json.dumps({"train_dir": args.train_dir, "columns": columns, "load_before": load_before,
                           "load_after": os.getloadavg()[0], "a_read": a}))
         return 0
     with tempfile.TemporaryDirectory() as storage:
         train_dir, columns, prep_s = prepare(args.job, storage)
         figures = {"job": args.job, "machine": f"{platform.node()} {os.cpu_count()} cores",
                    "load_before": os.getloadavg()[0], "data_stage_s": prep_s,
-                   "a_read": read_ratios(train_dir, columns),
+                   "a_read": read_ratios(train_dir, columns, args.repeats),
                    "e_rows_per_rank": rows_per_rank(train_dir, columns)}
         ray.shutdown()
         figures["d_s3"] = s3_epochs(train_dir, columns)
@@ -221,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ingest benchmark, {args.job}: {a['rows']} train rows in {a['files']} shards; load "
           f"{figures['load_before']:.1f} -> {figures['load_after']:.1f}")
     print(f"(a) pyarrow read_table {a['pyarrow_read_table_s']:.2f} s; Ray Data streamed "
-          f"{a['ray_data_streamed_s']:.2f} s (ratio {a['ray_data_streamed_vs_pyarrow']:.2f}), materialize "
+          f"{a['ray_data_streamed_s']:.2f} s (ratio {a['ray_data_streamed_vs_pyarrow']:.2f}; with Ray's "
+          f"per-operator reservation {a['ray_data_streamed_reserved_vs_pyarrow']:.2f}), materialize "
           f"{a['ray_data_materialize_s']:.2f} s (ratio {a['ray_data_vs_pyarrow']:.2f}; Ray's defaults "
           f"{a['ray_data_defaults_materialize_s']:.2f} s, "
           f"{a['ray_data_defaults_vs_pyarrow']:.2f}); one rank's "

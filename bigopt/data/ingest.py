@@ -40,6 +40,7 @@ def read_shards(path: str, filesystem: Any = None, columns: list[str] | None = N
     files and reads footers in actors and serializes every batch through its own pickling path:
     on the same 1.68M rows it took 30-44 s against 6-10 s for the V1 reader (BENCHMARKS.md
     section 9). The reader is chosen when the Dataset is made, so it is set for this call only.
+    The Dataset runs without Ray Data's per-operator resource reservation (see below).
     """
     import ray
     import ray.data
@@ -53,7 +54,15 @@ def read_shards(path: str, filesystem: Any = None, columns: list[str] | None = N
     finally:
         ctx.use_datasource_v2 = saved
     # Ray's optimizer pushes the projection into the Parquet read (one ReadParquet operator)
-    return ds.select_columns(columns) if columns else ds
+    ds = ds.select_columns(columns) if columns else ds
+    # Ray Data's per-operator resource reservation (on by default) kept this one-operator read
+    # to one running read task at a time on a 2-CPU node, the other CPU idle (py-spy; 1.68M
+    # rows: 5.2-5.9 s with it, 3.9-4.8 s without, BENCHMARKS.md section 9). The reservation
+    # shares resources between the operators of a longer pipeline; here there is one. The
+    # object store stays bounded without it (Ray Data's global limit: a consumer stalled for
+    # 20 s held 1.46 GB of a 3.6 GB split). Set on this Dataset's own context only.
+    ds.context.op_resource_reservation_enabled = False
+    return ds
 
 
 def model_input(x: torch.Tensor, float_dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -30,7 +30,8 @@ def test_float_inputs_take_the_engine_dtype_and_targets_stay_long(ray_session):
 def test_read_shards_reads_every_row_in_few_tasks_and_leaves_the_context(ray_session, tmp_path):
     """``read_shards`` (the train split's Ray Data read) gives the rows pyarrow reads, asks for a
     few read tasks per CPU instead of Ray's 200 and its DataSourceV2 reader (5x slower on 1.68M
-    rows, BENCHMARKS.md section 9), and leaves the caller's reader choice as it was."""
+    rows, BENCHMARKS.md section 9) without Ray Data's per-operator reservation, and leaves the
+    caller's reader choice and context as they were."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
@@ -44,6 +45,10 @@ def test_read_shards_reads_every_row_in_few_tasks_and_leaves_the_context(ray_ses
     before = ctx.use_datasource_v2
     ds = read_shards(str(tmp_path), columns=["input_ids", "labels"])
     assert ctx.use_datasource_v2 == before
+    # without the per-operator reservation (one read task at a time on 2 CPUs), on this
+    # Dataset only: the session's context keeps Ray's default for every other pipeline
+    assert ds.context.op_resource_reservation_enabled is False
+    assert ctx.op_resource_reservation_enabled is True
     got = ds.materialize()
     stats = got.stats()
     assert got.columns() == ["input_ids", "labels"]
