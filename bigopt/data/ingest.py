@@ -28,9 +28,11 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 #: Read tasks per cluster CPU for a Ray Data read of prepared shards. Ray Data's own floor is 200
 #: read tasks: on a small cluster their start-up and scheduling dominate (1.68M rows in 411 shards
-#: on 2 CPUs: 200 tasks 9-12 s, 8-16 tasks 6 s; BENCHMARKS.md section 9). Blocks larger than
-#: Ray's target block size are still split, so a large split still gets many blocks.
-READ_TASKS_PER_CPU = 4
+#: on 2 CPUs: 200 tasks 9-12 s, 8-16 tasks 6 s; BENCHMARKS.md section 9). 1, 2 and 4 per CPU
+#: read 1.68M rows alike (4.3-4.6 s); on a 14-shard split 2 per CPU is the quickest (0.31 s,
+#: 4 per CPU 0.35 s; session 17). Blocks larger than Ray's target block size are still split,
+#: so a large split still gets many blocks.
+READ_TASKS_PER_CPU = 2
 
 
 def read_shards(path: str, filesystem: Any = None, columns: list[str] | None = None) -> Any:
