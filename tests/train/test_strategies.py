@@ -198,3 +198,15 @@ def test_zero3_with_cpu_offload_trains_like_zero0(runs):
     assert engine["inner_optimizer"] == "DeepSpeedCPUAdam", engine  # offload ran the CPU Adam
     assert runs.get("zero0")[1].read_json("train/result.json")["engine"]["inner_optimizer"] != \
         "DeepSpeedCPUAdam"
+
+
+def test_streaming_data_order_trains_from_ray_data(runs):
+    # data_order "streaming" (not the default) is what this test is for: the train split goes
+    # through bigopt.data.ingest.read_shards and Ray Train's streaming_split instead of each
+    # rank's ShardPlan. Precision auto: the user's default (bf16 on CPU).
+    _, run = runs.get("streaming", data_order="streaming", precision="auto", checkpoint_every=0)
+    losses = runs.losses(run)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    first, last = (sum(losses[s] for s in steps) / 5 for steps in (range(1, 6), range(16, 21)))
+    assert last < first, losses  # it learns from the streamed batches
+    assert run.read_json("resolved.json")["data_order"] == "streaming"
