@@ -86,9 +86,8 @@ def read_ratios(train_dir: str, columns: list[str], repeats: int = 3) -> dict:
 
     def streamed(reservation: bool = False) -> int:  # training's access: blocks stream past
         ds = read_shards(train_dir, columns=columns)
-        # reservation=True: the same read under Ray Data's default per-operator reservation
-        # (bigopt's read turns it off), the before of that change in the same run
-        ds.context.op_resource_reservation_enabled = reservation
+        if reservation:  # Ray Data's default, which read_shards turns off: the before, same run
+            ds.context.op_resource_reservation_enabled = True
         return sum(b.num_rows for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"))
 
     times: dict[str, list[float]] = {"arrow": [], "arrow_kept": [], "bigopt_streamed": [],
@@ -106,8 +105,8 @@ def read_ratios(train_dir: str, columns: list[str], repeats: int = 3) -> dict:
         times["bigopt"].append(timed(
             lambda: read_shards(train_dir, columns=columns).materialize().count()))
     # Ray Data's own defaults (DataSourceV2, >= 200 read tasks), after the rest: their read
-    # tasks leave the load at ~10 and slowed the reads after them in the same loop (session 17:
-    # streamed 5.6-6.9 s interleaved with them, 4.4-4.8 s without)
+    # tasks leave the load at ~10 and slowed the reads after them in the same loop (session 17,
+    # 1.68M rows, two runs: streamed 5.2-5.8 s interleaved with them, 4.3-5.1 s after the change)
     for _ in range(repeats):
         times["ray_defaults"].append(timed(
             lambda: ray.data.read_parquet(train_dir).select_columns(columns).materialize().count()))

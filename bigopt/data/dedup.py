@@ -676,10 +676,11 @@ def _unique_pairs(*pieces: Any) -> tuple[Any, int]:
 
 def _candidate_pairs(sigs: Any, key: str, bands: int, rows: int, num_perm: int) -> tuple[Any, int]:
     """LSH candidate pairs of the signatures (a materialized Dataset) as a Dataset of ``{a, b}``
-    and their count, by hash partitions in plain Ray tasks (``bigopt.data.pair_join``): band
-    rows split by (band, bucket), each partition's buckets listed by a numpy sort, the pairs
-    split by their first key and kept once. Ray Data's groupby did the same with two hash
-    shuffles (337-348 s at 10M rows, and ~7 MB of the driver's growth there, BENCHMARKS 7c)."""
+    (None where there are no rows) and their count, by hash partitions in plain Ray tasks
+    (``bigopt.data.pair_join``): band rows split by (band, bucket), each partition's buckets
+    listed by a numpy sort, the pairs split by their first key and kept once. Ray Data's groupby
+    did the same with two hash shuffles (337-348 s at 10M rows, and ~7 MB of the driver's growth
+    there, BENCHMARKS 7c)."""
     import ray
 
     from bigopt.data import pair_join

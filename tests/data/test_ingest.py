@@ -42,13 +42,12 @@ def test_read_shards_reads_every_row_in_few_tasks_and_leaves_the_context(ray_ses
         pq.write_table(pa.table({"input_ids": [[i, i + 1]] * 7, "labels": [i] * 7,
                                  "path": [f"f{i}"] * 7}), tmp_path / f"train-{i:05d}.parquet")
     ctx = ray.data.DataContext.get_current()
-    before = ctx.use_datasource_v2
+    before = ctx.use_datasource_v2, ctx.op_resource_reservation_enabled
     ds = read_shards(str(tmp_path), columns=["input_ids", "labels"])
-    assert ctx.use_datasource_v2 == before
+    assert (ctx.use_datasource_v2, ctx.op_resource_reservation_enabled) == before
     # without the per-operator reservation (one read task at a time on 2 CPUs), on this
-    # Dataset only: the session's context keeps Ray's default for every other pipeline
+    # Dataset only: the session's context keeps Ray's setting for every other pipeline
     assert ds.context.op_resource_reservation_enabled is False
-    assert ctx.op_resource_reservation_enabled is True
     got = ds.materialize()
     stats = got.stats()
     assert got.columns() == ["input_ids", "labels"]
