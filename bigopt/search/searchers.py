@@ -183,18 +183,29 @@ class EvolutionSearcher(_SeededSearcher):
     ``guided``: the probability that a mutation draws its new value from the good trials'
     density l(x) (``DensityRatio.propose``, TPE's proposal) instead of uniformly; it pulls
     stray lineages towards what the best trials share (NAS-Bench-201, BENCHMARKS.md 5). 0: the
-    paper's uniform mutation."""
+    paper's uniform mutation.
+
+    ``crossover``: the probability that a child's parent is the uniform crossover of two
+    tournament winners (each value from either, as a coin decides) rather than one winner; the
+    mutation follows either way. ``fresh``: how many of the ``candidates`` are not children but
+    whole points drawn from l(x) value by value (``DensityRatio.sample``, TPE's own proposal),
+    ranked with the children: global moves beside the local ones."""
 
     def __init__(self, space: dict[str, Any], metric: str, mode: str, *, seed: int = 0,
                  max_trials: int | None = None, population: int = 20, tournament: int = 5,
                  mutations: int = 1, canonical: Callable[[dict[str, Any]], Any] | None = None,
-                 dedupe: bool = True, candidates: int = 1, guided: float = 0.0):
+                 dedupe: bool = True, candidates: int = 1, guided: float = 0.0,
+                 crossover: float = 0.0, fresh: int = 0):
         super().__init__(space, metric, mode, seed=seed, max_trials=max_trials,
                          candidates=candidates)
         self.canonical = (canonical or (lambda config: config)) if dedupe else None
         if not 0.0 <= guided <= 1.0:
             raise ValueError(f"guided: {guided} must be between 0 and 1")
-        self.guided = guided
+        if not 0.0 <= crossover <= 1.0:
+            raise ValueError(f"crossover: {crossover} must be between 0 and 1")
+        if not 0 <= fresh < candidates:
+            raise ValueError(f"fresh: {fresh} must be between 0 and candidates - 1 = {candidates - 1}")
+        self.guided, self.crossover, self.fresh = guided, crossover, fresh
         if not 1 <= tournament <= population:
             raise ValueError(f"tournament: {tournament} must be between 1 and population={population}")
         self.population_size, self.tournament, self.mutations = population, tournament, mutations
@@ -219,15 +230,27 @@ class EvolutionSearcher(_SeededSearcher):
     def _next_config(self) -> dict[str, Any]:
         if len(self.population) < self.population_size:
             return self.space.sample(self.rng)
-        # one fit per suggestion, shared by the guided mutations and the ranking
+        # one fit per suggestion, shared by the guided mutations, the fresh draws and the ranking
         density = self._density() if self.guided > 0 or self.candidates > 1 else None
         guide = density if self.guided > 0 else None
-        return self._choose([self._child(guide) for _ in range(self.candidates)], lambda c: c,
-                            density)
+        options = [self._child(guide) for _ in range(self.candidates - self.fresh)]
+        if density is not None:  # none until SURROGATE_MIN_TRIALS have completed
+            options += [self._unseen(density.sample(self.rng), lambda _: density.sample(self.rng))
+                        for _ in range(self.fresh)]
+        return self._choose(options, lambda c: c, density)
+
+    def _winner(self) -> dict[str, Any]:
+        picks = self.rng.choice(len(self.population), size=self.tournament, replace=False)
+        return max((self.population[int(i)] for i in picks), key=lambda member: member[1])[0]
 
     def _child(self, density: Any = None) -> dict[str, Any]:
-        picks = self.rng.choice(len(self.population), size=self.tournament, replace=False)
-        parent = max((self.population[int(i)] for i in picks), key=lambda member: member[1])[0]
+        parent = self._winner()
+        if self.crossover > 0 and self.rng.random() < self.crossover:
+            other = self._winner()
+            parent = dict(parent)
+            for dim in self.space.dims:
+                if self.rng.random() >= 0.5:
+                    parent[dim.path] = other[dim.path]
         return self._unseen(self._mutate(parent, density), lambda c: self._mutate(c, density))
 
     def _mutate(self, config: dict[str, Any], density: Any) -> dict[str, Any]:

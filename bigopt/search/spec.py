@@ -78,6 +78,12 @@ class EvolutionOptions(Section):
     guided: float = Field(
         0.5, ge=0, le=1, description="Probability that a mutation draws the new value from the "
         "good trials' density (TPE's l(x)) instead of uniformly (0: plain uniform mutation).")
+    crossover: float = Field(
+        0.0, ge=0, le=1, description="Probability that a child's parent is the uniform crossover "
+        "of two tournament winners (0: one winner, the paper's algorithm).")
+    fresh: int = Field(
+        0, ge=0, description="How many of the candidates are whole points drawn from the good "
+        "trials' density (TPE's proposal) instead of children; must be below candidates.")
 
 
 class RLOptions(Section):
@@ -206,6 +212,10 @@ def search_problems(spec: JobSpec) -> list[tuple[str, str]]:
     if search.scheduler.kind in ("pbt", "pb2") and search.searcher != "random":
         problems.append(("search.searcher", f"{search.scheduler.kind} draws its own starting "
                          "population (Tune refuses a searcher beside it): use random"))
+    if search.evolution.fresh >= search.evolution.candidates:
+        problems.append(("search.evolution.fresh",
+                         f"{search.evolution.fresh} >= candidates {search.evolution.candidates}: "
+                         "at least one candidate must be a child"))
     if search.evolution.tournament > search.evolution.population:
         problems.append(("search.evolution.tournament",
                          f"{search.evolution.tournament} > population {search.evolution.population}"))

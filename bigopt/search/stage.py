@@ -68,7 +68,7 @@ def build_searcher(search: SearchSpec, space: dict[str, Any], metric: str, mode:
         return EvolutionSearcher(space, metric, mode, seed=search.seed, population=e.population,
                                  tournament=e.tournament, mutations=e.mutations,
                                  candidates=e.candidates, guided=e.guided,
-                                 canonical=active)
+                                 crossover=e.crossover, fresh=e.fresh, canonical=active)
     if search.searcher == "rl":
         from bigopt.search.rl import RLSearcher
 

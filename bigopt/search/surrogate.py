@@ -70,7 +70,21 @@ class DensityRatio:
         weights[_bin_of(dim, current, self.bins)] = 0.0
         if weights.sum() <= 0:  # a one-level dimension: nothing else to move to
             return current
-        level = int(rng.choice(levels, p=weights / weights.sum()))
+        return self._value_at(dim, int(rng.choice(levels, p=weights / weights.sum())), rng)
+
+    def sample(self, rng: np.random.Generator) -> dict[str, Any]:
+        """A whole new point, each searchable value drawn from l(x) on its own (TPE's
+        proposal); the space's constants kept."""
+        point = dict(self.space.constants)
+        for dim in self.space.dims:
+            levels = _levels(dim, self.bins)
+            weights = np.exp(self._log_density(self.good, dim)[:levels])
+            point[dim.path] = self._value_at(
+                dim, int(rng.choice(levels, p=weights / weights.sum())), rng)
+        return point
+
+    def _value_at(self, dim: Dim, level: int, rng: np.random.Generator) -> Any:
+        """The value of a level: the category itself, or a uniform point of the range's bin."""
         if isinstance(dim.domain, Categorical):
             return dim.domain.categories[level]
         lo, hi = dim._bounds()

@@ -45,6 +45,9 @@ def drive(searcher, trials: int, *, start: int = 0) -> list[dict]:
 @pytest.mark.parametrize("cls,kwargs", [(EvolutionSearcher, {"population": 6, "tournament": 2}),
                                         (EvolutionSearcher, {"population": 6, "tournament": 2,
                                                              "guided": 0.5}),
+                                        (EvolutionSearcher, {"population": 6, "tournament": 2,
+                                                             "guided": 0.5, "crossover": 0.5,
+                                                             "fresh": 2}),
                                         (RLSearcher, {})])
 def test_candidates_are_reproducible_and_survive_a_save_and_restore(cls, kwargs, tmp_path):
     make = lambda seed: cls(SPACE, "acc", "max", seed=seed, candidates=8, **kwargs)  # noqa: E731
@@ -89,3 +92,32 @@ def test_propose_draws_other_values_from_the_good_trials_density():
     with pytest.raises(ValueError, match="guided"):
         EvolutionSearcher(SPACE, "acc", "max", guided=1.5)
 
+
+
+def test_sample_draws_whole_points_from_the_good_trials_density():
+    """``fresh`` candidates: every value from l(x) on its own, constants kept, within domains."""
+    space = Space({**SPACE, "depth": tune.randint(1, 9), "epochs": 3})
+    good = [{"width": [32, 32], "op": "conv", "lr": 1e-2, "depth": 8}] * 6
+    bad = [{"width": [8, 8], "op": "none", "lr": 1e-4, "depth": 1}] * 18
+    model = DensityRatio(space).fit(good + bad, [1.0] * 6 + [0.0] * 18)
+    rng = np.random.default_rng(0)
+    points = [model.sample(rng) for _ in range(300)]
+    assert all(p["epochs"] == 3 for p in points)
+    assert sum(p["op"] == "conv" for p in points) > 0.6 * len(points)  # 7/10 of l(x)'s mass
+    assert sum(p["width"] == [32, 32] for p in points) > 0.6 * len(points)
+    assert all(1e-4 <= p["lr"] <= 1e-1 for p in points)
+    assert all(isinstance(p["depth"], int) and 1 <= p["depth"] <= 8 for p in points)
+    # unlike propose, the good trials' own value is not excluded
+    assert sum(p["depth"] == 8 for p in points) > 150
+
+
+def test_crossover_and_fresh_options_are_checked_and_change_the_search():
+    with pytest.raises(ValueError, match="crossover"):
+        EvolutionSearcher(SPACE, "acc", "max", crossover=1.5)
+    with pytest.raises(ValueError, match="fresh"):
+        EvolutionSearcher(SPACE, "acc", "max", candidates=4, fresh=4)
+    make = lambda **kw: EvolutionSearcher(SPACE, "acc", "max", seed=3, population=6,  # noqa: E731
+                                          tournament=2, candidates=6, guided=0.5, **kw)
+    plain = drive(make(), 30)
+    assert plain[:6] == drive(make(crossover=1.0, fresh=2), 30)[:6]  # the random first population
+    assert plain != drive(make(crossover=1.0), 30) and plain != drive(make(fresh=2), 30)
