@@ -73,17 +73,18 @@ class EvolutionOptions(Section):
     tournament: int = Field(3, ge=1)
     mutations: int = Field(1, ge=1, description="Decisions changed per child.")
     candidates: int = Field(
-        8, ge=1, description="Children bred per trial; the one a TPE-style density ratio of the "
+        6, ge=1, description="Children bred per trial; the one a TPE-style density ratio of the "
         "trials so far ranks first is trained (1: plain regularized evolution).")
     guided: float = Field(
         0.5, ge=0, le=1, description="Probability that a mutation draws the new value from the "
         "good trials' density (TPE's l(x)) instead of uniformly (0: plain uniform mutation).")
     crossover: float = Field(
-        0.0, ge=0, le=1, description="Probability that a child's parent is the uniform crossover "
+        0.5, ge=0, le=1, description="Probability that a child's parent is the uniform crossover "
         "of two tournament winners (0: one winner, the paper's algorithm).")
     fresh: int = Field(
-        0, ge=0, description="How many of the candidates are whole points drawn from the good "
-        "trials' density (TPE's proposal) instead of children; must be below candidates.")
+        2, ge=0, description="How many of the candidates are whole points drawn from the good "
+        "trials' density (TPE's proposal) instead of children; at most candidates - 1 of them "
+        "(candidates: 1 is plain regularized evolution, whatever this says).")
 
 
 class RLOptions(Section):
@@ -212,10 +213,6 @@ def search_problems(spec: JobSpec) -> list[tuple[str, str]]:
     if search.scheduler.kind in ("pbt", "pb2") and search.searcher != "random":
         problems.append(("search.searcher", f"{search.scheduler.kind} draws its own starting "
                          "population (Tune refuses a searcher beside it): use random"))
-    if search.evolution.fresh >= search.evolution.candidates:
-        problems.append(("search.evolution.fresh",
-                         f"{search.evolution.fresh} >= candidates {search.evolution.candidates}: "
-                         "at least one candidate must be a child"))
     if search.evolution.tournament > search.evolution.population:
         problems.append(("search.evolution.tournament",
                          f"{search.evolution.tournament} > population {search.evolution.population}"))

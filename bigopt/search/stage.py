@@ -68,7 +68,9 @@ def build_searcher(search: SearchSpec, space: dict[str, Any], metric: str, mode:
         return EvolutionSearcher(space, metric, mode, seed=search.seed, population=e.population,
                                  tournament=e.tournament, mutations=e.mutations,
                                  candidates=e.candidates, guided=e.guided,
-                                 crossover=e.crossover, fresh=e.fresh, canonical=active)
+                                 crossover=e.crossover, canonical=active,
+                                 # at least one child: candidates 1 stays the paper's algorithm
+                                 fresh=min(e.fresh, e.candidates - 1))
     if search.searcher == "rl":
         from bigopt.search.rl import RLSearcher
 

@@ -42,7 +42,6 @@ def test_a_valid_search_spec_runs_data_search_train_in_order():
     ({"scheduler": {"kind": "pbt"}}, "search.searcher", "use random"),
     ({"trial": {"data.split.val": 0.5}}, "search.space.data.split.val", "cluster, model and train"),
     ({"searcher": "bayes"}, "search.searcher", "evolution"),
-    ({"evolution": {"candidates": 4, "fresh": 4}}, "search.evolution.fresh", "must be a child"),
     ({"evolution": {"crossover": 2}}, "search.evolution.crossover", "less than or equal"),
 ])
 def test_bad_search_input_names_the_field(search, field, words):

@@ -121,3 +121,17 @@ def test_crossover_and_fresh_options_are_checked_and_change_the_search():
     plain = drive(make(), 30)
     assert plain[:6] == drive(make(crossover=1.0, fresh=2), 30)[:6]  # the random first population
     assert plain != drive(make(crossover=1.0), 30) and plain != drive(make(fresh=2), 30)
+
+
+def test_spec_defaults_build_the_measured_evolution_and_candidates_1_stays_plain():
+    """The search stage's builder passes the spec's evolution defaults (BENCHMARKS 5a, session
+    18), and ``candidates: 1`` (the paper's algorithm) leaves no room for fresh draws."""
+    from bigopt.search.spec import SearchSpec
+    from bigopt.search.stage import build_searcher
+
+    built = build_searcher(SearchSpec.model_validate({"searcher": "evolution"}), SPACE, "acc", "max")
+    assert (built.population_size, built.tournament, built.candidates, built.crossover,
+            built.fresh, built.guided) == (8, 3, 6, 0.5, 2, 0.5)
+    plain = build_searcher(SearchSpec.model_validate(
+        {"searcher": "evolution", "evolution": {"candidates": 1}}), SPACE, "acc", "max")
+    assert (plain.candidates, plain.fresh) == (1, 0)
