@@ -83,8 +83,8 @@ class EvolutionOptions(Section):
         "of two tournament winners (0: one winner, the paper's algorithm).")
     fresh: int = Field(
         2, ge=0, description="How many of the candidates are whole points drawn from the good "
-        "trials' density (TPE's proposal) instead of children; at most candidates - 1 of them "
-        "(candidates: 1 is plain regularized evolution, whatever this says).")
+        "trials' density (TPE's proposal) instead of children; below candidates when set "
+        "(with candidates: 1, plain regularized evolution, the default becomes 0).")
 
 
 class RLOptions(Section):
@@ -213,6 +213,10 @@ def search_problems(spec: JobSpec) -> list[tuple[str, str]]:
     if search.scheduler.kind in ("pbt", "pb2") and search.searcher != "random":
         problems.append(("search.searcher", f"{search.scheduler.kind} draws its own starting "
                          "population (Tune refuses a searcher beside it): use random"))
+    e = search.evolution
+    if "fresh" in e.model_fields_set and e.fresh >= e.candidates > 1:  # the default adapts
+        problems.append(("search.evolution.fresh", f"{e.fresh} >= candidates {e.candidates}: "
+                         "at least one candidate must be a child"))
     if search.evolution.tournament > search.evolution.population:
         problems.append(("search.evolution.tournament",
                          f"{search.evolution.tournament} > population {search.evolution.population}"))

@@ -65,26 +65,26 @@ class DensityRatio:
         """A new value for ``dim`` drawn from the good trials' smoothed density l(x), the
         current value's level excluded: a categorical level, or a uniform point of a range's
         bin (TPE's proposal, used by ``EvolutionSearcher`` as a guided mutation)."""
-        levels = _levels(dim, self.bins)
-        weights = np.exp(self._log_density(self.good, dim)[:levels])
+        weights = self._good_weights(dim)
         weights[_bin_of(dim, current, self.bins)] = 0.0
         if weights.sum() <= 0:  # a one-level dimension: nothing else to move to
             return current
-        return self._value_at(dim, int(rng.choice(levels, p=weights / weights.sum())), rng)
+        return self._draw(dim, weights, rng)
 
     def sample(self, rng: np.random.Generator) -> dict[str, Any]:
         """A whole new point, each searchable value drawn from l(x) on its own (TPE's
         proposal); the space's constants kept."""
-        point = dict(self.space.constants)
-        for dim in self.space.dims:
-            levels = _levels(dim, self.bins)
-            weights = np.exp(self._log_density(self.good, dim)[:levels])
-            point[dim.path] = self._value_at(
-                dim, int(rng.choice(levels, p=weights / weights.sum())), rng)
-        return point
+        return {**self.space.constants,
+                **{dim.path: self._draw(dim, self._good_weights(dim), rng) for dim in self.space.dims}}
 
-    def _value_at(self, dim: Dim, level: int, rng: np.random.Generator) -> Any:
-        """The value of a level: the category itself, or a uniform point of the range's bin."""
+    def _good_weights(self, dim: Dim) -> np.ndarray:
+        """l(x) per level of ``dim``, unnormalised."""
+        return np.exp(self._log_density(self.good, dim)[:_levels(dim, self.bins)])
+
+    def _draw(self, dim: Dim, weights: np.ndarray, rng: np.random.Generator) -> Any:
+        """A value of a level drawn in proportion to ``weights``: the category itself, or a
+        uniform point of the range's bin."""
+        level = int(rng.choice(len(weights), p=weights / weights.sum()))
         if isinstance(dim.domain, Categorical):
             return dim.domain.categories[level]
         lo, hi = dim._bounds()

@@ -43,6 +43,7 @@ def test_a_valid_search_spec_runs_data_search_train_in_order():
     ({"trial": {"data.split.val": 0.5}}, "search.space.data.split.val", "cluster, model and train"),
     ({"searcher": "bayes"}, "search.searcher", "evolution"),
     ({"evolution": {"crossover": 2}}, "search.evolution.crossover", "less than or equal"),
+    ({"evolution": {"candidates": 4, "fresh": 4}}, "search.evolution.fresh", "must be a child"),
 ])
 def test_bad_search_input_names_the_field(search, field, words):
     found = problems(searched(**search))

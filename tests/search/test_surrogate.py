@@ -93,7 +93,6 @@ def test_propose_draws_other_values_from_the_good_trials_density():
         EvolutionSearcher(SPACE, "acc", "max", guided=1.5)
 
 
-
 def test_sample_draws_whole_points_from_the_good_trials_density():
     """``fresh`` candidates: every value from l(x) on its own, constants kept, within domains."""
     space = Space({**SPACE, "depth": tune.randint(1, 9), "epochs": 3})
