@@ -224,6 +224,7 @@ def _run_stages(job: ResolvedJob, run: RunDir, todo: list[Stage], artifacts: dic
     pin_ray_data_stats_actor()
     startup["ray_up"] = time.time()
     result = RunResult(run.uri)
+    stage_s: dict[str, float] = {}
     for stage in todo:
         stage_started = startup[f"{stage.name}_stage_start"] = time.time()
         inputs = {k: artifacts[k] for k in (*stage.consumes, *stage.optional) if k in artifacts}
@@ -235,8 +236,14 @@ def _run_stages(job: ResolvedJob, run: RunDir, todo: list[Stage], artifacts: dic
             artifact = artifact.model_copy(update={"parent": parent.artifact_uri})
         write_artifact(out, artifact)
         artifacts[artifact.kind] = result.artifacts[stage.name] = artifact
-        log.info("%s: done in %.1f s -> %s", stage.name, time.time() - stage_started, out.uri)
+        stage_s[stage.name] = time.time() - stage_started
+        log.info("%s: done in %.1f s -> %s", stage.name, stage_s[stage.name], out.uri)
     from bigopt.report import write_report
+    from bigopt.report.compare import timing_record
+
+    # what the run cost, for this report and for runs that compare themselves with this one
+    run.write_json("run.json", timing_record(run.read_json("run.json") if run.exists("run.json")
+                                             else None, time.time() - started, stage_s))
 
     write_report(run)
     result.seconds = time.time() - started

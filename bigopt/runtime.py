@@ -292,6 +292,12 @@ class RunDir:
     def read_jsonl(self, rel: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.read_text(rel).splitlines() if line.strip()]
 
+    def folders(self, rel: str = "") -> list[str]:
+        """Names of the folders directly under ``rel``, sorted ([] when ``rel`` is absent)."""
+        sel = pafs.FileSelector(self.sub(rel), recursive=False, allow_not_found=True)
+        return sorted(i.base_name for i in self.fs.get_file_info(sel)
+                      if i.type == pafs.FileType.Directory)
+
     def list(self, rel: str) -> list[str]:
         """Relative paths of files under ``rel`` (recursive), sorted."""
         sel = pafs.FileSelector(self.sub(rel), recursive=True, allow_not_found=True)

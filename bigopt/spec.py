@@ -134,6 +134,7 @@ ModelSpec = Annotated[GPTModelSpec | CNNModelSpec | MLPModelSpec, Field(discrimi
 # --------------------------------------------------------------------------- job
 from bigopt.compress.spec import COMPRESS_STEP_KINDS, CompressSpec  # noqa: E402
 from bigopt.export.spec import ExportSpec  # noqa: E402
+from bigopt.report.spec import ReportSpec  # noqa: E402
 
 
 def parse_model_section(raw: Any) -> ModelSpec:
@@ -160,6 +161,8 @@ class JobSpec(Section):
     # their own cross-field rules (``problems``).
     compress: CompressSpec | None = None
     export: ExportSpec | None = None
+    # not a stage: what report.md sets this run beside (bigopt/report/spec.py)
+    report: ReportSpec | None = None
 
     def stages(self) -> list[str]:
         """The stages this spec runs, in the stage table's order (``bigopt.stages.STAGES``)."""

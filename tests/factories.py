@@ -302,3 +302,32 @@ def s3_objects(uri: str, endpoint: str | None = None) -> list[str]:
         if not page.get("IsTruncated"):
             return sorted(keys)
         token = page["NextContinuationToken"]
+
+
+def finished_run(storage: Any, job: str, run_id: str, *, metrics: dict[str, float] | None,
+                 fingerprint: str = "f" * 64, params: int = 1000, wall_s: float | None = 60.0,
+                 report: dict[str, Any] | None = None) -> Any:
+    """A run directory as ``bigopt run`` leaves it for the report to read: ``spec.yaml``,
+    ``run.json``, the data artifact and, unless ``metrics`` is None (a run cut short), the
+    train stage's model artifact. For report tests that set runs side by side without
+    training each one."""
+    import yaml
+
+    from bigopt.artifacts import DataArtifact, ModelArtifact, write_artifact
+    from bigopt.report.compare import timing_record
+    from bigopt.runtime import RunDir
+
+    run = RunDir.create(str(storage), job, run_id)
+    spec = {"name": job, "report": report} if report else {"name": job}
+    run.write_text("spec.yaml", yaml.safe_dump(spec))
+    data = DataArtifact(stage="data", run=run.uri, uri=run.uri_of("data"), manifest="m",
+                        fingerprint=fingerprint, task="classifier", columns=("inputs", "labels"),
+                        splits={})
+    write_artifact(run.stage("data"), data)
+    if metrics is not None:
+        write_artifact(run.stage("train"), ModelArtifact(
+            stage="train", run=run.uri, uri=run.uri_of("train"), parent=data.artifact_uri,
+            task="classifier", arch={}, format="ddp", step=100, metrics=metrics, params=params))
+    if wall_s is not None:
+        run.write_json("run.json", timing_record(None, wall_s, {"data": 1.0, "train": wall_s - 1}))
+    return run

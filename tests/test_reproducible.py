@@ -38,10 +38,20 @@ def rel(a: float, b: float) -> float:
 
 def test_fresh_runs_reproduce_and_strategies_start_alike(ray_session, repo_root, tmp_path):
     zero2 = cli_run(repo_root, tmp_path / "a")  # the quickstart's own ZeRO-2, default order
-    again = cli_run(repo_root, tmp_path / "b")
+    (run_a,) = glob.glob(os.path.join(tmp_path / "a", "quickstart", "*"))
+    # the second run's report sets it beside the first (report.compare_with, a run dir)
+    again = cli_run(repo_root, tmp_path / "b", "--set", f"report.compare_with=['{run_a}']")
     assert sorted(zero2) == list(range(1, STEPS + 1))
     worst = max(rel(zero2[s], again[s]) for s in zero2)
     assert worst <= 1e-6, f"two runs of the same spec and seed differ by {worst:.2e}"
+    (run_b,) = glob.glob(os.path.join(tmp_path / "b", "quickstart", "*"))
+    report = open(os.path.join(run_b, "report.md")).read().split("## Compared with")[1]
+    val_a = json.load(open(os.path.join(run_a, "train", "artifact.json")))["metrics"]["val_loss"]
+    assert f"against quickstart's {val_a:.4f}" in report, report
+    assert "on the same prepared data" in report, report
+    timing = json.load(open(os.path.join(run_a, "run.json")))
+    assert set(timing["stage_s"]) == {"data", "train"} and timing["wall_s"] > timing["stage_s"]["train"]
+    assert f"| quickstart `{os.path.basename(run_a)}` |" in report
     # each of the 2 data-parallel ranks reads about half the split, not all of it
     (result,) = glob.glob(os.path.join(tmp_path / "a", "quickstart", "*", "train", "result.json"))
     ingest = json.load(open(result))["ingest"]

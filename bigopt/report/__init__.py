@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from bigopt.runtime import RunDir
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # bigopt.spec imports report.spec: nothing heavy at import time
     from bigopt.artifacts import ModelArtifact
+    from bigopt.runtime import RunDir
 
 
 def _loss_plot(rows: list[dict[str, Any]], val: dict[int, float]) -> bytes:
@@ -147,7 +146,8 @@ def _input_plot(rows: list[dict[str, Any]]) -> bytes:
 
 
 def write_report(run: RunDir) -> str:
-    """Write ``report.md`` (and its PNGs): one section per stage with an artifact in ``run``."""
+    """Write ``report.md`` (and its PNGs): one section per stage with an artifact in ``run``,
+    then the runs the spec's ``report.compare_with`` names, beside this one."""
     from bigopt.artifacts import has_artifact, read_artifact
     from bigopt.stages import STAGES
 
@@ -157,6 +157,9 @@ def write_report(run: RunDir) -> str:
             section = stage.report_function()
             assert section is not None
             lines += section(run.stage(stage.name), read_artifact(run, stage.name))
+    from bigopt.report.compare import compare_with, comparison_section
+
+    lines += comparison_section(run, compare_with(run))
     text = "\n".join(lines)
     run.write_text("report.md", text)
     return text
