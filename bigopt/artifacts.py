@@ -68,6 +68,12 @@ class DataArtifact(Artifact):
     tokenizer: dict[str, Any] = Field(default_factory=dict)
     splits: dict[str, SplitInfo]
 
+    @property
+    def artifact_uri(self) -> str:
+        """The data stage's own ``artifact.json``: on a cache hit ``uri`` (the shards) is the
+        cache entry, while the artifact is written in the run's stage folder."""
+        return f"{self.run.rstrip('/')}/{self.stage}/{ARTIFACT_FILE}"
+
 
 class ModelArtifact(Artifact):
     """A model anyone can load: ``bigopt.load_model`` rebuilds it from ``arch`` and ``weights``

@@ -5,7 +5,9 @@ python benchmarks/results/nasbench201_session18_screen.py "default;tpe;x=0.5" CI
 Variants are ';'-separated; each is 'k=v,k=v' options of EVar (or 'default' / 'tpe' / 'rl').
 Options: x crossover probability; cand candidates; mix candidates drawn from l(x) per dimension;
 rp/rm/rtop/rskip re-train a top cell by mean with probability rp; endr/endk re-train the endk
-best-observed challengers in the last endr trials; gamma, pop, tour, guided.
+best-observed challengers in the last endr trials; gamma, pop, tour, guided; elite (percent
+of children bred from the best trial so far); cend (candidates ramp linearly from cand to cend
+after the first population; session 19).
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ class EVar(EvolutionSearcher):
     def __init__(self, seed: int, queries: int, x: float = 0.0, rp: float = 0.0, rm: int = 2,
                  rtop: int = 3, rskip: int = 1, endr: int = 0, endk: int = 2, gamma: float = 0.25,
                  pop: int = 8, tour: int = 3, cand: int = 8, guided: float = 0.5,
-                 lastpop: int = 0, elite: int = 0, mix: int = 0):
+                 lastpop: int = 0, elite: int = 0, mix: int = 0, cend: int = 0):
         super().__init__(sn.SPACE, sn.METRIC, "max", seed=seed, max_trials=queries,
                          population=pop, tournament=tour, candidates=cand, guided=guided)
         self.x, self.rp, self.rm, self.rtop, self.rskip = x, rp, rm, rtop, rskip
         self.endr, self.endk, self.gamma, self.elite = endr, endk, gamma, elite
         self.obs: dict[str, list[float]] = {}
         self.mix = mix
+        self.cand0, self.cend = cand, cend  # cend: candidates ramp linearly to cend
 
     def on_trial_complete(self, trial_id, result=None, error=False):
         config = self.live.get(trial_id)
@@ -62,6 +65,9 @@ class EVar(EvolutionSearcher):
 
     def _next_config(self):
         full = len(self.population) >= self.population_size
+        if self.cend and full:
+            frac = (self.suggested - self.population_size) / max(1, self.max_trials - self.population_size)
+            self.candidates = max(self.mix + 1, round(self.cand0 + frac * (self.cend - self.cand0)))
         left = self.max_trials - self.suggested
         if full and self.endr and left <= self.endr:
             inc = self._incumbent()

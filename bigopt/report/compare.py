@@ -46,11 +46,16 @@ class RunSummary:
         model = read_artifact(run, "train")
         assert isinstance(model, ModelArtifact)
         fingerprint = None
-        try:  # the data the model was trained on: the train artifact's parent
-            data = read_artifact_at(model.parent) if model.parent else None
-            fingerprint = data.fingerprint if isinstance(data, DataArtifact) else None
-        except (FileNotFoundError, OSError, ValueError):
-            pass  # moved or deleted: shown as unknown
+        # the data the model was trained on: the train artifact's parent, else (a run written
+        # before parents named the run's own data folder on a cache hit) this run's data stage
+        for where in ([model.parent] if model.parent else []) + [run.uri_of("data")]:
+            try:
+                data = read_artifact_at(where)
+            except (FileNotFoundError, OSError, ValueError):
+                continue  # moved or deleted: shown as unknown
+            if isinstance(data, DataArtifact):
+                fingerprint = data.fingerprint
+                break
         timing = run.read_json("run.json") if run.exists("run.json") else {}
         return cls(run, run.parent.name, model, fingerprint, timing.get("wall_s"),
                    timing.get("stage_s", {}))

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 import bigopt
+from bigopt.artifacts import parse_artifact, read_artifact_at
 from bigopt.data.cache import cache_key, complete_entry, entries
 from bigopt.resolve import resolve
 from bigopt.runtime import RunDir
@@ -74,6 +75,8 @@ def test_a_second_run_hits_and_a_changed_input_misses(ray_session, repo_root, tm
     assert info["hit"] and manifest["cache"]["hit"] and info["prepared_in"] == run1
     artifact = json.load(open(os.path.join(run2, "data", "artifact.json")))
     assert artifact["splits"]["train"]["uri"].startswith(info["entry"])  # linked to the entry
+    # lineage: what a later stage names as its parent is this run's data/artifact.json
+    assert read_artifact_at(parse_artifact(artifact).artifact_uri).fingerprint == artifact["fingerprint"]
     assert "cache hit" in open(os.path.join(run2, "report.md")).read()
     # the cached artifact trains like a fresh one: the shards are where it says
     first_manifest = json.load(open(os.path.join(moved, "data", "manifest.json")))

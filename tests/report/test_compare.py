@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 from bigopt.report.compare import compare_with, comparison_section, find_reference, timing_record
-from tests.factories import cli_validate, finished_run, spec_dict
+
+from factories import cli_validate, finished_run, spec_dict
 
 
 def test_a_job_name_finds_its_newest_finished_run_and_the_report_gives_the_difference(tmp_path):
