@@ -28,6 +28,7 @@ import os
 import statistics
 import sys
 import time
+import zlib
 from typing import Any
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read at `import ray`: loopback
@@ -64,10 +65,20 @@ def cell_key(config: dict[str, Any]) -> str:
     return "".join(str(OPS.index(config[f"Op{i}"])) for i in range(6))
 
 
-def evaluate(table: Table, config: dict[str, Any], run_seed: int, trial_index: int) -> float:
-    """One simulated training run: one recorded seed's accuracy, chosen by the trial's RNG."""
-    accs = table[cell_key(config)]
-    return accs[int(np.random.default_rng([run_seed, trial_index]).integers(len(accs)))]
+#: how a repeated cell is answered: "fresh" draws a recorded seed by the trial's index (a
+#: repeat is a new training run with another seed); "same" fixes the seed per cell and run (a
+#: repeat returns what the cell returned before, as a bigopt trial does: its seed is the spec's)
+REPEATS = ("fresh", "same")
+
+
+def evaluate(table: Table, config: dict[str, Any], run_seed: int, trial_index: int,
+             repeats: str = "fresh") -> float:
+    """One simulated training run: one recorded seed's accuracy, chosen by the trial's RNG
+    (``repeats="fresh"``) or by the cell's (``"same"``)."""
+    key = cell_key(config)
+    accs = table[key]
+    draw = trial_index if repeats == "fresh" else zlib.crc32(key.encode())
+    return accs[int(np.random.default_rng([run_seed, draw]).integers(len(accs)))]
 
 
 def make_searcher(name: str, seed: int, queries: int, **overrides: Any) -> Searcher:
@@ -102,13 +113,14 @@ SEARCHERS = ["random", "evolution-default", "evolution", "evolution-paper", "rl-
              "rl-transformer", "tpe"]
 
 
-def drive(searcher: Searcher, table: Table, run_seed: int, queries: int) -> list[tuple[str, float]]:
+def drive(searcher: Searcher, table: Table, run_seed: int, queries: int,
+          repeats: str = "fresh") -> list[tuple[str, float]]:
     """``queries`` sequential trials through the Searcher API; (cell, observed acc) in order."""
     trace = []
     for i in range(queries):
         trial_id = f"t{i:05d}"
         config = searcher.suggest(trial_id)
-        acc = evaluate(table, config, run_seed, i)
+        acc = evaluate(table, config, run_seed, i, repeats)
         searcher.on_trial_complete(trial_id, {METRIC: acc, "trial_index": i})
         trace.append((cell_key(config), acc))
     return trace
@@ -120,8 +132,10 @@ def best_of(trace: list[tuple[str, float]], table: Table) -> tuple[float, float]
     return statistics.fmean(table[key]), observed
 
 
-def run_one(name: str, table: Table, seed: int, queries: int, **overrides: Any) -> tuple[float, float]:
-    return best_of(drive(make_searcher(name, seed, queries, **overrides), table, seed, queries), table)
+def run_one(name: str, table: Table, seed: int, queries: int, repeats: str = "fresh",
+            **overrides: Any) -> tuple[float, float]:
+    return best_of(drive(make_searcher(name, seed, queries, **overrides), table, seed, queries,
+                         repeats), table)
 
 
 class _Indexed(Searcher):
@@ -153,14 +167,15 @@ class _Indexed(Searcher):
         self.inner.restore(checkpoint_path)
 
 
-def tuner_trace(name: str, table: Table, seed: int, queries: int, storage: str) -> list[tuple[str, float]]:
+def tuner_trace(name: str, table: Table, seed: int, queries: int, storage: str,
+                repeats: str = "fresh") -> list[tuple[str, float]]:
     """The same run through a real ``ray.tune.Tuner``, one trial at a time."""
 
-    def trainable(config: dict[str, Any], table: Table, run_seed: int) -> None:
-        tune.report({METRIC: evaluate(table, config, run_seed, config["trial_index"])})
+    def trainable(config: dict[str, Any], table: Table, run_seed: int, repeats: str) -> None:
+        tune.report({METRIC: evaluate(table, config, run_seed, config["trial_index"], repeats)})
 
     results = tune.Tuner(
-        tune.with_parameters(trainable, table=table, run_seed=seed),
+        tune.with_parameters(trainable, table=table, run_seed=seed, repeats=repeats),
         tune_config=tune.TuneConfig(search_alg=_Indexed(make_searcher(name, seed, queries)),
                                     num_samples=queries, max_concurrent_trials=1),
         run_config=tune.RunConfig(storage_path=storage, name=f"{name}-{seed}", verbose=0)).fit()
@@ -195,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--verify-tuner", action="store_true",
                         help="also run seed --first-seed of each searcher through a real Tuner (CIFAR-10)")
+    parser.add_argument("--repeats", choices=REPEATS, default="fresh",
+                        help="a repeated cell: a fresh recorded seed (default), or the same answer "
+                             "as before (a bigopt trial's semantics)")
     args = parser.parse_args(argv)
     _quiet()
     names, datasets = args.searchers.split(","), args.datasets.split(",")
@@ -213,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         table = load_table(DATASETS[label])
         top = max(statistics.fmean(v) for v in table.values())
         published = dict(zip(["random", "evolution", "tpe", "best cell"], PUBLISHED[label], strict=True))
-        res = {n: [run_one(n, table, s, args.queries) for s in seeds] for n in names}
+        res = {n: [run_one(n, table, s, args.queries, args.repeats) for s in seeds] for n in names}
         regret = {n: stats([top - a for a, _ in r])[0] for n, r in res.items()}
         for n in names:
             acc, acc_se = stats([a for a, _ in res[n]])
@@ -254,8 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as storage:
             for n in names:
                 t0 = time.time()
-                via_tuner = tuner_trace(n, table, seed, args.queries, storage)
-                direct = drive(make_searcher(n, seed, args.queries), table, seed, args.queries)
+                via_tuner = tuner_trace(n, table, seed, args.queries, storage, args.repeats)
+                direct = drive(make_searcher(n, seed, args.queries), table, seed, args.queries,
+                               args.repeats)
                 same = via_tuner == direct
                 print(f"  {n}: Tuner {time.time() - t0:.0f} s, same cells and accuracies in the same order: "
                       f"{same}; best acc Tuner {best_of(via_tuner, table)[0]:.2f} vs direct "
