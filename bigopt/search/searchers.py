@@ -258,3 +258,74 @@ class EvolutionSearcher(_SeededSearcher):
             return self.space.mutate(config, self.rng, n=self.mutations,
                                      propose=lambda dim, value: density.propose(dim, value, self.rng))
         return self.space.mutate(config, self.rng, n=self.mutations)
+
+
+class SkipRepeats(Searcher):
+    """Wraps a searcher that may suggest a point whose trial already completed (Optuna's TPE
+    re-suggests ~15 % of its trials on NAS-Bench-201's categorical space): such a point is
+    answered with that trial's result without training it again, and the wrapped searcher is
+    asked for another, up to ``max_redraws`` times. A bigopt trial is deterministic (its seed is
+    the spec's), so the repeat would have spent a whole trial to return the same number.
+
+    The wrapped searcher sees every repeat as a trial of its own (``<trial_id>-repeat<k>``)
+    completed with the earlier result, so its model is what it would have been; only the
+    training is skipped. Points in flight are not answered (their result is not known yet).
+    """
+
+    def __init__(self, searcher: Searcher, *, canonical: Callable[[dict[str, Any]], Any] | None = None,
+                 max_redraws: int = 50):
+        self.searcher, self.max_redraws = searcher, max_redraws
+        self.canonical = canonical or dict
+        self.done: dict[str, dict[str, Any]] = {}  # point key -> the result its trial completed with
+        self.live: dict[str, tuple[str, dict[str, Any]]] = {}  # trial id -> (inner id, config)
+        self.skipped = 0
+        super().__init__(metric=searcher.metric, mode=searcher.mode)
+
+    def _key(self, config: dict[str, Any]) -> str:
+        return json.dumps(self.canonical(config), sort_keys=True, default=str)
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict[str, Any],
+                              **spec: Any) -> bool:
+        accepted = self.searcher.set_search_properties(metric, mode, config, **spec)
+        if accepted:
+            self._metric, self._mode = self.searcher.metric, self.searcher.mode
+        return accepted
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        for attempt in range(self.max_redraws + 1):
+            inner_id = trial_id if attempt == 0 else f"{trial_id}-repeat{attempt}"
+            config = self.searcher.suggest(inner_id)
+            if not isinstance(config, dict):  # None (wait) or Searcher.FINISHED
+                return config
+            earlier = self.done.get(self._key(config))
+            if earlier is None or attempt == self.max_redraws:
+                self.live[trial_id] = (inner_id, config)
+                return config
+            self.searcher.on_trial_complete(inner_id, result=dict(earlier))
+            self.skipped += 1
+        raise AssertionError("unreachable")
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if trial_id in self.live:
+            self.searcher.on_trial_result(self.live[trial_id][0], result)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
+                          error: bool = False) -> None:
+        if trial_id not in self.live:
+            return
+        inner_id, config = self.live.pop(trial_id)
+        self.searcher.on_trial_complete(inner_id, result=result, error=error)
+        if not error and result is not None and result.get(self.metric) is not None:
+            self.done.setdefault(self._key(config), dict(result))
+
+    def save(self, checkpoint_path: str) -> None:
+        self.searcher.save(checkpoint_path + ".inner")
+        with open(checkpoint_path, "w") as f:  # JSON: nothing here is unpickled
+            json.dump({"done": self.done, "live": self.live, "skipped": self.skipped}, f, default=str)
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.searcher.restore(checkpoint_path + ".inner")
+        with open(checkpoint_path) as f:
+            state = json.load(f)
+        self.done, self.skipped = state["done"], state["skipped"]
+        self.live = {k: (v[0], v[1]) for k, v in state["live"].items()}

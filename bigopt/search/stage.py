@@ -80,7 +80,11 @@ def build_searcher(search: SearchSpec, space: dict[str, Any], metric: str, mode:
         return RandomSearcher(space, metric, mode, seed=search.seed)
     from ray.tune.search.optuna import OptunaSearch
 
-    return OptunaSearch(space=space, metric=metric, mode=mode, seed=search.seed)
+    from bigopt.search.searchers import SkipRepeats
+
+    # TPE re-suggests points it has tried; a bigopt trial would return the same number
+    return SkipRepeats(OptunaSearch(space=space, metric=metric, mode=mode, seed=search.seed),
+                       canonical=active)
 
 
 def build_scheduler(search: SearchSpec, space: dict[str, Any], metric: str, mode: str,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from ray import tune
 
@@ -146,3 +148,56 @@ def test_dedupe_spends_no_trial_on_a_point_already_tried(cls):
 
     assert all(len(set(drawn(True, seed))) == 6 for seed in range(5))  # every point once
     assert any(len(set(drawn(False, seed))) < 6 for seed in range(5))  # repeats otherwise
+
+
+def _tpe(seed: int = 0):
+    from ray.tune.search.optuna import OptunaSearch
+
+    space = {"a": tune.choice([0, 1, 2]), "b": tune.choice([0, 1, 2]), "c": tune.choice([0, 1])}
+    return OptunaSearch(space=space, metric="acc", mode="max", seed=seed)
+
+
+def _score(config):
+    return config["a"] + 0.5 * config["b"] - config["c"]
+
+
+def test_skip_repeats_trains_every_point_once_and_tells_tpe_the_earlier_result():
+    from bigopt.search.searchers import SkipRepeats
+
+    raw = drive_searcher(_tpe(), _score, 14)
+    assert len({json.dumps(c, sort_keys=True) for c in raw}) < 14  # TPE alone repeats points
+    searcher = SkipRepeats(_tpe())
+    configs = drive_searcher(searcher, _score, 14)
+    assert len({json.dumps(c, sort_keys=True) for c in configs}) == 14  # 14 of the 18 points
+    assert searcher.skipped > 0
+    # the inner study saw the repeats as trials completed with the earlier trial's value
+    study = searcher.searcher._ot_study
+    values = {}
+    for trial in study.trials:
+        key = json.dumps(trial.params, sort_keys=True)
+        assert values.setdefault(key, trial.value) == trial.value
+    assert len(study.trials) == 14 + searcher.skipped
+
+
+def test_skip_repeats_returns_a_repeat_when_the_space_is_spent_and_resumes(tmp_path):
+    from bigopt.search.searchers import SkipRepeats
+
+    searcher = SkipRepeats(_tpe(), max_redraws=5)
+    # 18 points, 20 trials: once the space is spent a repeat is trained, never a hang or None
+    configs = drive_searcher(searcher, _score, 20)
+    assert all(isinstance(c, dict) for c in configs)
+    searcher.save(str(tmp_path / "state"))
+    again = SkipRepeats(_tpe())
+    again.restore(str(tmp_path / "state"))
+    assert (again.done, again.skipped) == (searcher.done, searcher.skipped)
+    assert isinstance(again.suggest("t20"), dict)
+
+
+def test_the_tpe_a_spec_builds_skips_repeats_of_the_model_deciding_point():
+    from bigopt.search.searchers import SkipRepeats
+    from bigopt.search.spec import SearchSpec
+    from bigopt.search.stage import build_searcher
+
+    search = SearchSpec.model_validate({"searcher": "tpe", "num_trials": 4})
+    built = build_searcher(search, {"train.lr": tune.choice([0.1, 0.2])}, "acc", "max")
+    assert isinstance(built, SkipRepeats)
