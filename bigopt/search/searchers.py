@@ -319,13 +319,30 @@ class SkipRepeats(Searcher):
             self.done.setdefault(self._key(config), dict(result))
 
     def save(self, checkpoint_path: str) -> None:
-        self.searcher.save(checkpoint_path + ".inner")
-        with open(checkpoint_path, "w") as f:  # JSON: nothing here is unpickled
-            json.dump({"done": self.done, "live": self.live, "skipped": self.skipped}, f, default=str)
+        """One file, as Tune's ``save_to_dir`` expects (it renames the file it passes): this
+        wrapper's state as JSON with the wrapped searcher's own file inside it."""
+        import base64
+
+        inner_path = checkpoint_path + ".inner"
+        self.searcher.save(inner_path)
+        with open(inner_path, "rb") as f:
+            inner = base64.b64encode(f.read()).decode()
+        os.remove(inner_path)
+        with open(checkpoint_path, "w") as f:
+            json.dump({"done": self.done, "live": self.live, "skipped": self.skipped,
+                       "inner": inner}, f, default=str)
 
     def restore(self, checkpoint_path: str) -> None:
-        self.searcher.restore(checkpoint_path + ".inner")
+        import base64
+
         with open(checkpoint_path) as f:
             state = json.load(f)
+        inner_path = checkpoint_path + ".inner"
+        with open(inner_path, "wb") as f:  # written by save() above, in this run's own state
+            f.write(base64.b64decode(state["inner"]))
+        try:
+            self.searcher.restore(inner_path)
+        finally:
+            os.remove(inner_path)
         self.done, self.skipped = state["done"], state["skipped"]
         self.live = {k: (v[0], v[1]) for k, v in state["live"].items()}
