@@ -336,18 +336,29 @@ def search_stage(job: ResolvedJob, inputs: dict[str, Any], run: RunDir,
     results = tuner.fit()
     rows = trials_rows(results, metric, mode)
     rejected = _rejections(tuner, searcher)
-    return finish(job, run, rows, rejected, metric, mode, base)
+    return finish(job, run, rows, rejected, metric, mode, base,
+                  repeats_answered=_repeats_answered(tuner, searcher))
+
+
+def _searcher_in_use(tuner: Any, searcher: Any) -> Any:
+    if searcher is not None and getattr(searcher, "rejected", None) is not None:
+        return searcher
+    try:  # restored: the searcher object is Tune's own copy
+        alg = tuner._local_tuner._tune_config.search_alg
+        return getattr(alg, "searcher", alg)
+    except AttributeError:
+        return None
 
 
 def _rejections(tuner: Any, searcher: Any) -> list[dict[str, Any]]:
-    found = getattr(searcher, "rejected", None)
-    if found is None:  # restored: the searcher object is Tune's own copy
-        try:
-            alg = tuner._local_tuner._tune_config.search_alg
-            found = getattr(getattr(alg, "searcher", alg), "rejected", [])
-        except AttributeError:
-            found = []
-    return list(found or [])
+    return list(getattr(_searcher_in_use(tuner, searcher), "rejected", None) or [])
+
+
+def _repeats_answered(tuner: Any, searcher: Any) -> int:
+    """Points the searcher re-suggested after their trial completed, answered with that
+    trial's result instead of training again (``SkipRepeats``, around TPE)."""
+    inner = getattr(_searcher_in_use(tuner, searcher), "inner", None)
+    return int(getattr(inner, "skipped", 0) or 0)
 
 
 def trials_rows(results: Any, metric: str, mode: str) -> list[dict[str, Any]]:
@@ -379,7 +390,7 @@ def _better(a: float, b: float, mode: str) -> bool:
 
 
 def finish(job: ResolvedJob, run: RunDir, rows: list[dict[str, Any]], rejected: list[dict[str, Any]],
-           metric: str, mode: str, base: JobSpec) -> SearchArtifact:
+           metric: str, mode: str, base: JobSpec, *, repeats_answered: int = 0) -> SearchArtifact:
     """Costs, the tables, Pareto fronts, best.yaml, plots and the artifact."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -442,6 +453,7 @@ def finish(job: ResolvedJob, run: RunDir, rows: list[dict[str, Any]], rejected: 
                "completed": sum(r["status"] == "TERMINATED" for r in rows),
                "stopped_early": sum(r["status"] == "STOPPED" for r in rows),
                "failed": sum(r["status"] == "ERROR" for r in rows), "rejected": len(rejected),
+               "repeats_answered": repeats_answered,
                "best": {k: best[k] for k in ("trial_id", "metric", "params", "flops", "latency_ms")},
                "best_config": active(best["config"])}
     run.write_json("summary.json", summary)
@@ -457,7 +469,9 @@ def report_section(run: RunDir, artifact: SearchArtifact) -> list[str]:
     lines = ["## Search", "",
              f"- searcher **{s['searcher']}**, scheduler {s['scheduler']}: {s['trials']} trials "
              f"({s['completed']} completed, {s['stopped_early']} stopped early, {s['failed']} failed"
-             f", {s['rejected']} points rejected before starting)",
+             f", {s['rejected']} points rejected before starting"
+             + (f", {s['repeats_answered']} repeated points answered from their earlier trial "
+                "instead of trained again" if s.get("repeats_answered") else "") + ")",
              f"- **best {s['metric']}: {best['metric']:.4f}** (trial {best['trial_id']}, "
              f"{best['params']:,} parameters, {best['latency_ms']:.2f} ms CPU latency)"
              if best.get("params") is not None else

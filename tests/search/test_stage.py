@@ -123,6 +123,22 @@ def test_asha_stops_poor_trials_early(ray_session, tmp_path):
     assert all(r["step"] < 40 for r in stopped) and all(r["step"] == 40 for r in finished)
 
 
+def test_tpe_trains_each_point_once_and_says_how_many_repeats_it_answered(ray_session, tmp_path):
+    # 4 points, 6 trials: TPE re-suggests, and a repeat is answered from its earlier trial
+    # until the space is spent (then a repeat trains: a search never hangs on a spent space)
+    spec = parse_spec(search_spec(tmp_path, searcher="tpe", num_trials=6, max_concurrent=1,
+                                  arch={"families": ["mlp"], "depth": [1], "mlp_widths": [16, 32]},
+                                  space={"train.lr": {"choice": [1e-2, 3e-2]}}))
+    result = bigopt.run(spec, stages=["data", "search"])
+    rows = trials(result.run_uri)
+    configs = [json.dumps(json.loads(r["config"]), sort_keys=True) for r in rows]
+    assert len(rows) == 6 and len(set(configs[:4])) == 4, configs
+    summary = RunDir(result.run_uri).stage("search").read_json("summary.json")
+    assert summary["repeats_answered"] > 0
+    assert f"{summary['repeats_answered']} repeated points answered" in open(
+        os.path.join(result.run_uri, "report.md")).read()
+
+
 def _digest(state: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(state):
