@@ -156,5 +156,20 @@ def read_artifact_at(uri: str) -> Artifact:
     return parse_artifact(where.read_json(ARTIFACT_FILE))
 
 
+def ancestor(artifact: Artifact, kind: str, *, max_depth: int = 16) -> Artifact | None:
+    """The nearest artifact of ``kind`` that ``artifact`` was made from (its ``parent`` chain);
+    None when the chain ends, breaks (moved or deleted) or holds none."""
+    seen = 0
+    while artifact.parent and seen < max_depth:
+        try:
+            artifact = read_artifact_at(artifact.parent)
+        except (FileNotFoundError, OSError, ValueError):
+            return None
+        if artifact.kind == kind:
+            return artifact
+        seen += 1
+    return None
+
+
 def has_artifact(run: RunDir, stage: str) -> bool:
     return run.exists(f"{stage}/{ARTIFACT_FILE}")

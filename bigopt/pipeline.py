@@ -91,19 +91,9 @@ def plan(job: ResolvedJob, requested: list[str] | None, *, run: RunDir,
 
 def _from_lineage(given: dict[str, Artifact], kind: str) -> Artifact | None:
     """An artifact of ``kind`` that a given artifact was made from (its ``parent`` chain)."""
-    from bigopt.artifacts import read_artifact_at
+    from bigopt.artifacts import ancestor
 
-    for artifact in list(given.values()):
-        seen = 0
-        while artifact.parent and seen < 16:
-            try:
-                artifact = read_artifact_at(artifact.parent)
-            except (FileNotFoundError, OSError, ValueError):
-                break
-            if artifact.kind == kind:
-                return artifact
-            seen += 1
-    return None
+    return next((found for a in list(given.values()) if (found := ancestor(a, kind))), None)
 
 
 def check_stage_inputs(job: ResolvedJob, todo: list[Stage], given: dict[str, Artifact]) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from bigopt.artifacts import DataArtifact, ModelArtifact, has_artifact, read_artifact, read_artifact_at
+from bigopt.artifacts import DataArtifact, ModelArtifact, ancestor, has_artifact, read_artifact
 from bigopt.report.spec import ReportSpec
 from bigopt.runtime import RunDir
 
@@ -45,17 +45,8 @@ class RunSummary:
     def of(cls, run: RunDir) -> RunSummary:
         model = read_artifact(run, "train")
         assert isinstance(model, ModelArtifact)
-        fingerprint = None
-        # the data the model was trained on: the train artifact's parent, else (a run written
-        # before parents named the run's own data folder on a cache hit) this run's data stage
-        for where in ([model.parent] if model.parent else []) + [run.uri_of("data")]:
-            try:
-                data = read_artifact_at(where)
-            except (FileNotFoundError, OSError, ValueError):
-                continue  # moved or deleted: shown as unknown
-            if isinstance(data, DataArtifact):
-                fingerprint = data.fingerprint
-                break
+        data = ancestor(model, "data")  # the data it was trained on; None: moved or deleted
+        fingerprint = data.fingerprint if isinstance(data, DataArtifact) else None
         timing = run.read_json("run.json") if run.exists("run.json") else {}
         return cls(run, run.parent.name, model, fingerprint, timing.get("wall_s"),
                    timing.get("stage_s", {}))

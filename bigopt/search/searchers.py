@@ -20,6 +20,11 @@ from ray.tune.search import Searcher
 from bigopt.search.space import Space
 
 
+def point_key(config: dict[str, Any], canonical: Callable[[dict[str, Any]], Any]) -> str:
+    """A point's identity: its ``canonical`` form (what decides the trained model) as JSON."""
+    return json.dumps(canonical(config), sort_keys=True, default=str)
+
+
 class _SeededSearcher(Searcher):
     def __init__(self, space: dict[str, Any], metric: str, mode: str, *, seed: int = 0,
                  max_trials: int | None = None, candidates: int = 1):
@@ -56,7 +61,7 @@ class _SeededSearcher(Searcher):
 
     def _key(self, config: dict[str, Any]) -> str:
         assert self.canonical is not None
-        return json.dumps(self.canonical(config), sort_keys=True, default=str)
+        return point_key(config, self.canonical)
 
     def _tried(self) -> set[str]:
         """Keys of every point tried or running (failed and rejected ones included)."""
@@ -282,7 +287,7 @@ class SkipRepeats(Searcher):
         super().__init__(metric=searcher.metric, mode=searcher.mode)
 
     def _key(self, config: dict[str, Any]) -> str:
-        return json.dumps(self.canonical(config), sort_keys=True, default=str)
+        return point_key(config, self.canonical)
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict[str, Any],
                               **spec: Any) -> bool:
