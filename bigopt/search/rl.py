@@ -137,6 +137,24 @@ class _Policy(nn.Module):
         return out
 
 
+    def stepwise(self, actions: list[int]) -> Iterator[torch.Tensor]:
+        """The logits of each step in turn while the caller appends its decision to
+        ``actions`` between steps. The LSTM carries its state (one cell step per decision,
+        the same arithmetic as ``logits``); the Transformer re-reads the prefix."""
+        if self.kind != "lstm":
+            for _ in self.sizes:
+                yield self.logits(actions)[-1]
+            return
+        h = c = torch.zeros(1, self.embed.embedding_dim)
+        for t in range(len(self.sizes)):
+            token = 0 if t == 0 else self.offsets[t - 1] + 1 + actions[t - 1]
+            h, c = self.cell(self.embed(torch.tensor([token])), (h, c))
+            out = self.heads[t](h[0])
+            if self.tanh_constant is not None:
+                out = self.tanh_constant * torch.tanh(out / self.tanh_constant)
+            yield out
+
+
 def _encode(obj: Any) -> Any:
     """Tensors -> ``{"tensor": base64 of the raw bytes, "dtype", "shape"}``, recursively."""
     if isinstance(obj, torch.Tensor):
@@ -229,8 +247,8 @@ class RLSearcher(_SeededSearcher):
     def _sample(self) -> dict[str, Any]:
         actions: list[int] = []
         with _one_thread(), torch.no_grad():
-            for _ in self.choices:
-                probs = torch.softmax(self.policy.logits(actions)[-1].double(), -1).numpy()
+            for step in self.policy.stepwise(actions):
+                probs = torch.softmax(step.double(), -1).numpy()
                 cdf = np.cumsum(probs)
                 pick = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
                 actions.append(min(pick, len(probs) - 1))
