@@ -137,6 +137,38 @@ class _Policy(nn.Module):
         return out
 
 
+    def batch_log_prob_entropy(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sequence of complete decisions: log p(decisions) and the summed per-step
+        entropy, as tensors of shape (len(batch),) (the LSTM runs the batch at once)."""
+        if self.kind != "lstm":
+            pairs = [self.log_prob_entropy(actions) for actions in batch]
+            return torch.stack([p for p, _ in pairs]), torch.stack([e for _, e in pairs])
+        tokens = torch.stack([self.tokens(actions) for actions in batch])  # (B, steps)
+        x = self.embed(tokens)
+        h = c = torch.zeros(len(batch), x.shape[-1])
+        chosen = torch.tensor(batch, dtype=torch.long)
+        log_prob = torch.zeros(len(batch))
+        entropy = torch.zeros(len(batch))
+        for t in range(len(self.sizes)):
+            h, c = self.cell(x[:, t], (h, c))
+            out = self.heads[t](h)
+            if self.tanh_constant is not None:
+                out = self.tanh_constant * torch.tanh(out / self.tanh_constant)
+            logp = torch.log_softmax(out, -1)
+            log_prob = log_prob + logp.gather(1, chosen[:, t : t + 1])[:, 0]
+            entropy = entropy - (logp.exp() * logp).sum(-1)
+        return log_prob, entropy
+
+    def log_prob_entropy(self, actions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(actions) under the policy and its summed per-step entropy."""
+        log_prob = torch.zeros(())
+        entropy = torch.zeros(())
+        for step, a in zip(self.logits(actions[:-1]), actions, strict=True):
+            logp = torch.log_softmax(step, -1)
+            log_prob = log_prob + logp[a]
+            entropy = entropy - (logp.exp() * logp).sum()
+        return log_prob, entropy
+
     def stepwise(self, actions: list[int]) -> Iterator[torch.Tensor]:
         """The logits of each step in turn while the caller appends its decision to
         ``actions`` between steps. The LSTM carries its state (one cell step per decision,
@@ -195,6 +227,15 @@ class RLSearcher(_SeededSearcher):
     it re-draws its favourites, and re-training a known point spends a trial on nothing
     (6.2 of 30 trials were repeats on the Fashion-MNIST table, BENCHMARKS.md 6b).
 
+    ``update``: "reinforce" (the module docstring's rule), "risk_seeking" (only trials above
+    the ``1 - risk_quantile`` quantile of the rewards so far are reinforced, against that
+    quantile: Petersen et al., ICLR 2021) or "pqt" (a maximum-likelihood step on the
+    ``top_k`` best trials after every result: Abolafia et al. 2018). Neither beat REINFORCE
+    on NAS-Bench-201 (PQT was worse: its policy collapses onto the queue); see
+    benchmarks/results/nasbench201_surrogate_tuning.md, session 20. ``fresh``: how many of the
+    ``candidates`` are whole points drawn from the good trials' density instead of the policy
+    (as ``EvolutionSearcher``'s); the policy learns from whichever is tried.
+
     Defaults were chosen on NAS-Bench-201 (3 data sets, 100 queries) with seeds 100-104, not
     the seeds benchmarks report (benchmarks/results/nasbench201.md): entropy weight 0.05 beat
     0.01 and 0 for both policies; the Transformer needs a smaller step than the LSTM (at 0.01
@@ -209,12 +250,23 @@ class RLSearcher(_SeededSearcher):
                  baseline_decay: float = 0.9, advantage_clip: float = 3.0,
                  tanh_constant: float | None = None,
                  canonical: Callable[[dict[str, Any]], Any] | None = None, dedupe: bool = True,
-                 candidates: int = 1):
+                 candidates: int = 1, update: str = "reinforce", risk_quantile: float = 0.2,
+                 top_k: int = 10, fresh: int = 0):
         super().__init__(space, metric, mode, seed=seed, max_trials=max_trials,
                          candidates=candidates)
         self.canonical = (canonical or (lambda config: config)) if dedupe else None
         if not 0.0 <= baseline_decay < 1.0:
             raise ValueError(f"baseline_decay: {baseline_decay} must be in [0, 1)")
+        if update not in self.UPDATES:
+            raise ValueError(f"update: {update!r} must be one of {', '.join(self.UPDATES)}")
+        if not 0.0 < risk_quantile <= 1.0:
+            raise ValueError(f"risk_quantile: {risk_quantile} must be in (0, 1]")
+        if top_k < 1:
+            raise ValueError(f"top_k: {top_k} must be >= 1")
+        if not 0 <= fresh < candidates:
+            raise ValueError(f"fresh: {fresh} must be between 0 and candidates - 1 = {candidates - 1}")
+        self.update, self.risk_quantile, self.top_k, self.fresh = update, risk_quantile, top_k, fresh
+        self.elite: list[tuple[float, list[int]]] = []  # (reward, actions) of every scored trial
         self.choices = [choices_for(dim, bins) for dim in self.space.dims]
         lr = lr if lr is not None else self.DEFAULT_LR.get(policy, 0.01)
         self.lr, self.entropy_weight = lr, entropy_weight
@@ -236,13 +288,25 @@ class RLSearcher(_SeededSearcher):
         return config
 
     def _next_config(self) -> dict[str, Any]:
+        density = self._density() if self.candidates > 1 else None
+        fresh = self.fresh if density is not None else 0
         options = []
-        for _ in range(self.candidates):
+        for _ in range(self.candidates - fresh):
             config = self._unseen(self._sample(), lambda _: self._sample())  # tried: ask again
             options.append((config, self._last_actions))
+        for _ in range(fresh):  # whole points from the good trials' density, ranked beside them
+            config = self._unseen(density.sample(self.rng), lambda _: density.sample(self.rng))
+            options.append((config, self._actions_of(config)))
         # the policy learns from the actions of the sample that is tried
-        config, self._last_actions = self._choose(options, lambda option: option[0])
+        config, self._last_actions = self._choose(options, lambda option: option[0], density)
         return config
+
+    def _actions_of(self, config: dict[str, Any]) -> list[int] | None:
+        """The policy's decisions that produce ``config``; None if a value is off its grid."""
+        try:
+            return [self.choices[i].index(config[dim.path]) for i, dim in enumerate(self.space.dims)]
+        except (KeyError, ValueError):
+            return None
 
     def _sample(self) -> dict[str, Any]:
         actions: list[int] = []
@@ -265,6 +329,9 @@ class RLSearcher(_SeededSearcher):
         if not known or actions is None or self.history[-1][1] is None:
             return
         reward = float(self.history[-1][1])
+        if self.update != "reinforce":
+            self._elite_update(reward, actions)
+            return
         if self.baseline is None:
             self.baseline = reward
             return
@@ -281,27 +348,51 @@ class RLSearcher(_SeededSearcher):
 
     def adopt(self, trial_id: str, config: dict[str, Any]) -> None:
         super().adopt(trial_id, config)
-        try:  # the policy learns from the actions that produce the trial's real config
-            self.actions[trial_id] = [self.choices[i].index(config[dim.path])
-                                      for i, dim in enumerate(self.space.dims)]
-        except (KeyError, ValueError):  # not a point of this policy's choices: learn nothing
+        # the policy learns from the actions that produce the trial's real config; nothing
+        # from a point off its choices
+        actions = self._actions_of(config)
+        if actions is None:
             self.actions.pop(trial_id, None)
+        else:
+            self.actions[trial_id] = actions
 
     def _update(self, actions: list[int], advantage: float) -> None:
         with _one_thread():
-            logits = self.policy.logits(actions[:-1])
-            log_prob = torch.zeros(())
-            entropy = torch.zeros(())
-            for step, a in zip(logits, actions, strict=True):
-                logp = torch.log_softmax(step, -1)
-                log_prob = log_prob + logp[a]
-                entropy = entropy - (logp.exp() * logp).sum()
+            log_prob, entropy = self.policy.log_prob_entropy(actions)
             loss = -advantage * log_prob - self.entropy_weight * entropy
             self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.step()
 
-    STATE = (*_SeededSearcher.STATE, "actions", "baseline", "spread", "updates")
+    def _elite_update(self, reward: float, actions: list[int]) -> None:
+        """``update: risk_seeking`` (Petersen et al., ICLR 2021): the baseline is the
+        ``1 - risk_quantile`` quantile of the rewards so far and only a trial above it is
+        reinforced, so the policy chases the best case, which is what a search keeps.
+        ``update: pqt`` (priority queue training, Abolafia et al. 2018): one maximum-likelihood
+        step on the ``top_k`` best trials so far, whatever the new trial scored."""
+        self.elite.append((reward, list(actions)))
+        rewards = np.array([r for r, _ in self.elite])
+        if self.update == "risk_seeking":
+            if len(rewards) < 2:
+                return
+            threshold = float(np.quantile(rewards, 1.0 - self.risk_quantile))
+            spread = float(rewards.std())
+            if reward <= threshold or spread <= 0:
+                return
+            self._update(actions, min(self.advantage_clip, (reward - threshold) / spread))
+            self.updates += 1
+            return
+        queue = [a for _, a in sorted(self.elite, key=lambda e: -e[0])[: self.top_k]]
+        with _one_thread():
+            log_prob, entropy = self.policy.batch_log_prob_entropy(queue)
+            loss = -(log_prob + self.entropy_weight * entropy).mean()
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+        self.updates += 1
+
+    UPDATES = ("reinforce", "risk_seeking", "pqt")
+    STATE = (*_SeededSearcher.STATE, "actions", "baseline", "spread", "updates", "elite")
 
     def get_state(self) -> dict[str, Any]:
         return {**super().get_state(), "policy": _encode(self.policy.state_dict()),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from ray import tune
@@ -116,6 +117,76 @@ def test_rejects_bad_arguments():
         RLSearcher(SPACE, metric="acc", mode="max", policy="gru")
     with pytest.raises(ValueError, match="baseline_decay"):
         RLSearcher(SPACE, metric="acc", mode="max", baseline_decay=1.0)
+    with pytest.raises(ValueError, match="update"):
+        RLSearcher(SPACE, metric="acc", mode="max", update="ppo")
+    with pytest.raises(ValueError, match="risk_quantile"):
+        RLSearcher(SPACE, metric="acc", mode="max", update="risk_seeking", risk_quantile=0.0)
+    with pytest.raises(ValueError, match="top_k"):
+        RLSearcher(SPACE, metric="acc", mode="max", update="pqt", top_k=0)
+    with pytest.raises(ValueError, match="fresh"):
+        RLSearcher(SPACE, metric="acc", mode="max", candidates=4, fresh=4)
+
+
+def test_risk_seeking_reinforces_only_trials_above_the_quantile_of_rewards_so_far():
+    rl = RLSearcher(SPACE, metric="acc", mode="max", seed=0, update="risk_seeking",
+                    risk_quantile=0.25)
+    rewards: list[float] = []
+    for i, reward in enumerate([1.0, 5.0, 2.0, 0.5, 6.0, 6.0, 3.0, 7.0]):
+        rl.suggest(f"t{i}")
+        policy_before, updates_before = json.dumps(rl.get_state()["policy"]), rl.updates
+        rl.on_trial_complete(f"t{i}", {"acc": reward})
+        rewards.append(reward)
+        expected = len(rewards) > 1 and reward > float(np.quantile(rewards, 0.75))
+        changed = json.dumps(rl.get_state()["policy"]) != policy_before
+        assert changed == expected, (i, reward)
+        assert rl.updates == updates_before + expected
+
+
+def test_pqt_raises_the_likelihood_of_the_best_trials_so_far():
+    rl = RLSearcher(SPACE, metric="acc", mode="max", seed=0, update="pqt", top_k=2)
+    configs = drive(rl, 12)
+    assert rl.updates == 12  # one maximum-likelihood step per completed trial
+    best = sorted(rl.elite, key=lambda e: -e[0])[:2]
+    assert [r for r, _ in best] == sorted((objective(c) for c in configs), reverse=True)[:2]
+    with torch.no_grad():
+        before = rl.policy.batch_log_prob_entropy([a for _, a in best])[0]
+    for i in range(5):  # five more results below the queue: it keeps training on the same two
+        config = rl.suggest(f"x{i}")
+        rl.on_trial_complete(f"x{i}", {"acc": min(r for r, _ in rl.elite) - 1.0})
+        assert config is not None
+    with torch.no_grad():
+        after = rl.policy.batch_log_prob_entropy([a for _, a in best])[0]
+    assert torch.all(after > before), (before, after)
+
+
+@pytest.mark.parametrize("policy", ["lstm", "transformer"])
+def test_batched_log_prob_equals_one_sequence_at_a_time(policy):
+    rl = RLSearcher(SPACE, metric="acc", mode="max", seed=0, policy=policy)
+    drive(rl, 6)
+    batch = [[0, 1, 2, 3, 4, 5], [7, 4, 0, 0, 1, 2], [3, 3, 3, 3, 3, 3]]
+    batch = [[min(a, len(c) - 1) for a, c in zip(seq, rl.choices, strict=True)] for seq in batch]
+    log_prob, entropy = rl.policy.batch_log_prob_entropy(batch)
+    for i, seq in enumerate(batch):
+        lp, ent = rl.policy.log_prob_entropy(seq)
+        assert torch.allclose(log_prob[i], lp, atol=1e-6) and torch.allclose(entropy[i], ent, atol=1e-6)
+
+
+@pytest.mark.parametrize("options", [{"update": "risk_seeking"}, {"update": "pqt", "top_k": 4},
+                                     {"candidates": 4, "fresh": 2}])
+def test_update_rules_and_fresh_draws_resume_and_beat_random(options, tmp_path):
+    whole = drive(RLSearcher(SPACE, metric="acc", mode="max", seed=1, **options), 24)
+    first = RLSearcher(SPACE, metric="acc", mode="max", seed=1, **options)
+    drive(first, 13)
+    first.save(str(tmp_path / "s.json"))
+    again = RLSearcher(SPACE, metric="acc", mode="max", seed=5, **options)
+    again.restore(str(tmp_path / "s.json"))
+    assert drive(again, 24, start=13) == whole[13:]
+    best_rl, best_random = [], []
+    for seed in range(6):
+        best_rl.append(max(map(objective, drive(
+            RLSearcher(SPACE, metric="acc", mode="max", seed=seed, **options), 50))))
+        best_random.append(max(map(objective, drive(RandomSearcher(SPACE, "acc", "max", seed=seed), 50))))
+    assert sum(best_rl) > sum(best_random), (best_rl, best_random)
 
 
 @pytest.mark.slow
