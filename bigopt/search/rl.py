@@ -136,7 +136,6 @@ class _Policy(nn.Module):
             out = [self.tanh_constant * torch.tanh(o / self.tanh_constant) for o in out]
         return out
 
-
     def batch_log_prob_entropy(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per sequence of complete decisions: log p(decisions) and the summed per-step
         entropy, as tensors of shape (len(batch),) (the LSTM runs the batch at once)."""
@@ -399,6 +398,6 @@ class RLSearcher(_SeededSearcher):
                 "optimizer": _encode(self.optimizer.state_dict())}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        super().set_state(state)
+        super().set_state({"elite": [], **state})  # a state saved before ``update`` existed
         self.policy.load_state_dict(_decode(state["policy"]))
         self.optimizer.load_state_dict(_decode(state["optimizer"]))
