@@ -131,9 +131,13 @@ class _Policy(nn.Module):
             x = x + self.position(torch.arange(steps))
             mask = nn.Transformer.generate_square_subsequent_mask(steps)
             hidden = self.encoder(x.unsqueeze(0), mask=mask, is_causal=True)[0]
-        out = [self.heads[t](hidden[t]) for t in range(steps)]
+        return [self._head(t, hidden[t]) for t in range(steps)]
+
+    def _head(self, step: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Step ``step``'s logits from the hidden state (any leading batch shape)."""
+        out = self.heads[step](hidden)
         if self.tanh_constant is not None:  # ENAS: logits in +-c, so no choice's odds run away
-            out = [self.tanh_constant * torch.tanh(o / self.tanh_constant) for o in out]
+            out = self.tanh_constant * torch.tanh(out / self.tanh_constant)
         return out
 
     def batch_log_prob_entropy(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,10 +154,7 @@ class _Policy(nn.Module):
         entropy = torch.zeros(len(batch))
         for t in range(len(self.sizes)):
             h, c = self.cell(x[:, t], (h, c))
-            out = self.heads[t](h)
-            if self.tanh_constant is not None:
-                out = self.tanh_constant * torch.tanh(out / self.tanh_constant)
-            logp = torch.log_softmax(out, -1)
+            logp = torch.log_softmax(self._head(t, h), -1)
             log_prob = log_prob + logp.gather(1, chosen[:, t : t + 1])[:, 0]
             entropy = entropy - (logp.exp() * logp).sum(-1)
         return log_prob, entropy
@@ -180,10 +181,7 @@ class _Policy(nn.Module):
         for t in range(len(self.sizes)):
             token = 0 if t == 0 else self.offsets[t - 1] + 1 + actions[t - 1]
             h, c = self.cell(self.embed(torch.tensor([token])), (h, c))
-            out = self.heads[t](h[0])
-            if self.tanh_constant is not None:
-                out = self.tanh_constant * torch.tanh(out / self.tanh_constant)
-            yield out
+            yield self._head(t, h[0])
 
 
 def _encode(obj: Any) -> Any:

@@ -79,6 +79,16 @@ def test_save_restore_resumes_with_the_same_next_suggestions(policy, tmp_path):
     assert [live, *drive(again, 30, start=18)] == whole[17:]
 
 
+def test_restores_a_state_saved_before_update_rules_existed():
+    saved = RLSearcher(SPACE, metric="acc", mode="max", seed=2)
+    drive(saved, 10)
+    state = saved.get_state()
+    del state["elite"]  # what a search checkpoint written by an earlier bigopt holds
+    again = RLSearcher(SPACE, metric="acc", mode="max", seed=2)
+    again.set_state(json.loads(json.dumps(state)))
+    assert drive(again, 15, start=10) == drive(saved, 15, start=10)
+
+
 def test_failed_trials_change_nothing_and_do_not_crash():
     rl = RLSearcher(SPACE, metric="acc", mode="max", seed=0)
     drive(rl, 5)
