@@ -263,7 +263,6 @@ class RLSearcher(_SeededSearcher):
         if not 0 <= fresh < candidates:
             raise ValueError(f"fresh: {fresh} must be between 0 and candidates - 1 = {candidates - 1}")
         self.update, self.risk_quantile, self.top_k, self.fresh = update, risk_quantile, top_k, fresh
-        self.elite: list[tuple[float, list[int]]] = []  # (reward, actions) of every scored trial
         self.choices = [choices_for(dim, bins) for dim in self.space.dims]
         lr = lr if lr is not None else self.DEFAULT_LR.get(policy, 0.01)
         self.lr, self.entropy_weight = lr, entropy_weight
@@ -366,12 +365,13 @@ class RLSearcher(_SeededSearcher):
         ``1 - risk_quantile`` quantile of the rewards so far and only a trial above it is
         reinforced, so the policy chases the best case, which is what a search keeps.
         ``update: pqt`` (priority queue training, Abolafia et al. 2018): one maximum-likelihood
-        step on the ``top_k`` best trials so far, whatever the new trial scored."""
-        self.elite.append((reward, list(actions)))
-        rewards = np.array([r for r, _ in self.elite])
+        step on the ``top_k`` best trials so far, whatever the new trial scored. Both read the
+        completed trials from ``history`` (the new one included)."""
+        scored = [(score, c) for c, score in self.history if score is not None]
         if self.update == "risk_seeking":
-            if len(rewards) < 2:
+            if len(scored) < 2:
                 return
+            rewards = np.array([score for score, _ in scored])
             threshold = float(np.quantile(rewards, 1.0 - self.risk_quantile))
             spread = float(rewards.std())
             if reward <= threshold or spread <= 0:
@@ -379,7 +379,8 @@ class RLSearcher(_SeededSearcher):
             self._update(actions, min(self.advantage_clip, (reward - threshold) / spread))
             self.updates += 1
             return
-        queue = [a for _, a in sorted(self.elite, key=lambda e: -e[0])[: self.top_k]]
+        best_first = sorted(scored, key=lambda pair: -pair[0])
+        queue = [a for a in (self._actions_of(c) for _, c in best_first) if a is not None][: self.top_k]
         with _one_thread():
             log_prob, entropy = self.policy.batch_log_prob_entropy(queue)
             loss = -(log_prob + self.entropy_weight * entropy).mean()
@@ -389,13 +390,13 @@ class RLSearcher(_SeededSearcher):
         self.updates += 1
 
     UPDATES = ("reinforce", "risk_seeking", "pqt")
-    STATE = (*_SeededSearcher.STATE, "actions", "baseline", "spread", "updates", "elite")
+    STATE = (*_SeededSearcher.STATE, "actions", "baseline", "spread", "updates")
 
     def get_state(self) -> dict[str, Any]:
         return {**super().get_state(), "policy": _encode(self.policy.state_dict()),
                 "optimizer": _encode(self.optimizer.state_dict())}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        super().set_state({"elite": [], **state})  # a state saved before ``update`` existed
+        super().set_state(state)
         self.policy.load_state_dict(_decode(state["policy"]))
         self.optimizer.load_state_dict(_decode(state["optimizer"]))
