@@ -15,7 +15,6 @@ evolution's), ``-kN`` ``candidates=N``, ``-entX`` ``entropy_weight``.
 
 from __future__ import annotations
 
-import math
 import multiprocessing as mp
 import os
 import statistics
@@ -91,8 +90,7 @@ def main():
             for v in names:
                 r = res[(v, d)]
                 diffs = [r[s] - ref[s] for s in ref]
-                mean = statistics.fmean(diffs)
-                se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+                mean, se = sn.stats(diffs)
                 wins, ties = sum(x > 0 for x in diffs), sum(x == 0 for x in diffs)
                 print(f"  {v:16s} acc {statistics.fmean(r.values()):.3f}  - {base}: {mean:+.3f} +- "
                       f"{se:.3f}  ({wins} / {ties} / {len(diffs) - wins - ties})")
