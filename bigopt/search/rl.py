@@ -241,7 +241,8 @@ class RLSearcher(_SeededSearcher):
 
     DEFAULT_LR = {"lstm": 0.01, "transformer": 0.003}
 
-    def __init__(self, space: dict[str, Any], metric: str, mode: str, *, seed: int = 0,
+    def __init__(self, space: dict[str, Any] | None = None, metric: str | None = None,
+                 mode: str | None = None, *, seed: int = 0,
                  max_trials: int | None = None, policy: str = "lstm", hidden: int = 32, layers: int = 1,
                  heads: int = 2, bins: int = 8, lr: float | None = None, entropy_weight: float = 0.05,
                  baseline_decay: float = 0.9, advantage_clip: float = 3.0,
@@ -249,11 +250,14 @@ class RLSearcher(_SeededSearcher):
                  canonical: Callable[[dict[str, Any]], Any] | None = None, dedupe: bool = True,
                  candidates: int = 1, update: str = "reinforce", risk_quantile: float = 0.2,
                  top_k: int = 10, fresh: int = 0):
-        super().__init__(space, metric, mode, seed=seed, max_trials=max_trials,
+        # the space (given here or by the Tuner) is set last: the policy is built from it
+        super().__init__(None, metric, mode, seed=seed, max_trials=max_trials,
                          candidates=candidates)
         self.canonical = (canonical or (lambda config: config)) if dedupe else None
         if not 0.0 <= baseline_decay < 1.0:
             raise ValueError(f"baseline_decay: {baseline_decay} must be in [0, 1)")
+        if policy not in ("lstm", "transformer"):
+            raise ValueError(f"policy: {policy!r} must be 'lstm' or 'transformer'")
         if update not in self.UPDATES:
             raise ValueError(f"update: {update!r} must be one of {', '.join(self.UPDATES)}")
         if not 0.0 < risk_quantile <= 1.0:
@@ -263,19 +267,27 @@ class RLSearcher(_SeededSearcher):
         if not 0 <= fresh < candidates:
             raise ValueError(f"fresh: {fresh} must be between 0 and candidates - 1 = {candidates - 1}")
         self.update, self.risk_quantile, self.top_k, self.fresh = update, risk_quantile, top_k, fresh
-        self.choices = [choices_for(dim, bins) for dim in self.space.dims]
         lr = lr if lr is not None else self.DEFAULT_LR.get(policy, 0.01)
         self.lr, self.entropy_weight = lr, entropy_weight
         self.baseline_decay, self.advantage_clip = baseline_decay, advantage_clip
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.policy = _Policy([len(c) for c in self.choices], hidden, policy, layers, heads,
-                                  tanh_constant)
-        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=lr)
+        self._shape = {"bins": bins, "hidden": hidden, "policy": policy, "layers": layers,
+                       "heads": heads, "tanh_constant": tanh_constant}
         self.actions: dict[str, list[int]] = {}  # live trial -> its decisions
         self.baseline: float | None = None
         self.spread = 0.0  # moving average of (reward - baseline) ** 2
         self.updates = 0
+        if space:
+            self._set_space(space)
+
+    def _on_space(self) -> None:
+        assert self.space is not None
+        p = self._shape
+        self.choices = [choices_for(dim, p["bins"]) for dim in self.space.dims]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.policy = _Policy([len(c) for c in self.choices], p["hidden"], p["policy"],
+                                  p["layers"], p["heads"], p["tanh_constant"])
+        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=self.lr)
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         config = super().suggest(trial_id)

@@ -25,31 +25,77 @@ def point_key(config: dict[str, Any], canonical: Callable[[dict[str, Any]], Any]
     return json.dumps(canonical(config), sort_keys=True, default=str)
 
 
+def _check_mode(mode: str | None) -> None:
+    if mode is not None and mode not in ("min", "max"):
+        raise ValueError(f"mode: {mode!r} must be 'min' or 'max'")
+
+
 class _SeededSearcher(Searcher):
-    def __init__(self, space: dict[str, Any], metric: str, mode: str, *, seed: int = 0,
-                 max_trials: int | None = None, candidates: int = 1):
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode: {mode!r} must be 'min' or 'max'")
+    """The shared part. ``space``, ``metric`` and ``mode`` may be left out, as for Tune's own
+    searchers: the ``Tuner`` then passes its ``param_space`` and ``TuneConfig``'s metric and
+    mode (``set_search_properties``). Configs go out in the space's own shape (nested where
+    the param space is nested) and are kept flat inside (``Space``)."""
+
+    def __init__(self, space: dict[str, Any] | None = None, metric: str | None = None,
+                 mode: str | None = None, *, seed: int = 0, max_trials: int | None = None,
+                 candidates: int = 1):
+        _check_mode(mode)
         if candidates < 1:
             raise ValueError(f"candidates: {candidates} must be >= 1")
         self.candidates = candidates
         super().__init__(metric=metric, mode=mode)
-        self.space, self.seed, self.max_trials = Space(space), seed, max_trials
+        self.space: Space | None = None
+        self.seed, self.max_trials = seed, max_trials
         self.rng = np.random.default_rng(seed)
         self.live: dict[str, dict[str, Any]] = {}
         self.history: list[tuple[dict[str, Any], float | None]] = []  # completed, in order
         self.suggested = 0
+        if space:
+            self._set_space(space)
+
+    def _set_space(self, space: dict[str, Any] | Space) -> None:
+        self.space = space if isinstance(space, Space) else Space(space)
+        self._on_space()
+
+    def _on_space(self) -> None:
+        """Builds what depends on the space (the RL policy); runs once, when it is known."""
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict[str, Any],
+                              **spec: Any) -> bool:
+        """Tune's hook: the ``Tuner``'s param space, metric and mode, for a searcher built
+        without them. A space given to the constructor stays (False, as Tune's searchers
+        answer: Tune then refuses a ``param_space`` holding domains); metric and mode fill in
+        what the constructor left out."""
+        _check_mode(mode)
+        if self._metric is None and metric:
+            self._metric = metric
+        if self._mode is None and mode:
+            self._mode = mode
+        if self.space is not None:
+            return False
+        if not config:
+            return False
+        self._set_space(config)
+        return True
 
     def _budget_spent(self) -> bool:
         return self.max_trials is not None and self.suggested >= self.max_trials
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        name = type(self).__name__
+        if self.space is None:
+            raise RuntimeError(f"{name}: no search space: pass space= or a Tuner param_space "
+                               "(Tuner.restore(..., param_space=...) where the saved state "
+                               "could not hold it)")
+        if not self.metric or not self.mode:
+            raise RuntimeError(f"{name}: metric and mode are not set (metric={self.metric!r}, "
+                               f"mode={self.mode!r}): pass them here or to tune.TuneConfig")
         if self._budget_spent():
             return Searcher.FINISHED
         config = self._next_config()
         self.live[trial_id] = config
         self.suggested += 1
-        return dict(config)
+        return self.space.nest(config)
 
     def _next_config(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -123,18 +169,26 @@ class _SeededSearcher(Searcher):
         """Record ``config`` as what running trial ``trial_id`` trains: on a resume whose saved
         state was behind, the replayed draw may differ from the config the trial really got."""
         if trial_id in self.live:
-            self.live[trial_id] = dict(config)
+            self.live[trial_id] = self.space.flat(config) if self.space else dict(config)
 
     STATE = ("seed", "max_trials", "live", "history", "suggested")
 
     def get_state(self) -> dict[str, Any]:
-        """Everything that decides the next suggestions, as JSON (the space comes from the
-        constructor: restore into a searcher built with the same arguments)."""
+        """Everything that decides the next suggestions, as JSON (restore into a searcher built
+        with the same arguments; a space the Tuner gave is in it, one given to the constructor
+        is the constructor's)."""
         state = {k: getattr(self, k) for k in self.STATE}
         state["rng"] = self.rng.bit_generator.state
+        # a space the Tuner gave is saved too: Tuner.restore does not give it again
+        state["space"] = self.space.to_json() if self.space is not None else None
+        state["metric"], state["mode"] = self._metric, self._mode
         return state
 
     def set_state(self, state: dict[str, Any]) -> None:
+        if self.space is None and state.get("space"):
+            self._set_space(Space.from_json(state["space"]))
+        self._metric = self._metric or state.get("metric")
+        self._mode = self._mode or state.get("mode")
         for k in self.STATE:
             setattr(self, k, state[k])
         self.history = [(config, score) for config, score in state["history"]]
@@ -158,7 +212,8 @@ class RandomSearcher(_SeededSearcher):
     ``dedupe=True`` draws again (up to ``MAX_REDRAWS`` times) a point already tried: random
     search without replacement, the fair baseline for the deduplicating searchers."""
 
-    def __init__(self, space: dict[str, Any], metric: str, mode: str, *, seed: int = 0,
+    def __init__(self, space: dict[str, Any] | None = None, metric: str | None = None,
+                 mode: str | None = None, *, seed: int = 0,
                  max_trials: int | None = None, dedupe: bool = False,
                  canonical: Callable[[dict[str, Any]], Any] | None = None):
         super().__init__(space, metric, mode, seed=seed, max_trials=max_trials)
@@ -196,7 +251,8 @@ class EvolutionSearcher(_SeededSearcher):
     whole points drawn from l(x) value by value (``DensityRatio.sample``, TPE's own proposal),
     ranked with the children: global moves beside the local ones."""
 
-    def __init__(self, space: dict[str, Any], metric: str, mode: str, *, seed: int = 0,
+    def __init__(self, space: dict[str, Any] | None = None, metric: str | None = None,
+                 mode: str | None = None, *, seed: int = 0,
                  max_trials: int | None = None, population: int = 20, tournament: int = 5,
                  mutations: int = 1, canonical: Callable[[dict[str, Any]], Any] | None = None,
                  dedupe: bool = True, candidates: int = 1, guided: float = 0.0,

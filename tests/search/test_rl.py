@@ -24,8 +24,9 @@ SPACE = {"model": {"depth": tune.choice([1, 2, 3, 4, 5, 6, 7, 8]),
 
 def objective(config) -> float:
     """A toy 'accuracy' with one best cell (depth 6, width 128, lr 1e-2)."""
-    return (-abs(config["model.depth"] - 6) - abs(math.log2(config["model.width"] / 128))
-            - abs(math.log10(config["train.lr"]) + 2))
+    model, train = config["model"], config["train"]  # nested, as the space (Tune's shape)
+    return (-abs(model["depth"] - 6) - abs(math.log2(model["width"] / 128))
+            - abs(math.log10(train["lr"]) + 2))
 
 
 def drive(searcher, trials: int, *, start: int = 0) -> list[dict]:
@@ -43,8 +44,9 @@ def test_choices_cover_each_range_within_bounds_and_quantization():
     assert len(lrs) == 8 and all(1e-4 <= v <= 1e-1 for v in lrs)
     assert math.isclose(math.log(lrs[1]) - math.log(lrs[0]), math.log(lrs[2]) - math.log(lrs[1]))
     for config in drive(rl, 20):
-        assert config["name"] == "fixed"
-        assert all(config[path] in values for path, values in by_path.items())
+        flat = rl.space.flat(config)  # suggested in the space's nested shape
+        assert config["name"] == "fixed" and flat["model.depth"] == config["model"]["depth"]
+        assert all(flat[path] in values for path, values in by_path.items())
 
 
 @pytest.mark.parametrize("policy", ["lstm", "transformer"])
@@ -87,7 +89,7 @@ def test_failed_trials_change_nothing_and_do_not_crash():
                                          ({"acc": 1.0}, True)]):
         config = rl.suggest(f"x{i}")
         rl.on_trial_complete(f"x{i}", result, error=error)
-        assert rl.history[-1] == (config, None)
+        assert rl.history[-1] == (rl.space.flat(config), None)
     assert (json.dumps(rl.get_state()["policy"]), rl.baseline, rl.updates) == before
     assert not rl.actions and not rl.live
     rl.on_trial_complete("never-suggested", {"acc": 1.0})  # ignored, as the other searchers do
@@ -146,7 +148,7 @@ def test_pqt_raises_the_likelihood_of_the_best_trials_so_far():
     rl = RLSearcher(SPACE, metric="acc", mode="max", seed=0, update="pqt", top_k=2)
     configs = drive(rl, 12)
     assert rl.updates == 12  # one maximum-likelihood step per completed trial
-    best = [rl._actions_of(c) for c in sorted(configs, key=objective, reverse=True)[:2]]
+    best = [rl._actions_of(rl.space.flat(c)) for c in sorted(configs, key=objective, reverse=True)[:2]]
     with torch.no_grad():
         before = rl.policy.batch_log_prob_entropy(best)[0]
     worst = min(map(objective, configs))
@@ -192,7 +194,7 @@ def test_update_rules_and_fresh_draws_resume_and_beat_random(options, tmp_path):
 @pytest.mark.slow
 def test_rl_searcher_drives_a_real_tuner(ray_session, tmp_path):
     def trainable(config):
-        if config["model.depth"] == 1:
+        if config["model"]["depth"] == 1:
             raise RuntimeError("a crashing trial: the searcher must carry on")
         tune.report({"acc": objective(config)})
 
@@ -202,7 +204,7 @@ def test_rl_searcher_drives_a_real_tuner(ray_session, tmp_path):
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=2),
         run_config=tune.RunConfig(storage_path=str(tmp_path), name="rl")).fit()
     assert len(results) == 12
-    assert len(results.errors) == sum(r.config["model.depth"] == 1 for r in results)
+    assert len(results.errors) == sum(r.config["model"]["depth"] == 1 for r in results)
     assert {r.config["name"] for r in results} == {"fixed"}
     assert len(searcher.history) == 12 and not searcher.live and not searcher.actions
     assert searcher.updates == sum(s is not None for _, s in searcher.history) - 1

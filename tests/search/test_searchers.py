@@ -23,8 +23,9 @@ def objective(config) -> float:
     """A toy 'accuracy' with one best cell (depth 6, width 128, lr 1e-2)."""
     import math
 
-    return (-abs(config["model.depth"] - 6) - abs(math.log2(config["model.width"] / 128))
-            - abs(math.log10(config["train.lr"]) + 2))
+    model, train = config["model"], config["train"]  # nested, as the space (Tune's shape)
+    return (-abs(model["depth"] - 6) - abs(math.log2(model["width"] / 128))
+            - abs(math.log10(train["lr"]) + 2))
 
 
 def drive(searcher, trials: int, *, start: int = 0) -> list[dict]:
@@ -78,7 +79,7 @@ def test_failed_trials_are_not_results_and_evolution_beats_random_on_the_toy_obj
     evo = EvolutionSearcher(SPACE, metric="acc", mode="max", seed=0, population=5, tournament=2)
     config = evo.suggest("x")
     evo.on_trial_complete("x", None, error=True)
-    assert evo.history == [(config, None)] and len(evo.population) == 0
+    assert evo.history == [(evo.space.flat(config), None)] and len(evo.population) == 0
     # over 10 seeds at 60 trials, regularized evolution's best beats random search's on average
     best = {"evo": [], "random": []}
     for seed in range(10):
@@ -203,3 +204,106 @@ def test_the_tpe_a_spec_builds_skips_repeats_of_the_model_deciding_point():
     search = SearchSpec.model_validate({"searcher": "tpe", "num_trials": 4})
     built = build_searcher(search, {"train.lr": tune.choice([0.1, 0.2])}, "acc", "max")
     assert isinstance(built, SkipRepeats)
+
+
+ALL = [RandomSearcher, EvolutionSearcher, RLSearcher]
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_space_metric_and_mode_may_come_from_the_tuner(cls):
+    # as Tune's own searchers: built bare, told the space, metric and mode by the Tuner
+    bare = cls(seed=5)
+    with pytest.raises(RuntimeError, match="no search space"):
+        bare.suggest("t0")
+    assert bare.set_search_properties("acc", "max", SPACE) is True
+    built = cls(SPACE, metric="acc", mode="max", seed=5)
+    assert drive(bare, 12) == drive(built, 12)  # the same searcher either way
+    # a space given to the constructor stays: Tune then refuses a param_space with domains
+    assert built.set_search_properties("acc", "max", {"x": tune.choice([1, 2])}) is False
+    only_space = cls(SPACE, seed=5)
+    with pytest.raises(RuntimeError, match="metric and mode are not set"):
+        only_space.suggest("t0")
+    only_space.set_search_properties("acc", "max", {})  # TuneConfig's metric and mode
+    assert only_space.suggest("t0") == cls(SPACE, "acc", "max", seed=5).suggest("t0")
+    with pytest.raises(ValueError, match="mode"):
+        cls(seed=5).set_search_properties("acc", "maximum", SPACE)
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_configs_come_back_in_the_space_shape(cls):
+    searcher = cls(SPACE, metric="acc", mode="max", seed=0)
+    config = searcher.suggest("t0")
+    assert set(config) == {"model", "train", "name"} and set(config["model"]) == {"depth", "width"}
+    assert searcher.space.nest(searcher.space.flat(config)) == config
+    assert searcher.live["t0"] == searcher.space.flat(config)  # kept flat inside
+    flat = cls({"train.lr": tune.loguniform(1e-4, 1e-1)}, "acc", "max").suggest("t0")
+    assert set(flat) == {"train.lr"}  # a dotted key is a key: bigopt's spec paths stay flat
+    with pytest.raises(ValueError, match="named twice"):
+        Space({"train.lr": tune.uniform(0, 1), "train": {"lr": tune.uniform(0, 1)}})
+
+
+@pytest.mark.slow
+def test_searchers_in_tunes_own_usage_patterns(ray_session, tmp_path):
+    """Tune's documented patterns with each searcher built bare: param_space and metric/mode
+    from the Tuner, a ConcurrencyLimiter, a scheduler, and Tuner.restore of an interrupted
+    experiment."""
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    def trainable(config):
+        for step in range(1, 5):  # the scheduler's rungs
+            tune.report({"acc": objective(config) - 1.0 / step, "step": step})
+
+    for cls in ALL:
+        searcher = ConcurrencyLimiter(cls(seed=0), max_concurrent=2)
+        results = tune.Tuner(
+            trainable, param_space=SPACE,
+            tune_config=tune.TuneConfig(search_alg=searcher, metric="acc", mode="max", num_samples=10,
+                                        scheduler=ASHAScheduler(time_attr="step", max_t=4,
+                                                                grace_period=1)),
+            run_config=tune.RunConfig(storage_path=str(tmp_path), name=f"docs-{cls.__name__}",
+                                      verbose=0)).fit()
+        assert len(results) == 10 and not results.errors
+        assert all(r.config["name"] == "fixed" and r.config["model"]["depth"] in range(1, 9)
+                   for r in results)  # the nested shape the trainable was written for
+        inner = searcher.searcher
+        assert len(inner.history) == 10 and inner.metric == "acc" and inner.mode == "max"
+        assert sum(r.metrics["step"] < 4 for r in results) > 0  # ASHA stopped some early
+
+    # Tuner.restore after Ctrl+C: the fifth trial interrupts the driver (SIGINT, as a user's
+    # Ctrl+C; Tune saves the experiment and returns). The restored searcher goes on from its
+    # saved state, space, metric and mode included (Tune does not pass them again), so its
+    # budget (max_trials=8) holds: one starting afresh would suggest 8 more
+    import os
+    import signal
+    import time
+
+    driver, ran = os.getpid(), tmp_path / "ran"
+
+    def interrupting(config):
+        ran.mkdir(exist_ok=True)
+        if len(list(ran.iterdir())) == 4 and not (tmp_path / "interrupted").exists():
+            (tmp_path / "interrupted").write_text("")
+            os.kill(driver, signal.SIGINT)
+            time.sleep(60)  # stopped by Tune before this ends
+        (ran / tune.get_context().get_trial_id()).write_text("")
+        tune.report({"acc": objective(config)})
+
+    for cls in ALL:
+        for f in [*ran.glob("*"), *tmp_path.glob("interrupted")]:
+            f.unlink()
+        name = f"restore-{cls.__name__}"
+        options = {"population": 3, "tournament": 2} if cls is EvolutionSearcher else {}
+        first = tune.Tuner(
+            interrupting, param_space=SPACE,
+            tune_config=tune.TuneConfig(search_alg=cls(seed=1, max_trials=8, **options),
+                                        metric="acc", mode="max", num_samples=-1,
+                                        max_concurrent_trials=1),
+            run_config=tune.RunConfig(storage_path=str(tmp_path), name=name, verbose=0)).fit()
+        assert len(first) < 8, cls
+        path = str(tmp_path / name)
+        assert tune.Tuner.can_restore(path)
+        results = tune.Tuner.restore(path, interrupting, resume_unfinished=True).fit()
+        assert len(results) == 8 and not results.errors, cls
+        keys = [json.dumps(r.config, sort_keys=True) for r in results]
+        assert len(set(keys)) == 8, cls  # no point tried twice across the interruption
