@@ -210,9 +210,7 @@ def search_problems(spec: JobSpec) -> list[tuple[str, str]]:
         if wrong:
             problems.append(("search.arch.families", f"{wrong} cannot read this data source "
                              f"({'images: cnn, mlp' if images else 'text: gpt'})"))
-    if search.scheduler.kind in ("pbt", "pb2") and search.searcher != "random":
-        problems.append(("search.searcher", f"{search.scheduler.kind} draws its own starting "
-                         "population (Tune refuses a searcher beside it): use random"))
+    problems += _scheduler_problems(search, spec)
     e = search.evolution
     if "fresh" in e.model_fields_set and e.fresh >= e.candidates > 1:  # the default adapts
         problems.append(("search.evolution.fresh", f"{e.fresh} >= candidates {e.candidates}: "
@@ -223,4 +221,41 @@ def search_problems(spec: JobSpec) -> list[tuple[str, str]]:
     if search.metric not in ("auto", "val_loss", "val_acc", "loss"):
         problems.append(("search.metric", f"{search.metric!r}: trials report val_loss, val_acc "
                          "(classifiers) and loss"))
+    return problems
+
+
+def _scheduler_problems(search: SearchSpec, spec: JobSpec) -> list[tuple[str, str]]:
+    """A scheduler and a setup it cannot serve: each problem names both fields."""
+    s, kind = search.scheduler, search.scheduler.kind
+    if kind == "fifo":
+        return []
+    problems: list[tuple[str, str]] = []
+    trial_steps = search.trial.get("train.max_steps", spec.train.max_steps if spec.train else None)
+    if kind == "asha":  # stops trials early: any searcher, any trial budget
+        return problems
+    # pbt / pb2
+    if search.searcher != "random":
+        problems.append(("search.searcher", f"{search.searcher} cannot run beside "
+                         f"search.scheduler.kind {kind}: {kind} draws its own starting population "
+                         "(Tune refuses a searcher beside it); use random"))
+    if search.num_trials < 2:
+        problems.append(("search.num_trials", f"{search.num_trials}: search.scheduler.kind {kind} "
+                         "needs at least 2 trials (a trial exploits another's checkpoint)"))
+    if isinstance(trial_steps, int) and s.interval_steps >= trial_steps:
+        problems.append(("search.scheduler.interval_steps", f"{s.interval_steps} >= the trials' "
+                         f"train.max_steps {trial_steps} (search.trial): {kind} would never "
+                         "exploit; make the interval shorter than a trial"))
+    mutate = s.mutate or {p: d for p, d in search.space.items()
+                          if p in ("train.lr", "train.batch_size")}
+    if not mutate:
+        problems.append(("search.scheduler.mutate", f"search.scheduler.kind {kind} needs values "
+                         "to change during training: none given, and search.space has neither "
+                         "train.lr nor train.batch_size to take them from"))
+    if kind == "pb2":
+        for path, domain in mutate.items():
+            if isinstance(domain, dict) and next(iter(domain), None) == "choice":
+                where = "scheduler.mutate" if s.mutate else "space"
+                problems.append((f"search.{where}.{path}", "search.scheduler.kind pb2 fits a "
+                                 "GP to numeric ranges: give a range (uniform, loguniform, ...), "
+                                 "not a choice"))
     return problems

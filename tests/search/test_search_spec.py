@@ -39,7 +39,17 @@ def test_a_valid_search_spec_runs_data_search_train_in_order():
     ({"space": {"train.lrr": {"uniform": [0.1, 1]}}}, "search.space.train.lrr", "unknown key"),
     ({"space": {"train.batch_size": {"choice": [0, 8]}}}, "search.space.train.batch_size", "greater"),
     ({"arch": {"families": ["gpt"]}}, "search.arch.families", "cannot read"),
-    ({"scheduler": {"kind": "pbt"}}, "search.searcher", "use random"),
+    ({"scheduler": {"kind": "pbt"}}, "search.searcher", "search.scheduler.kind pbt"),
+    ({"searcher": "random", "num_trials": 1, "scheduler": {"kind": "pbt"}}, "search.num_trials",
+     "search.scheduler.kind pbt"),
+    ({"searcher": "random", "trial": {"train.max_steps": 40},
+      "scheduler": {"kind": "pbt", "interval_steps": 50}}, "search.scheduler.interval_steps",
+     "train.max_steps 40"),
+    ({"searcher": "random", "space": {}, "arch": {"families": ["cnn"]},
+      "scheduler": {"kind": "pbt"}}, "search.scheduler.mutate", "search.space"),
+    ({"searcher": "random", "scheduler": {"kind": "pb2", "mutate": {
+        "train.batch_size": {"choice": [16, 32]}}}}, "search.scheduler.mutate.train.batch_size",
+     "search.scheduler.kind pb2"),
     ({"trial": {"data.split.val": 0.5}}, "search.space.data.split.val", "cluster, model and train"),
     ({"searcher": "bayes"}, "search.searcher", "evolution"),
     ({"evolution": {"crossover": 2}}, "search.evolution.crossover", "less than or equal"),
@@ -59,3 +69,13 @@ def test_cli_validate_exits_2_naming_the_field(tmp_path):
     assert out.returncode == 2, out.stdout + out.stderr
     assert "search.arch.blocks.1:" in out.stdout + out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_cli_exits_2_naming_a_scheduler_and_the_setup_it_cannot_serve(tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(yaml.safe_dump(searched(searcher="evolution", scheduler={"kind": "pb2"})))
+    out = subprocess.run([sys.executable, "-m", "bigopt.cli", "validate", str(spec)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stdout + out.stderr
+    line = next(x for x in (out.stdout + out.stderr).splitlines() if "search.searcher:" in x)
+    assert "search.scheduler.kind pb2" in line and "Traceback" not in out.stderr
