@@ -69,15 +69,20 @@ def cell_key(config: dict[str, Any]) -> str:
 #: repeat is a new training run with another seed); "same" fixes the seed per cell and run (a
 #: repeat returns what the cell returned before, as a bigopt trial does: its seed is the spec's)
 REPEATS = ("fresh", "same")
+#: where a searcher puts a re-evaluation's new training seed (the search stage's ``seed_key``)
+SEED_KEY = "train.seed"
 
 
 def evaluate(table: Table, config: dict[str, Any], run_seed: int, trial_index: int,
              repeats: str = "fresh") -> float:
     """One simulated training run: one recorded seed's accuracy, chosen by the trial's RNG
-    (``repeats="fresh"``) or by the cell's (``"same"``)."""
+    (``repeats="fresh"``) or by the cell's (``"same"``; a config that carries its own training
+    seed, ``SEED_KEY``, as a searcher's re-evaluation does, picks by cell and that seed)."""
     key = cell_key(config)
     accs = table[key]
-    draw = trial_index if repeats == "fresh" else zlib.crc32(key.encode())
+    seed = config.get(SEED_KEY)
+    draw = trial_index if repeats == "fresh" else zlib.crc32(
+        (key if seed is None else f"{key}/{seed}").encode())
     return accs[int(np.random.default_rng([run_seed, draw]).integers(len(accs)))]
 
 

@@ -231,7 +231,9 @@ class RLSearcher(_SeededSearcher):
     on NAS-Bench-201 (PQT was worse: its policy collapses onto the queue); see
     benchmarks/results/nasbench201_surrogate_tuning.md, session 20. ``fresh``: how many of the
     ``candidates`` are whole points drawn from the good trials' density instead of the policy
-    (as ``EvolutionSearcher``'s); the policy learns from whichever is tried.
+    (as ``EvolutionSearcher``'s); the policy learns from whichever is tried. ``reevaluate``,
+    ``reevaluate_top``, ``seed_key``, ``budget``: as ``EvolutionSearcher``'s (the last trials
+    re-train the best challengers with new seeds; the policy does not learn from them).
 
     Defaults were chosen on NAS-Bench-201 (3 data sets, 100 queries) with seeds 100-104, not
     the seeds benchmarks report (benchmarks/results/nasbench201.md): entropy weight 0.05 beat
@@ -249,10 +251,12 @@ class RLSearcher(_SeededSearcher):
                  tanh_constant: float | None = None,
                  canonical: Callable[[dict[str, Any]], Any] | None = None, dedupe: bool = True,
                  candidates: int = 1, update: str = "reinforce", risk_quantile: float = 0.2,
-                 top_k: int = 10, fresh: int = 0):
+                 top_k: int = 10, fresh: int = 0, reevaluate: int = 0, reevaluate_top: int = 2,
+                 seed_key: str | None = None, budget: int | None = None):
         # the space (given here or by the Tuner) is set last: the policy is built from it
         super().__init__(None, metric, mode, seed=seed, max_trials=max_trials,
-                         candidates=candidates)
+                         candidates=candidates, reevaluate=reevaluate,
+                         reevaluate_top=reevaluate_top, seed_key=seed_key, budget=budget)
         self.canonical = (canonical or (lambda config: config)) if dedupe else None
         if not 0.0 <= baseline_decay < 1.0:
             raise ValueError(f"baseline_decay: {baseline_decay} must be in [0, 1)")
@@ -291,7 +295,8 @@ class RLSearcher(_SeededSearcher):
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         config = super().suggest(trial_id)
-        if isinstance(config, dict):
+        # a re-evaluation re-trains a known point: not a policy sample, nothing to learn from
+        if isinstance(config, dict) and trial_id not in self.reevaluating:
             self.actions[trial_id] = self._last_actions
         return config
 

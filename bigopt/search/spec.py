@@ -155,6 +155,11 @@ class SearchSpec(Section):
         walk(value, "")
         return flat
 
+    reevaluate: float = Field(
+        0.0, ge=0, lt=1, description="evolution and rl: the fraction of num_trials (rounded "
+        "down), at the end of the search, that re-trains the best challengers (never the "
+        "incumbent) with a new train.seed: a second measurement of the points most likely to "
+        "be the best, since one run's metric moves with its seed. 0: every trial a new point.")
     objectives: list[Literal["params", "flops", "latency_ms"]] = Field(
         default_factory=lambda: ["params", "latency_ms"],
         description="Costs the Pareto fronts weigh the metric against.")
@@ -164,6 +169,17 @@ class SearchSpec(Section):
 
     def problems(self, spec: JobSpec) -> list[tuple[str, str]]:
         return search_problems(spec)
+
+
+#: where a re-evaluation puts its new seed: the trial's own training seed
+SEED_PATH = "train.seed"
+
+
+def reevaluations(search: SearchSpec) -> int:
+    """How many of the last trials re-train a challenger (evolution and rl only)."""
+    if search.searcher not in ("evolution", "rl"):
+        return 0
+    return int(search.num_trials * search.reevaluate)
 
 
 def search_problems(spec: JobSpec) -> list[tuple[str, str]]:
@@ -211,6 +227,9 @@ def search_problems(spec: JobSpec) -> list[tuple[str, str]]:
             problems.append(("search.arch.families", f"{wrong} cannot read this data source "
                              f"({'images: cnn, mlp' if images else 'text: gpt'})"))
     problems += _scheduler_problems(search, spec)
+    if reevaluations(search) and SEED_PATH in search.space:
+        problems.append(("search.reevaluate", f"re-evaluations set {SEED_PATH}, which "
+                         f"search.space.{SEED_PATH} searches: set search.reevaluate: 0"))
     e = search.evolution
     if "fresh" in e.model_fields_set and e.fresh >= e.candidates > 1:  # the default adapts
         problems.append(("search.evolution.fresh", f"{e.fresh} >= candidates {e.candidates}: "

@@ -22,6 +22,7 @@ from bigopt.resolve import ResolvedJob
 from bigopt.runtime import RunDir
 from bigopt.search.arch import InvalidPoint, active, arch_space, check_point, spec_values
 from bigopt.search.pareto import pareto_front
+from bigopt.search.spec import SEED_PATH, reevaluations
 from bigopt.spec import JobSpec, SearchSpec, dump_spec, with_values
 from bigopt.stages import StageOptions
 
@@ -63,6 +64,9 @@ def trial_base(spec: JobSpec) -> JobSpec:
 def build_searcher(search: SearchSpec, space: dict[str, Any], metric: str, mode: str) -> Any:
     from bigopt.search.searchers import EvolutionSearcher, RandomSearcher
 
+    # the last trials re-train the best challengers with a new train.seed (search.reevaluate)
+    again = {"reevaluate": reevaluations(search), "seed_key": SEED_PATH,
+             "budget": search.num_trials}
     if search.searcher == "evolution":
         e = search.evolution
         return EvolutionSearcher(space, metric, mode, seed=search.seed, population=e.population,
@@ -70,12 +74,13 @@ def build_searcher(search: SearchSpec, space: dict[str, Any], metric: str, mode:
                                  candidates=e.candidates, guided=e.guided,
                                  crossover=e.crossover, canonical=active,
                                  # at least one child: candidates 1 stays the paper's algorithm
-                                 fresh=min(e.fresh, e.candidates - 1))
+                                 fresh=min(e.fresh, e.candidates - 1), **again)
     if search.searcher == "rl":
         from bigopt.search.rl import RLSearcher
 
         options = {k: v for k, v in search.rl.model_dump().items() if v is not None}
-        return RLSearcher(space, metric, mode, seed=search.seed, canonical=active, **options)
+        return RLSearcher(space, metric, mode, seed=search.seed, canonical=active, **options,
+                          **again)
     if search.searcher == "random":
         return RandomSearcher(space, metric, mode, seed=search.seed)
     from ray.tune.search.optuna import OptunaSearch
@@ -419,7 +424,10 @@ def finish(job: ResolvedJob, run: RunDir, rows: list[dict[str, Any]], rejected: 
     for r in full[1:]:
         if _better(r["metric"], best["metric"], mode):
             best = r
-    best_values = spec_values(best["config"], base)
+    # the point found, trained at the spec's own seed: a re-evaluation's seed is not part of it
+    reevaluated = [r for r in rows if SEED_PATH in r["config"] and SEED_PATH not in search.space]
+    best_values = spec_values({k: v for k, v in best["config"].items()
+                               if k != SEED_PATH or SEED_PATH in search.space}, base)
     table = [{"trial_id": r["trial_id"], "status": r["status"], "metric": r["metric"],
               "best_metric": r["best_metric"], "step": r["step"], "params": r["params"],
               "flops": r["flops"], "latency_ms": r["latency_ms"], "error": r["error"],
@@ -453,7 +461,7 @@ def finish(job: ResolvedJob, run: RunDir, rows: list[dict[str, Any]], rejected: 
                "completed": sum(r["status"] == "TERMINATED" for r in rows),
                "stopped_early": sum(r["status"] == "STOPPED" for r in rows),
                "failed": sum(r["status"] == "ERROR" for r in rows), "rejected": len(rejected),
-               "repeats_answered": repeats_answered,
+               "repeats_answered": repeats_answered, "reevaluated": len(reevaluated),
                "best": {k: best[k] for k in ("trial_id", "metric", "params", "flops", "latency_ms")},
                "best_config": active(best["config"])}
     run.write_json("summary.json", summary)
@@ -471,7 +479,9 @@ def report_section(run: RunDir, artifact: SearchArtifact) -> list[str]:
              f"({s['completed']} completed, {s['stopped_early']} stopped early, {s['failed']} failed"
              f", {s['rejected']} points rejected before starting"
              + (f", {s['repeats_answered']} repeated points answered from their earlier trial "
-                "instead of trained again" if s.get("repeats_answered") else "") + ")",
+                "instead of trained again" if s.get("repeats_answered") else "")
+             + (f", {s['reevaluated']} of them re-training a best challenger with a new "
+                "train.seed (search.reevaluate)" if s.get("reevaluated") else "") + ")",
              f"- **best {s['metric']}: {best['metric']:.4f}** (trial {best['trial_id']}, "
              f"{best['params']:,} parameters, {best['latency_ms']:.2f} ms CPU latency)"
              if best.get("params") is not None else

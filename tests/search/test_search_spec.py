@@ -52,6 +52,9 @@ def test_a_valid_search_spec_runs_data_search_train_in_order():
      "search.scheduler.kind pb2"),
     ({"trial": {"data.split.val": 0.5}}, "search.space.data.split.val", "cluster, model and train"),
     ({"searcher": "bayes"}, "search.searcher", "evolution"),
+    ({"num_trials": 20, "reevaluate": 0.1, "space": {"train.seed": {"choice": [0, 1]}}},
+     "search.reevaluate", "search.space.train.seed"),
+    ({"reevaluate": 1.0}, "search.reevaluate", "less than 1"),
     ({"evolution": {"crossover": 2}}, "search.evolution.crossover", "less than or equal"),
     ({"evolution": {"candidates": 4, "fresh": 4}}, "search.evolution.fresh", "must be a child"),
 ])

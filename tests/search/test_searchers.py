@@ -307,3 +307,51 @@ def test_searchers_in_tunes_own_usage_patterns(ray_session, tmp_path):
         assert len(results) == 8 and not results.errors, cls
         keys = [json.dumps(r.config, sort_keys=True) for r in results]
         assert len(set(keys)) == 8, cls  # no point tried twice across the interruption
+
+
+@pytest.mark.parametrize("cls", [EvolutionSearcher, RLSearcher])
+def test_the_last_trials_retrain_the_best_challengers_with_new_seeds(cls, tmp_path):
+    options = {"population": 5, "tournament": 2} if cls is EvolutionSearcher else {}
+    searcher = cls(SPACE, "acc", "max", seed=2, max_trials=30, reevaluate=4, seed_key="seed",
+                   **options)
+    configs = drive(searcher, 26)
+    assert all("seed" not in c for c in configs)  # a new point each until the last 4
+    before = [dict(c) for c, _ in searcher.history]
+    flat = [searcher.space.flat(c) for c in configs]
+    ranked = sorted(range(26), key=lambda i: -objective(configs[i]))  # the toy has no noise
+    policy = json.dumps(searcher.get_state().get("policy"))
+    again = drive(searcher, 30, start=26)
+    seeds = [c.pop("seed") for c in again]
+    assert len(set(seeds)) == 4  # each a new training run
+    retrained = [searcher.space.flat(c) for c in again]
+    # the two best challengers (never the incumbent, whose best run is the one reported),
+    # the one with fewer runs first: each twice
+    challengers = [flat[i] for i in ranked[1:3]]
+    assert retrained == [challengers[0], challengers[1], challengers[0], challengers[1]]
+    assert flat[ranked[0]] not in retrained
+    # kept as the point (no seed) beside its first run; the policy learns nothing from them
+    assert [c for c, _ in searcher.history] == before + retrained
+    assert json.dumps(searcher.get_state().get("policy")) == policy
+    assert searcher.suggest("t30") == "FINISHED"
+
+
+def test_reevaluation_resumes_and_needs_a_budget(tmp_path):
+    whole = EvolutionSearcher(SPACE, "acc", "max", seed=4, max_trials=20, reevaluate=3,
+                              seed_key="seed", population=5, tournament=2)
+    expected = drive(whole, 20)
+    first = EvolutionSearcher(SPACE, "acc", "max", seed=4, max_trials=20, reevaluate=3,
+                              seed_key="seed", population=5, tournament=2)
+    drive(first, 18)
+    live = first.suggest("t18")  # saved with a re-evaluation in flight
+    first.save(str(tmp_path / "s.json"))
+    again = EvolutionSearcher(SPACE, "acc", "max", seed=0, max_trials=20, reevaluate=3,
+                              seed_key="seed", population=5, tournament=2)
+    again.restore(str(tmp_path / "s.json"))
+    again.on_trial_complete("t18", {"acc": objective(live)})
+    assert [live, *drive(again, 20, start=19)] == expected[18:]
+    # without a budget there is no "end" to re-evaluate at: every trial a new point
+    unbounded = EvolutionSearcher(SPACE, "acc", "max", seed=4, reevaluate=3, seed_key="seed",
+                                  population=5, tournament=2)
+    assert all("seed" not in c for c in drive(unbounded, 20))
+    with pytest.raises(ValueError, match="reevaluate"):
+        EvolutionSearcher(SPACE, "acc", "max", reevaluate=-1)

@@ -21,6 +21,7 @@ import torch
 import yaml
 
 import bigopt
+from bigopt.resolve import ResolvedJob
 from bigopt.runtime import RunDir
 from bigopt.spec import load_spec, parse_spec
 from bigopt.train.hooks import TrainHooks
@@ -53,7 +54,10 @@ def trials(run_dir) -> list[dict]:
 def test_search_then_train_the_best_through_the_cli(ray_session, repo_root, tmp_path):
     raw = search_spec(tmp_path, arch={"families": ["cnn", "mlp"], "depth": [1, 2],
                                       "widths": [8, 16], "stem": [8], "heads": [1, 3]},
-                      space={"train.lr": {"loguniform": [1e-3, 3e-2]}})
+                      space={"train.lr": {"loguniform": [1e-3, 3e-2]}},
+                      # the last 2 of 6 trials re-train the best challengers (the default
+                      # fraction rounds to none at 6 trials; set here to see it end to end)
+                      reevaluate=0.34)
     path = tmp_path / "search.yaml"
     path.write_text(yaml.safe_dump(raw))
     proc = subprocess.run([sys.executable, "-m", "bigopt.cli", "run", str(path)], cwd=repo_root,
@@ -68,10 +72,22 @@ def test_search_then_train_the_best_through_the_cli(ray_session, repo_root, tmp_
     for r in rows:  # every rejection says why (heads=3 divides neither width)
         if r["status"] == "REJECTED":
             assert "heads=3" in r["reason"] or "pool" in r["reason"], r["reason"]
-    # best.yaml is a spec that runs as is: the best trial's model at the full budget
+    # re-evaluations: points tried before, each trained with its own new train.seed
+    again = [r for r in ran if "train.seed" in json.loads(r["config"])]
+    points = [json.loads(r["config"]) for r in ran if r not in again]
+    assert len(again) == 2
+    for r in again:
+        point = json.loads(r["config"])
+        seed = point.pop("train.seed")
+        assert point in points
+        trained = ResolvedJob.loads(open(os.path.join(r["trial_run"], "resolved.json")).read())
+        assert trained.spec.train.seed == seed != 0
+    # best.yaml is a spec that runs as is: the best trial's model at the full budget, and at
+    # the spec's own seed (a re-evaluation's seed is not part of the point)
     best = max(ran, key=lambda r: r["metric"])
     best_spec = load_spec(os.path.join(run_dir, "search", "best.yaml"))
     assert best_spec.search is None and best_spec.train.max_steps == 40
+    assert best_spec.train.seed == 0
     assert best_spec.model.kind == json.loads(best["config"])["arch.family"]
     # the train stage trained exactly that model
     artifact = json.load(open(os.path.join(run_dir, "train", "artifact.json")))
@@ -85,6 +101,7 @@ def test_search_then_train_the_best_through_the_cli(ray_session, repo_root, tmp_
             assert not any(r[cost] < f[cost] and r["metric"] > f["val_acc"] for f in front)
     report = open(os.path.join(run_dir, "report.md")).read()
     assert "## Search" in report and "## Training" in report
+    assert "2 of them re-training a best challenger with a new train.seed" in report
     for png in ("best_so_far.png", "pareto_params.png", "pareto_latency_ms.png"):
         assert os.path.getsize(os.path.join(run_dir, "search", png)) > 1000
 
