@@ -364,7 +364,7 @@ class RLSearcher(_SeededSearcher):
         # the policy learns from the actions that produce the trial's real config; nothing
         # from a point off its choices
         actions = self._actions_of(config)
-        if actions is None:
+        if actions is None or trial_id in self.reevaluating:  # a re-evaluation teaches nothing
             self.actions.pop(trial_id, None)
         else:
             self.actions[trial_id] = actions
