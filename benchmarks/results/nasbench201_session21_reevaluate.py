@@ -9,9 +9,10 @@ SEARCHER: evolution | rl (the spec's defaults, through the search stage's builde
 the default until trial 100 - R (its re-evaluation branch does nothing before), so each seed
 runs the default once and each variant continues from a copy of the searcher taken at trial
 100 - R: the same traces as a run with the option set from the start (``--check`` compares
-them on a few seeds; for 4:2, against the searcher the spec builds today, whose default it is).
-"default" below is the searcher without re-evaluation (the spec's default before session 21). One JSON line per (data set, seed): best-observed cell's mean accuracy
-for the default, each variant and (--tpe) Optuna TPE.
+them on a few seeds; for 4:2, against the searcher the spec builds today, whose default it
+is). "default" is the searcher without re-evaluation (the spec's default before session 21).
+One JSON line per (data set, seed): the best-observed cell's mean accuracy for the default,
+each variant and (--tpe) Optuna TPE.
 """
 
 from __future__ import annotations

@@ -480,7 +480,7 @@ def report_section(run: RunDir, artifact: SearchArtifact) -> list[str]:
              f", {s['rejected']} points rejected before starting"
              + (f", {s['repeats_answered']} repeated points answered from their earlier trial "
                 "instead of trained again" if s.get("repeats_answered") else "")
-             + (f", {s['reevaluated']} of them re-training a best challenger with a new "
+             + (f"; {s['reevaluated']} of the trials re-trained a best challenger with a new "
                 "train.seed (search.reevaluate)" if s.get("reevaluated") else "") + ")",
              f"- **best {s['metric']}: {best['metric']:.4f}** (trial {best['trial_id']}, "
              f"{best['params']:,} parameters, {best['latency_ms']:.2f} ms CPU latency)"

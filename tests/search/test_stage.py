@@ -101,7 +101,7 @@ def test_search_then_train_the_best_through_the_cli(ray_session, repo_root, tmp_
             assert not any(r[cost] < f[cost] and r["metric"] > f["val_acc"] for f in front)
     report = open(os.path.join(run_dir, "report.md")).read()
     assert "## Search" in report and "## Training" in report
-    assert "2 of them re-training a best challenger with a new train.seed" in report
+    assert "2 of the trials re-trained a best challenger with a new train.seed" in report
     for png in ("best_so_far.png", "pareto_params.png", "pareto_latency_ms.png"):
         assert os.path.getsize(os.path.join(run_dir, "search", png)) > 1000
 
