@@ -78,9 +78,7 @@ class _SeededSearcher(Searcher):
             self._metric = metric
         if self._mode is None and mode:
             self._mode = mode
-        if self.space is not None:
-            return False
-        if not config:
+        if self.space is not None or not config:
             return False
         self._set_space(config)
         return True
@@ -127,8 +125,11 @@ class _SeededSearcher(Searcher):
         started = sum(score is not None for _, score in self.history) + len(self.live)
         if self.budget - started > self.reevaluate:
             return None
-        key = (lambda c: point_key(c, self.canonical)) if self.canonical else (
-            lambda c: json.dumps(c, sort_keys=True, default=str))
+        canonical = self.canonical or dict
+
+        def key(config: dict[str, Any]) -> str:
+            return point_key(config, canonical)
+
         observed: dict[str, tuple[dict[str, Any], list[float]]] = {}
         for config, score in self.history:
             if score is not None:

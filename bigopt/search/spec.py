@@ -247,13 +247,10 @@ def search_problems(spec: JobSpec) -> list[tuple[str, str]]:
 def _scheduler_problems(search: SearchSpec, spec: JobSpec) -> list[tuple[str, str]]:
     """A scheduler and a setup it cannot serve: each problem names both fields."""
     s, kind = search.scheduler, search.scheduler.kind
-    if kind == "fifo":
+    if kind in ("fifo", "asha"):  # asha stops trials early: any searcher, any trial budget
         return []
     problems: list[tuple[str, str]] = []
     trial_steps = search.trial.get("train.max_steps", spec.train.max_steps if spec.train else None)
-    if kind == "asha":  # stops trials early: any searcher, any trial budget
-        return problems
-    # pbt / pb2
     if search.searcher != "random":
         problems.append(("search.searcher", f"{search.searcher} cannot run beside "
                          f"search.scheduler.kind {kind}: {kind} draws its own starting population "
